@@ -1,0 +1,1 @@
+"""Experts over the network: uids, the replica registry, hosting and routing."""

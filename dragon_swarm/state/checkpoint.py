@@ -1,0 +1,105 @@
+"""Safetensors checkpoints, written atomically (temp file + rename), never pickle.
+
+A checkpoint is a flat dict of tensors plus string metadata. Optimizer state is flattened into tensors
+(`optimizer.state.<param index>.<name>`) with the JSON-able rest (param groups, scalars) in metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+OPTIMIZER_PREFIX = "optimizer.state."
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read; the file on disk is left untouched for inspection."""
+
+
+def save_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write to a temp file in the same directory, fsync, then rename: a crash leaves the old file or the new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        contiguous = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
+        save_file(contiguous, tmp_name, metadata=metadata)
+        with open(tmp_name, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+
+
+def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read a checkpoint; a truncated or garbled file raises CheckpointError instead of crashing the peer."""
+    try:
+        tensors = load_file(str(path))
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {e}") from None
+    return tensors, metadata
+
+
+def optimizer_state_to_tensors(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split a torch optimizer state_dict into tensors and a JSON-able remainder."""
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for param_index, param_state in state_dict["state"].items():
+        for name, value in param_state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{OPTIMIZER_PREFIX}{param_index}.{name}"] = value
+            else:
+                scalars.setdefault(str(param_index), {})[name] = value
+    return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
+
+
+def optimizer_state_from_tensors(tensors: dict[str, torch.Tensor], rest: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for full_name, value in tensors.items():
+        if not full_name.startswith(OPTIMIZER_PREFIX):
+            continue
+        param_index, _, name = full_name[len(OPTIMIZER_PREFIX) :].partition(".")
+        state.setdefault(int(param_index), {})[name] = value
+    for param_index, values in rest.get("scalars", {}).items():
+        state.setdefault(int(param_index), {}).update(values)
+    return {"state": state, "param_groups": rest["param_groups"]}
+
+
+def save_module_checkpoint(
+    path: Path,
+    module_state: dict[str, torch.Tensor],
+    optimizer_state: dict[str, Any] | None,
+    info: dict[str, Any],
+) -> None:
+    """Module weights as `module.<name>`, optimizer state flattened, `info` (counters) as JSON metadata."""
+    tensors = {f"module.{name}": t for name, t in module_state.items()}
+    metadata = {"info": json.dumps(info)}
+    if optimizer_state is not None:
+        optim_tensors, optim_rest = optimizer_state_to_tensors(optimizer_state)
+        tensors.update(optim_tensors)
+        metadata["optimizer"] = json.dumps(optim_rest)
+    save_tensors_atomic(path, tensors, metadata)
+
+
+def load_module_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None, dict[str, Any]]:
+    tensors, metadata = load_tensors(path)
+    try:
+        info = json.loads(metadata.get("info", "{}"))
+        optimizer_rest = json.loads(metadata["optimizer"]) if "optimizer" in metadata else None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"checkpoint {path} has corrupt metadata: {e}") from None
+    module_state = {name[len("module.") :]: t for name, t in tensors.items() if name.startswith("module.")}
+    optimizer_state = optimizer_state_from_tensors(tensors, optimizer_rest) if optimizer_rest is not None else None
+    return module_state, optimizer_state, info

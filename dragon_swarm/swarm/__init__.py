@@ -1,0 +1,1 @@
+"""Joining the swarm: DHT node start-up, identity, addresses."""

@@ -1,0 +1,1 @@
+"""The trainer role: dense trunk, data shard, swarm optimizer, stats."""

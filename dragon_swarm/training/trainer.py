@@ -1,0 +1,195 @@
+"""Trainer: runs the trunk on its data shard, routes MoE tokens to remote experts and steps with the swarm.
+
+hivemind.Optimizer accumulates gradients until the swarm reaches `target_batch_size`, all-reduces them with
+the other trainers and steps; a trainer whose epoch lags downloads the current state from peers first.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from functools import partial
+from pathlib import Path
+
+import hivemind
+import torch
+
+from dragon_swarm.config import SwarmConfig
+from dragon_swarm.model.dispatch import ExpertDispatcher
+from dragon_swarm.model.hrm_smoe import HRMSMoE
+from dragon_swarm.state.checkpoint import (
+    CheckpointError,
+    load_tensors,
+    optimizer_state_from_tensors,
+    optimizer_state_to_tensors,
+    save_tensors_atomic,
+)
+from dragon_swarm.training.stats import StatsWriter, StepStats
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_NAME = "trainer.safetensors"
+
+
+def warmup_schedule(warmup_steps: int):
+    def factor(epoch: int) -> float:
+        return min(1.0, (epoch + 1) / max(1, warmup_steps))
+
+    return factor
+
+
+def make_compression(name: str):
+    from hivemind.compression import Float16Compression, NoCompression
+
+    if name == "none":
+        return NoCompression()
+    if name == "fp16":
+        return Float16Compression()
+    from dragon_swarm.averaging.compression import install_codecs, make_compression as make_ours
+
+    install_codecs()
+    return make_ours(name)
+
+
+class Trainer:
+    """Construct, `restore()` from the state dir, then `train()` until max_steps or `stop` is set."""
+
+    def __init__(
+        self,
+        config: SwarmConfig,
+        dht: hivemind.DHT,
+        dispatcher: ExpertDispatcher,
+        train_stream,
+        state_dir: Path,
+        stats_file: Path | None,
+        batch_size: int,
+        device: str = "cpu",
+    ):
+        self.config, self.dht, self.dispatcher = config, dht, dispatcher
+        self.train_stream, self.state_dir, self.batch_size, self.device = train_stream, state_dir, batch_size, device
+        self.peer_id = dht.peer_id.to_base58()
+        self.stats_writer = StatsWriter(stats_file)
+        torch.manual_seed(config.swarm.seed)  # every fresh trunk starts from the same weights
+        self.model = HRMSMoE(config.model, dispatcher).to(device)
+        self.step = 0
+        self.tokens = 0
+        self.skipped_batches = 0
+        saved = self._read_checkpoint()
+        if saved is not None:
+            # weights go in before the optimizer is built: hivemind keeps its own (offloaded) copy of them
+            self.model.load_trunk_state_dict(saved[0])
+        t = config.training
+        self.optimizer = hivemind.Optimizer(
+            dht=dht,
+            run_id=config.run_prefix,
+            target_batch_size=t.target_batch_size,
+            batch_size_per_step=batch_size,
+            optimizer=partial(torch.optim.AdamW, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay),
+            params=list(self.model.trunk_parameters()),
+            scheduler=partial(torch.optim.lr_scheduler.LambdaLR, lr_lambda=warmup_schedule(t.warmup_steps)),
+            matchmaking_time=config.averaging.matchmaking_time,
+            averaging_timeout=config.averaging.averaging_timeout,
+            load_state_timeout=config.averaging.load_state_timeout,
+            grad_compression=make_compression(config.averaging.compression),
+            verbose=True,
+        )
+        if saved is not None:
+            trunk, optimizer_state, counters = saved
+            optimizer_state["state"]["local_epoch"] = int(counters["local_epoch"])
+            self.optimizer.load_state_dict(optimizer_state)
+            self.step, self.tokens = int(counters["step"]), int(counters["tokens"])
+            logger.info(f"Resumed trainer at step {self.step}, epoch {self.optimizer.local_epoch}, {self.tokens} tokens")
+
+    # --- state ---
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.state_dir / CHECKPOINT_NAME
+
+    def save(self) -> None:
+        optimizer_state = self.optimizer.state_dict()
+        local_epoch = optimizer_state["state"].pop("local_epoch", self.optimizer.local_epoch)
+        optim_tensors, optim_rest = optimizer_state_to_tensors(optimizer_state)
+        tensors = {f"trunk.{k}": v for k, v in self.model.trunk_state_dict().items()}
+        tensors.update(optim_tensors)
+        metadata = {
+            "optimizer": json.dumps(optim_rest),
+            "counters": json.dumps({"step": self.step, "tokens": self.tokens, "local_epoch": int(local_epoch)}),
+            "swarm": self.config.run_prefix,
+            "peer_id": self.peer_id,
+        }
+        save_tensors_atomic(self.checkpoint_path, tensors, metadata)
+
+    def _read_checkpoint(self):
+        """(trunk, optimizer state, counters) from the state dir; a corrupt or foreign file is reported, not used."""
+        if not self.checkpoint_path.exists():
+            return None
+        try:
+            tensors, metadata = load_tensors(self.checkpoint_path)
+            if metadata.get("swarm") != self.config.run_prefix:
+                logger.error(
+                    f"{self.checkpoint_path} belongs to swarm {metadata.get('swarm')}, not {self.config.run_prefix}; starting fresh"
+                )
+                return None
+            counters = json.loads(metadata["counters"])
+            trunk = {k[len("trunk.") :]: v for k, v in tensors.items() if k.startswith("trunk.")}
+            optimizer_state = optimizer_state_from_tensors(tensors, json.loads(metadata["optimizer"]))
+            self.model.load_trunk_state_dict(trunk)  # checks names and shapes before the optimizer exists
+        except (CheckpointError, KeyError, ValueError, RuntimeError) as e:
+            logger.error(f"Trainer checkpoint unusable, starting fresh: {e}")
+            return None
+        return trunk, optimizer_state, counters
+
+    # --- training ---
+
+    def train(self, max_steps: int | None, stop: threading.Event, save_every: int = 10) -> None:
+        seq_len = self.config.model.seq_len
+        clip = self.config.training.clip_grad_norm
+        params = list(self.model.trunk_parameters())
+        while not stop.is_set() and (max_steps is None or self.step < max_steps):
+            started = time.perf_counter()
+            inputs, targets = self.train_stream.batch(self.config.swarm.seed, self.peer_id, self.step, self.batch_size, seq_len)
+            inputs, targets = inputs.to(self.device), targets.to(self.device)
+            loss, ce, aux = self.model.compute_loss(inputs, targets)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
+            if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+                # a poisoned micro-batch (bad expert output, overflow) must not reach the swarm's average
+                self.skipped_batches += 1
+                self.optimizer.zero_grad()
+                logger.warning(f"Step {self.step}: non-finite loss or gradient, micro-batch dropped ({self.skipped_batches} so far)")
+                self.step += 1
+                continue
+            self.optimizer.step()
+            self.optimizer.zero_grad()
+            self.step += 1
+            self.tokens += inputs.numel()
+            elapsed = time.perf_counter() - started
+            stats = StepStats(
+                step=self.step,
+                epoch=int(self.optimizer.local_epoch),
+                loss=float(ce.item()),
+                aux_loss=float(aux.item()),
+                tokens=self.tokens,
+                samples_per_second=self.batch_size / elapsed,
+                tokens_per_second=inputs.numel() / elapsed,
+                peers=int(self.optimizer.tracker.global_progress.num_peers),
+                experts_online=int(getattr(self.dispatcher, "online_experts", lambda: -1)()),
+                expert_failures=int(getattr(self.dispatcher, "failures", 0)),
+                time=time.time(),
+            )
+            self.stats_writer.write(stats)
+            logger.info(
+                f"step {stats.step} epoch {stats.epoch} loss {stats.loss:.3f} "
+                f"{stats.tokens_per_second:.0f} tokens/s, {stats.peers} trainer(s), {stats.experts_online} experts online"
+            )
+            if self.step % save_every == 0:
+                self.save()
+
+    def shutdown(self) -> None:
+        try:
+            self.save()
+        finally:
+            self.optimizer.shutdown()
