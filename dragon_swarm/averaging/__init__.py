@@ -1,0 +1,27 @@
+"""Averaging: Byzantine-robust aggregation math and numpy-2 compatible compression codecs for hivemind's all-reduce.
+
+* :mod:`.aggregators` — pure functions ``[n, d] stack -> AggregationResult`` (mean, median, trimmed mean,
+  CenteredClip) and :func:`validate_part`; no network, no hivemind.
+* :mod:`.compression` — fp16 and 8-bit codecs in hivemind's wire format; call :func:`install_codecs` in
+  every peer before starting averagers.
+"""
+
+from dragon_swarm.averaging.aggregators import (
+    AGGREGATORS,
+    AggregationResult,
+    Aggregator,
+    centered_clip,
+    make_aggregator,
+    mean,
+    median,
+    trimmed_mean,
+    validate_part,
+)
+from dragon_swarm.averaging.compression import (
+    CODECS,
+    Blockwise8BitCodec,
+    Quantile8BitCodec,
+    Uniform8BitCodec,
+    install_codecs,
+    make_compression,
+)
