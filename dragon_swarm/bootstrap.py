@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import threading
@@ -29,8 +30,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
     stop = threading.Event()
+    owner_pid = os.getpid()
+
+    def on_signal(signum, frame) -> None:
+        if os.getpid() != owner_pid:  # the forked DHT process inherits this handler
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda signum, frame: stop.set())
+        signal.signal(sig, on_signal)
 
     from dragon_swarm.swarm.dht_node import initial_peers_line, start_dht
 
@@ -54,5 +64,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def run() -> None:
+    """Entry point: after a clean shutdown, skip interpreter teardown, where hivemind's p2p clients print
+    tracebacks from destructors that no longer have an event loop."""
+    code = main()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

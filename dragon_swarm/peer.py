@@ -113,12 +113,18 @@ class StopSignal:
 
     def __init__(self) -> None:
         self.event = threading.Event()
+        self.owner_pid = os.getpid()
 
     def install(self) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
+        if os.getpid() != self.owner_pid:
+            # forked helpers (DHT, task pools, connection handlers) inherit this handler: they must die as usual
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
         if self.event.is_set():
             os._exit(128 + signum)
         logger.info(f"Received {signal.Signals(signum).name}: finishing the current step, saving state, leaving")
@@ -133,15 +139,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     train_stream = None
     if options.train:
-        from dragon_swarm.data.corpus import CorpusError
+        from dragon_swarm.data.corpus import CorpusError, default_data_dir
         from dragon_swarm.data.dataset import build_token_stream
-        from dragon_swarm.data.corpus import DEFAULT_DATA_DIR
 
+        data_dir = options.data_dir or default_data_dir()
         try:
             train_stream, _ = build_token_stream(
                 config.data.source,
-                options.data_dir or DEFAULT_DATA_DIR,
-                options.state_dir / "cache",
+                data_dir,
+                data_dir / "cache",
                 config.data.tokenizer,
                 config.data.val_fraction,
             )
@@ -177,7 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         host = start_host(dht, options)
         if options.train:
-            dispatcher, trainer = start_trainer(dht, options, train_stream)
+            dispatcher, trainer = start_trainer(dht, options, train_stream, host.backends if host is not None else {})
             trainer.train(options.max_steps, stop.event)
             logger.info(f"Training stopped at step {trainer.step}, epoch {trainer.optimizer.local_epoch}")
         else:
@@ -228,13 +234,15 @@ def start_host(dht, options: PeerOptions):
     return host
 
 
-def start_trainer(dht, options: PeerOptions, train_stream):
+def start_trainer(dht, options: PeerOptions, train_stream, local_backends):
     from dragon_swarm.moe.router import RemoteExpertDispatcher
     from dragon_swarm.training.trainer import Trainer
 
     config = options.config
     m = config.model
-    dispatcher = RemoteExpertDispatcher(dht, config.expert_prefix, m.num_moe_layers, m.num_experts, m.d_model, config.experts, seed=config.swarm.seed)
+    dispatcher = RemoteExpertDispatcher(
+        dht, config.expert_prefix, m.num_moe_layers, m.num_experts, m.d_model, config.experts, seed=config.swarm.seed, local_backends=local_backends
+    )
     dispatcher.start()
     if not dispatcher.wait_for_experts(timeout=60.0):
         logger.warning(f"Some MoE layers have no live expert yet ({dispatcher.online_experts()} online); training with what is there")
@@ -244,5 +252,15 @@ def start_trainer(dht, options: PeerOptions, train_stream):
     return dispatcher, trainer
 
 
+def run() -> None:
+    """Entry point: after a clean shutdown, skip interpreter teardown, where hivemind's p2p clients print
+    tracebacks from destructors that no longer have an event loop."""
+    code = main()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

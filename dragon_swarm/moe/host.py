@@ -170,8 +170,9 @@ class ExpertHost:
     ):
         self.dht, self.backends, self.settings = dht, backends, settings
         self.checkpoint_dir, self.throughput, self.checkpoint_period = checkpoint_dir, throughput, checkpoint_period
+        max_tokens = min(backend.forward_pool.max_batch_size for backend in backends.values())
         self.handlers = [
-            ValidatingConnectionHandler(dht, backends, hidden_dim=hidden_dim, max_tokens=settings.max_batch_size)
+            ValidatingConnectionHandler(dht, backends, hidden_dim=hidden_dim, max_tokens=max_tokens)
             for _ in range(num_handlers)
         ]
         self.runtime = Runtime(backends, prefetch_batches=1)

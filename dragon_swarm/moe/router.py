@@ -13,13 +13,14 @@ import random
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import hivemind
 import torch
 from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
 from hivemind.moe.client.expert import get_server_stub
 from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
+from hivemind.moe.server.module_backend import ModuleBackend
 from hivemind.p2p import PeerID
 from hivemind.proto import runtime_pb2
 from torch.autograd.function import once_differentiable
@@ -68,8 +69,22 @@ class ReplicaTable:
 class RemoteExpertDispatcher:
     """ExpertDispatcher over hivemind RPC. Start with `start()`, stop with `shutdown()`."""
 
-    def __init__(self, dht: hivemind.DHT, prefix: str, num_layers: int, num_experts: int, d_model: int, settings: ExpertsSection, seed: int = 0):
+    def __init__(
+        self,
+        dht: hivemind.DHT,
+        prefix: str,
+        num_layers: int,
+        num_experts: int,
+        d_model: int,
+        settings: ExpertsSection,
+        seed: int = 0,
+        local_backends: Mapping[str, ModuleBackend] | None = None,
+    ):
+        """local_backends: experts this very peer hosts; libp2p cannot dial itself, so those calls go straight
+        into the host's task pools (same runtime, same optimizer) instead of over the network."""
         self.dht, self.prefix, self.settings, self.d_model = dht, prefix, settings, d_model
+        self.local_backends = dict(local_backends or {})
+        self.own_peer_id = dht.peer_id.to_base58()
         self.num_layers, self.num_experts = num_layers, num_experts
         self.table = ReplicaTable(ban_seconds=settings.expiration)
         self._lock = threading.Lock()
@@ -153,6 +168,11 @@ class RemoteExpertDispatcher:
 
     def _run_calls(self, kind: str, uids: Sequence[str], peers: Sequence[str], payloads: Sequence[Sequence[torch.Tensor]], timeout: float) -> list[torch.Tensor | None]:
         async def _one(uid: str, peer: str, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+            if peer == self.own_peer_id and uid in self.local_backends:
+                backend = self.local_backends[uid]
+                pool = backend.forward_pool if kind == "forward" else backend.backward_pool
+                outputs = await asyncio.wait_for(pool.submit_task(*tensors), timeout=timeout)
+                return outputs[0]
             stub = get_server_stub(self._p2p, PeerID.from_base58(peer))
             request = runtime_pb2.ExpertRequest(uid=uid, tensors=[serialize_torch_tensor(t, NO_COMPRESSION) for t in tensors])
             rpc = stub.rpc_forward if kind == "forward" else stub.rpc_backward

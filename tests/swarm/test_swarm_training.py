@@ -1,0 +1,149 @@
+"""A real loopback swarm: bootstrap, two expert hosts (one a replica of layer 0), two trainers, a late joiner.
+
+One scenario runs once per module (it costs about two minutes on 2 cores); each test asserts one property of
+what the peers did, read from their stats files, logs and state dirs.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from tests.swarm_processes import TEST_CONFIG, PeerProcess, read_stats, wait_for_stats
+
+pytestmark = pytest.mark.swarm
+
+MAX_STEPS = 30
+
+
+@dataclass
+class Scenario:
+    log_dir: Path
+    bootstrap: PeerProcess
+    initial_peers: list[str]
+    host_main: PeerProcess
+    host_replica: PeerProcess
+    trainers: list[PeerProcess]
+    late: PeerProcess
+    stats: list[Path]
+    late_stats: Path
+    epoch_when_late_joined: int
+    kill_time: float
+    trainer_exit_codes: list[int]
+
+
+def peer_args(initial_peers: list[str], state_dir: Path, *extra: str) -> list[str]:
+    return ["-c", str(TEST_CONFIG), "--initial-peers", *initial_peers, "--state-dir", str(state_dir), *extra]
+
+
+@pytest.fixture(scope="module")
+def scenario(module_launcher) -> Scenario:
+    log_dir = module_launcher.log_dir
+    bootstrap = module_launcher.bootstrap()
+    initial_peers = bootstrap.initial_peers()
+
+    host_main = module_launcher.start("host-main", peer_args(initial_peers, log_dir / "host-main", "--no-train", "--experts", "all"))
+    host_replica = module_launcher.start(
+        "host-replica", peer_args(initial_peers, log_dir / "host-replica", "--no-train", "--experts", "ffn.0.[0:4]")
+    )
+    host_main.wait_for_log("Serving 8 expert(s)", timeout=120)
+    host_replica.wait_for_log("Serving 4 expert(s)", timeout=120)
+
+    stats = [log_dir / f"trainer{i}.jsonl" for i in range(2)]
+    trainers = [
+        module_launcher.start(
+            f"trainer{i}",
+            peer_args(initial_peers, log_dir / f"trainer{i}", "--no-host", "--max-steps", str(MAX_STEPS), "--stats-file", str(stats[i])),
+        )
+        for i in range(2)
+    ]
+    # the replica host dies without a goodbye once training is under way
+    wait_for_stats(stats[0], lambda r: r[-1]["step"] >= 8, timeout=240, processes=trainers)
+    host_replica.kill_hard()
+    kill_time = time.time()
+
+    # a trainer joining mid-run must download the swarm's state before contributing
+    epoch_now = read_stats(stats[0])[-1]["epoch"]
+    late_stats = log_dir / "late.jsonl"
+    late = module_launcher.start(
+        "late", peer_args(initial_peers, log_dir / "late", "--no-host", "--max-steps", "3", "--stats-file", str(late_stats))
+    )
+    exit_codes = [t.wait(timeout=420) for t in trainers]
+    late.wait(timeout=240)
+    return Scenario(log_dir, bootstrap, initial_peers, host_main, host_replica, trainers, late, stats, late_stats, epoch_now, kill_time, exit_codes)
+
+
+def test_trainers_finish_every_step(scenario: Scenario):
+    assert scenario.trainer_exit_codes == [0, 0], [t.stderr()[-2000:] for t in scenario.trainers]
+    for path in scenario.stats:
+        steps = [r["step"] for r in read_stats(path)]
+        assert steps == list(range(1, MAX_STEPS + 1))
+
+
+def test_stats_records_have_the_promised_fields(scenario: Scenario):
+    record = read_stats(scenario.stats[0])[-1]
+    for key in ("step", "epoch", "loss", "tokens", "samples_per_second", "peers"):
+        assert key in record
+    assert record["tokens"] == MAX_STEPS * 8 * 32  # batch 8 x seq_len 32 per step
+    assert record["peers"] >= 1
+
+
+def test_loss_falls(scenario: Scenario):
+    for path in scenario.stats:
+        losses = [r["loss"] for r in read_stats(path)]
+        first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+        assert last < first - 0.5, f"loss did not fall enough: first {first:.3f}, last {last:.3f}"
+
+
+def test_trainers_agree_on_the_epoch(scenario: Scenario):
+    final_epochs = [read_stats(path)[-1]["epoch"] for path in scenario.stats]
+    assert min(final_epochs) >= 3, final_epochs  # the swarm really stepped together several times
+    assert max(final_epochs) - min(final_epochs) <= 1, final_epochs
+
+
+def test_killed_expert_host_does_not_stop_training(scenario: Scenario):
+    assert scenario.host_replica.proc.returncode == -9
+    for path in scenario.stats:
+        after_kill = [r for r in read_stats(path) if r["time"] > scenario.kill_time]
+        assert len(after_kill) >= 5, "trainers made too little progress after the replica host died"
+    # the surviving host kept serving layer 0 (the killed one was only a replica)
+    assert scenario.host_main.proc.poll() is None
+
+
+def test_late_joiner_syncs_state_before_contributing(scenario: Scenario):
+    assert scenario.late.proc.returncode == 0, scenario.late.stderr()[-3000:]
+    records = read_stats(scenario.late_stats)
+    assert records, scenario.late.stderr()[-3000:]
+    # a fresh peer starts at epoch 0; after downloading state it is at (or right behind) the swarm's epoch
+    assert records[0]["epoch"] >= max(1, scenario.epoch_when_late_joined - 1), (records[0], scenario.epoch_when_late_joined)
+
+
+def test_restart_resumes_from_state_dir(scenario: Scenario, module_launcher):
+    state_dir = scenario.log_dir / "trainer0"
+    before = load_file(str(state_dir / "trainer.safetensors"))
+    first_peer_id = scenario.trainers[0].initial_peers()[0].rsplit("/p2p/", 1)[1]
+
+    again = module_launcher.start(
+        "trainer0-restart", peer_args(scenario.initial_peers, state_dir, "--no-host", "--max-steps", str(MAX_STEPS))
+    )
+    assert again.wait(timeout=180) == 0, again.stderr()[-3000:]
+    assert again.initial_peers()[0].rsplit("/p2p/", 1)[1] == first_peer_id  # same identity
+    assert f"Resumed trainer at step {MAX_STEPS}" in again.stderr()
+    after = load_file(str(state_dir / "trainer.safetensors"))
+    trunk_names = [name for name in before if name.startswith("trunk.")]
+    assert trunk_names
+    for name in trunk_names:  # no steps were due, so the weights must come back bit for bit
+        assert before[name].equal(after[name]), name
+
+
+def test_peer_with_another_config_is_told_clearly(scenario: Scenario, module_launcher, tmp_path):
+    other = tmp_path / "other.yaml"
+    other.write_text(TEST_CONFIG.read_text().replace("lr: 0.003", "lr: 0.004", 1))
+    stranger = module_launcher.start("stranger", peer_args(scenario.initial_peers, tmp_path / "stranger", "-c", str(other), "--no-host"))
+    assert stranger.wait(timeout=120) == 2
+    err = stranger.stderr()
+    assert "config mismatch" in err and "Traceback" not in err
