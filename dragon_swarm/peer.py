@@ -158,7 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     stop = StopSignal()
     stop.install()
 
-    from dragon_swarm.swarm.config_check import announce_config, mismatch_message, other_config_hashes
+    from dragon_swarm.swarm.config_check import mismatch_message, other_config_hashes
     from dragon_swarm.swarm.dht_node import initial_peers_line, start_dht
 
     try:
@@ -177,13 +177,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             others = other_config_hashes(dht, config)
             if others:
                 fail(PROG, mismatch_message(config, others, options.config_name))
-        announce_config(dht, config)
+        announcer = threading.Thread(target=_keep_announcing_config, args=(dht, config, stop.event), daemon=True)
+        announcer.start()
         logger.info(f"Swarm {config.run_prefix}, peer id {dht.peer_id.to_base58()}")
         print_line(f"To join this swarm: python -m dragon_swarm.peer -c {options.config_name} {initial_peers_line(dht)}")
 
         host = start_host(dht, options)
         if options.train:
             dispatcher, trainer = start_trainer(dht, options, train_stream, host.backends if host is not None else {})
+            if options.max_steps is None or trainer.step < options.max_steps:
+                trainer.sync_with_swarm()
             trainer.train(options.max_steps, stop.event)
             logger.info(f"Training stopped at step {trainer.step}, epoch {trainer.optimizer.local_epoch}")
         else:
@@ -192,8 +195,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             while not stop.event.wait(30.0):
                 stats = host.stats()
                 logger.info(f"Hosting {stats['experts_served']} experts: {stats['expert_tokens_processed']:,} tokens served, {stats['expert_updates']} updates")
-                announce_config(dht, config)
     finally:
+        stop.event.set()  # ends the background announcer
         if trainer is not None:
             trainer.shutdown()
         if dispatcher is not None:
@@ -202,6 +205,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             host.shutdown()
         dht.shutdown()
     return 0
+
+
+def _keep_announcing_config(dht, config: SwarmConfig, stop: threading.Event) -> None:
+    from dragon_swarm.swarm.config_check import ANNOUNCE_SECONDS, announce_config
+
+    while True:
+        try:
+            announce_config(dht, config)
+        except Exception as e:  # the DHT may be shutting down; the next round retries
+            logger.debug(f"Config announcement failed: {e}")
+        if stop.wait(ANNOUNCE_SECONDS / 3):
+            return
 
 
 def start_host(dht, options: PeerOptions):

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.swarm_processes import PeerLauncher
+from dragon_swarm.swarm.local_peers import PeerLauncher
 
 
 @pytest.fixture

@@ -144,6 +144,18 @@ class Trainer:
 
     # --- training ---
 
+    def sync_with_swarm(self, timeout: float = 10.0) -> None:
+        """Download the swarm's current state before contributing, if the swarm is ahead of this peer."""
+        tracker = self.optimizer.tracker
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and tracker.global_progress.num_peers <= 1:
+            time.sleep(0.5)  # progress records of other trainers arrive in the background
+        swarm_epoch, local_epoch = tracker.global_progress.epoch, self.optimizer.local_epoch
+        if swarm_epoch > local_epoch:
+            logger.info(f"Swarm is at epoch {swarm_epoch}, this peer at {local_epoch}: downloading state from peers")
+            self.optimizer.load_state_from_peers()
+            logger.info(f"State downloaded: now at epoch {self.optimizer.local_epoch}")
+
     def train(self, max_steps: int | None, stop: threading.Event, save_every: int = 10) -> None:
         seq_len = self.config.model.seq_len
         clip = self.config.training.clip_grad_norm

@@ -17,7 +17,7 @@ from dragon_swarm.moe.host import ExpertHost, build_expert_backends
 from dragon_swarm.moe.registry import find_replicas
 from dragon_swarm.moe.router import RemoteExpertDispatcher
 from dragon_swarm.swarm.dht_node import start_dht, visible_maddrs
-from tests.swarm_processes import TEST_CONFIG
+from tests.swarm.paths import TEST_CONFIG
 
 pytestmark = pytest.mark.swarm
 

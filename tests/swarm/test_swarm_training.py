@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from tests.swarm_processes import TEST_CONFIG, PeerProcess, read_stats, wait_for_stats
+from tests.swarm.paths import TEST_CONFIG
+from dragon_swarm.swarm.local_peers import PeerProcess, read_stats, wait_for_stats
 
 pytestmark = pytest.mark.swarm
 
@@ -120,6 +121,10 @@ def test_late_joiner_syncs_state_before_contributing(scenario: Scenario):
     assert records, scenario.late.stderr()[-3000:]
     # a fresh peer starts at epoch 0; after downloading state it is at (or right behind) the swarm's epoch
     assert records[0]["epoch"] >= max(1, scenario.epoch_when_late_joined - 1), (records[0], scenario.epoch_when_late_joined)
+    # and its very first micro-batch already ran on the swarm's trained weights, not on a fresh init
+    fresh_loss = read_stats(scenario.stats[0])[0]["loss"]
+    assert records[0]["loss"] < fresh_loss - 0.5, (records[0]["loss"], fresh_loss)
+    assert "downloading state from peers" in scenario.late.stderr()
 
 
 def test_restart_resumes_from_state_dir(scenario: Scenario, module_launcher):

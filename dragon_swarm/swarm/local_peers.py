@@ -1,4 +1,5 @@
-"""Launch real peers (`python -m dragon_swarm.peer` / `.bootstrap`) as subprocesses and always reap them.
+"""Launch real peers (`python -m dragon_swarm.peer` / `.bootstrap`) on this machine as subprocesses and always
+reap them: used by the swarm tests and the benchmarks.
 
 Each peer runs in its own session, so stopping it by its PID's process group also stops the DHT process,
 p2pd and connection handlers it forked; nothing is ever killed by name.
@@ -15,8 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-TEST_CONFIG = REPO_ROOT / "tests" / "configs" / "swarm-test.yaml"
+REPO_ROOT = Path(__file__).resolve().parents[2]
 _MADDR = re.compile(r"--initial-peers ((?:/\S+ ?)+)")
 
 
