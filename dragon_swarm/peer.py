@@ -143,6 +143,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from dragon_swarm.data.dataset import build_token_stream
 
         data_dir = options.data_dir or default_data_dir()
+        # tokenizers' thread pool would be forked along with hivemind's processes
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         try:
             train_stream, _ = build_token_stream(
                 config.data.source,
@@ -153,6 +155,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         except (CorpusError, OSError, ValueError) as e:
             fail(PROG, f"data: {e}")
+        largest_id = int(train_stream.tokens.max())
+        if largest_id >= config.model.vocab_size:
+            fail(PROG, f"tokenizer {config.data.tokenizer} produces id {largest_id} but model.vocab_size is {config.model.vocab_size}")
         logger.info(f"Data: {config.data.source}, {train_stream.num_tokens:,} training tokens")
 
     stop = StopSignal()
