@@ -59,6 +59,9 @@ class AveragingSection:
     averaging_timeout: float = 30.0
     load_state_timeout: float = 120.0
     compression: str = "none"
+    aggregator: str = "centered_clip"  # per-partition reducer: mean | median | trimmed_mean | centered_clip
+    tau: float = 1.0  # centered_clip's clipping radius
+    trim_ratio: float = 0.2  # trimmed_mean drops this fraction at each end
 
 
 @dataclass(frozen=True)
@@ -122,6 +125,12 @@ class SwarmConfig:
             (t.lr > 0, "training.lr must be positive"),
             (a.matchmaking_time > 0, "averaging.matchmaking_time must be positive"),
             (a.compression in ("none", "fp16", "blockwise8bit"), "averaging.compression must be none|fp16|blockwise8bit"),
+            (
+                a.aggregator in ("mean", "median", "trimmed_mean", "centered_clip"),
+                "averaging.aggregator must be mean|median|trimmed_mean|centered_clip",
+            ),
+            (a.tau > 0, "averaging.tau must be positive"),
+            (0 <= a.trim_ratio < 0.5, "averaging.trim_ratio must be in [0, 0.5)"),
             (e.forward_timeout > 0 and e.backward_timeout > 0, "experts timeouts must be positive"),
             (e.expiration > e.update_period, "experts.expiration must exceed experts.update_period"),
             (0 < self.data.val_fraction < 0.5, "data.val_fraction must be in (0, 0.5)"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import signal
@@ -45,6 +46,8 @@ def build_parser() -> CleanArgumentParser:
     p.add_argument("--announce-maddrs", nargs="+", default=[], help="public addresses others should dial")
     p.add_argument("--data-dir", type=Path, default=None, help="where corpora live (default: the project's data/)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    # TEST/BENCHMARK ONLY: makes this trainer Byzantine (see dragon_swarm.attacks); hidden from --help
+    p.add_argument("--attack", default=None, help=argparse.SUPPRESS)
     return p
 
 
@@ -64,6 +67,7 @@ class PeerOptions:
     host_maddrs: tuple[str, ...]
     announce_maddrs: tuple[str, ...]
     data_dir: Path | None
+    attack: str | None
 
 
 def parse_options(argv: Sequence[str] | None) -> tuple[PeerOptions, str]:
@@ -76,6 +80,13 @@ def parse_options(argv: Sequence[str] | None) -> tuple[PeerOptions, str]:
         overrides["training.batch_size"] = args.batch_size
     if args.max_steps is not None and args.max_steps < 0:
         parser.error("--max-steps must be >= 0")
+    if args.attack is not None:
+        from dragon_swarm.attacks import parse_attack
+
+        try:
+            parse_attack(args.attack)
+        except ValueError as e:
+            parser.error(f"--attack: {e}")
     if args.no_host and args.experts:
         parser.error("--experts and --no-host contradict each other")
     try:
@@ -104,6 +115,7 @@ def parse_options(argv: Sequence[str] | None) -> tuple[PeerOptions, str]:
         host_maddrs=tuple(args.host_maddrs),
         announce_maddrs=tuple(args.announce_maddrs),
         data_dir=args.data_dir,
+        attack=args.attack,
     )
     return options, args.log_level
 
@@ -248,6 +260,7 @@ def start_host(dht, options: PeerOptions):
         hidden_dim=m.d_model,
         checkpoint_dir=options.state_dir / "experts",
         throughput=measure_throughput(m.d_model, m.expert_hidden),
+        device=options.device,
     )
     host.load_checkpoints()
     host.start()
@@ -268,7 +281,9 @@ def start_trainer(dht, options: PeerOptions, train_stream, local_backends):
         logger.warning(f"Some MoE layers have no live expert yet ({dispatcher.online_experts()} online); training with what is there")
     else:
         logger.info(f"Found experts: {dispatcher.online_experts()} of {m.num_moe_layers * m.num_experts} online")
-    trainer = Trainer(config, dht, dispatcher, train_stream, options.state_dir, options.stats_file, options.batch_size, options.device)
+    trainer = Trainer(
+        config, dht, dispatcher, train_stream, options.state_dir, options.stats_file, options.batch_size, options.device, attack=options.attack
+    )
     return dispatcher, trainer
 
 

@@ -167,6 +167,7 @@ class ExpertHost:
         throughput: float,
         num_handlers: int = 2,
         checkpoint_period: float = 60.0,
+        device: str = "cpu",
     ):
         self.dht, self.backends, self.settings = dht, backends, settings
         self.checkpoint_dir, self.throughput, self.checkpoint_period = checkpoint_dir, throughput, checkpoint_period
@@ -175,7 +176,7 @@ class ExpertHost:
             ValidatingConnectionHandler(dht, backends, hidden_dim=hidden_dim, max_tokens=max_tokens)
             for _ in range(num_handlers)
         ]
-        self.runtime = Runtime(backends, prefetch_batches=1)
+        self.runtime = Runtime(backends, prefetch_batches=1, device=torch.device(device))
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 

@@ -66,11 +66,13 @@ class Trainer:
         stats_file: Path | None,
         batch_size: int,
         device: str = "cpu",
+        attack: str | None = None,
     ):
         self.config, self.dht, self.dispatcher = config, dht, dispatcher
         self.train_stream, self.state_dir, self.batch_size, self.device = train_stream, state_dir, batch_size, device
         self.peer_id = dht.peer_id.to_base58()
         self.stats_writer = StatsWriter(stats_file)
+        self.attacker = ByzantineBehaviour(attack, config.swarm.seed) if attack is not None else None
         torch.manual_seed(config.swarm.seed)  # every fresh trunk starts from the same weights
         self.model = HRMSMoE(config.model, dispatcher).to(device)
         self.step = 0
@@ -164,9 +166,17 @@ class Trainer:
             started = time.perf_counter()
             inputs, targets = self.train_stream.batch(self.config.swarm.seed, self.peer_id, self.step, self.batch_size, seq_len)
             inputs, targets = inputs.to(self.device), targets.to(self.device)
+            if self.attacker is not None:
+                targets = self.attacker.corrupt_targets(targets)
             loss, ce, aux = self.model.compute_loss(inputs, targets)
             loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
+            claimed_batch = self.batch_size
+            if self.attacker is not None:
+                self.attacker.corrupt_gradients(params, int(self.optimizer.tracker.global_progress.num_peers))
+                claimed_batch = self.attacker.claimed_batch(self.batch_size)
+                grad_norm = torch.zeros(())  # attackers neither clip nor filter what they send
+            else:
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
             if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
                 # a poisoned micro-batch (bad expert output, overflow) must not reach the swarm's average
                 self.skipped_batches += 1
@@ -174,7 +184,7 @@ class Trainer:
                 logger.warning(f"Step {self.step}: non-finite loss or gradient, micro-batch dropped ({self.skipped_batches} so far)")
                 self.step += 1
                 continue
-            self.optimizer.step()
+            self.optimizer.step(batch_size=claimed_batch)
             self.optimizer.zero_grad()
             self.step += 1
             self.tokens += inputs.numel()
@@ -205,3 +215,45 @@ class Trainer:
             self.save()
         finally:
             self.optimizer.shutdown()
+
+
+class ByzantineBehaviour:
+    """TEST/BENCHMARK ONLY (`--attack NAME`): turns this trainer into an attacker of the swarm's averaging.
+
+    The attacker does not see honest peers' gradients, so attacks that need their statistics (ALIE, IPM)
+    estimate them from this peer's own recent honest gradients.
+    """
+
+    HISTORY = 8
+
+    def __init__(self, attack_name: str, seed: int):
+        from dragon_swarm import attacks
+
+        self._attacks = attacks
+        self.attack = attacks.parse_attack(attack_name)
+        self.rng = torch.Generator().manual_seed(seed)  # colluding attackers share the swarm seed
+        self.history: list[torch.Tensor] = []
+        logger.warning(f"BYZANTINE TEST MODE: this trainer runs the '{self.attack.value}' attack")
+
+    def corrupt_targets(self, targets: torch.Tensor) -> torch.Tensor:
+        if self.attack is self._attacks.Attack.LABEL_SHUFFLE:
+            return self._attacks.corrupt_targets(targets, self.rng)
+        return targets
+
+    def corrupt_gradients(self, params: list[torch.nn.Parameter], num_peers: int) -> None:
+        if self.attack is self._attacks.Attack.LABEL_SHUFFLE:
+            return
+        with_grad = [p for p in params if p.grad is not None]
+        flat = torch.cat([p.grad.reshape(-1) for p in with_grad])
+        self.history = (self.history + [flat.clone()])[-self.HISTORY :]
+        num_peers = max(num_peers, 2)
+        bad = self._attacks.byzantine_gradient(
+            self.attack, flat, torch.stack(self.history), self.rng, num_peers, max(1, (num_peers - 1) // 2)
+        )
+        offset = 0
+        for p in with_grad:
+            p.grad.copy_(bad[offset : offset + p.numel()].view_as(p.grad))
+            offset += p.numel()
+
+    def claimed_batch(self, honest_batch: int) -> int:
+        return int(self._attacks.claimed_weight(self.attack, honest_batch))
