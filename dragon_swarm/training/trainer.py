@@ -146,11 +146,11 @@ class Trainer:
 
     # --- training ---
 
-    def sync_with_swarm(self, timeout: float = 10.0) -> None:
+    def sync_with_swarm(self, timeout: float = 15.0) -> None:
         """Download the swarm's current state before contributing, if the swarm is ahead of this peer."""
         tracker = self.optimizer.tracker
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and tracker.global_progress.num_peers <= 1:
+        while time.monotonic() < deadline and tracker.global_progress.num_peers == 0:
             time.sleep(0.5)  # progress records of other trainers arrive in the background
         swarm_epoch, local_epoch = tracker.global_progress.epoch, self.optimizer.local_epoch
         if swarm_epoch > local_epoch:

@@ -18,7 +18,7 @@ from dragon_swarm.swarm.local_peers import PeerProcess, read_stats, wait_for_sta
 
 pytestmark = pytest.mark.swarm
 
-MAX_STEPS = 30
+MAX_STEPS = 40
 
 
 @dataclass
@@ -35,6 +35,7 @@ class Scenario:
     epoch_when_late_joined: int
     kill_time: float
     trainer_exit_codes: list[int]
+    trainers_running_when_late_stepped: bool
 
 
 def peer_args(initial_peers: list[str], state_dir: Path, *extra: str) -> list[str]:
@@ -62,20 +63,26 @@ def scenario(module_launcher) -> Scenario:
         )
         for i in range(2)
     ]
-    # the replica host dies without a goodbye once training is under way
-    wait_for_stats(stats[0], lambda r: r[-1]["step"] >= 8, timeout=240, processes=trainers)
-    host_replica.kill_hard()
-    kill_time = time.time()
-
-    # a trainer joining mid-run must download the swarm's state before contributing
-    epoch_now = read_stats(stats[0])[-1]["epoch"]
+    # a trainer joining mid-run must download the swarm's state before contributing; it starts early so
+    # that the others are still training when it is up (start-up takes ~10-20 s)
+    wait_for_stats(stats[0], lambda r: r[-1]["epoch"] >= 1, timeout=240, processes=trainers)
     late_stats = log_dir / "late.jsonl"
     late = module_launcher.start(
         "late", peer_args(initial_peers, log_dir / "late", "--no-host", "--max-steps", "3", "--stats-file", str(late_stats))
     )
+    # the replica host dies without a goodbye once training is under way
+    wait_for_stats(stats[0], lambda r: r[-1]["step"] >= 8, timeout=240, processes=trainers)
+    host_replica.kill_hard()
+    kill_time = time.time()
+    wait_for_stats(late_stats, lambda r: len(r) >= 1, timeout=240, processes=[late])
+    trainers_running = all(t.proc.poll() is None for t in trainers)
+    epoch_now = read_stats(stats[0])[-1]["epoch"]
     exit_codes = [t.wait(timeout=420) for t in trainers]
     late.wait(timeout=240)
-    return Scenario(log_dir, bootstrap, initial_peers, host_main, host_replica, trainers, late, stats, late_stats, epoch_now, kill_time, exit_codes)
+    return Scenario(
+        log_dir, bootstrap, initial_peers, host_main, host_replica, trainers, late, stats, late_stats,
+        epoch_now, kill_time, exit_codes, trainers_running,
+    )  # fmt: skip
 
 
 def test_trainers_finish_every_step(scenario: Scenario):
@@ -117,10 +124,11 @@ def test_killed_expert_host_does_not_stop_training(scenario: Scenario):
 
 def test_late_joiner_syncs_state_before_contributing(scenario: Scenario):
     assert scenario.late.proc.returncode == 0, scenario.late.stderr()[-3000:]
+    assert scenario.trainers_running_when_late_stepped, "test setup: the swarm finished before the late joiner arrived"
     records = read_stats(scenario.late_stats)
     assert records, scenario.late.stderr()[-3000:]
     # a fresh peer starts at epoch 0; after downloading state it is at (or right behind) the swarm's epoch
-    assert records[0]["epoch"] >= max(1, scenario.epoch_when_late_joined - 1), (records[0], scenario.epoch_when_late_joined)
+    assert records[0]["epoch"] >= max(1, scenario.epoch_when_late_joined - 2), (records[0], scenario.epoch_when_late_joined)
     # and its very first micro-batch already ran on the swarm's trained weights, not on a fresh init
     fresh_loss = read_stats(scenario.stats[0])[0]["loss"]
     assert records[0]["loss"] < fresh_loss - 0.5, (records[0]["loss"], fresh_loss)
