@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import logging
-import os
-import signal
-import sys
-import threading
 from pathlib import Path
 from typing import Sequence
 
-from dragon_swarm.cli import CleanArgumentParser, fail, print_line, setup_logging
+from dragon_swarm.cli import CleanArgumentParser, StopSignal, fail, print_line, run_and_exit, setup_logging
 
 PROG = "dragon_swarm.bootstrap"
 logger = logging.getLogger(PROG)
@@ -29,18 +25,8 @@ def build_parser() -> CleanArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
-    stop = threading.Event()
-    owner_pid = os.getpid()
-
-    def on_signal(signum, frame) -> None:
-        if os.getpid() != owner_pid:  # the forked DHT process inherits this handler
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-            return
-        stop.set()
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, on_signal)
+    stop = StopSignal()
+    stop.install()
 
     from dragon_swarm.swarm.dht_node import initial_peers_line, start_dht
 
@@ -56,7 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         logger.info(f"Bootstrap node up, peer id {dht.peer_id.to_base58()}")
         print_line(initial_peers_line(dht))
-        while not stop.wait(60.0):
+        while not stop.event.wait(60.0):
             logger.info("Bootstrap node alive")
     finally:
         logger.info("Shutting down")
@@ -65,13 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run() -> None:
-    """Entry point: after a clean shutdown, skip interpreter teardown, where hivemind's p2p clients print
-    tracebacks from destructors that no longer have an event loop."""
-    code = main()
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    run_and_exit(main)
 
 
 if __name__ == "__main__":

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import signal
 import sys
-from typing import NoReturn
+import threading
+from typing import Callable, NoReturn
+
+logger = logging.getLogger(__name__)
 
 
 class CleanArgumentParser(argparse.ArgumentParser):
@@ -42,3 +47,39 @@ def print_line(text: str) -> None:
     """Lines meant for the user (the join command) go to stdout, flushed, so scripts can read them at once."""
     sys.stdout.write(text + "\n")
     sys.stdout.flush()
+
+
+class StopSignal:
+    """First SIGINT/SIGTERM sets `event` (finish the current step, save, leave); a second exits at once.
+
+    hivemind forks helper processes (DHT, task pools, connection handlers) that inherit this handler; in them
+    it restores the default action, so they still die when their parent terminates them.
+    """
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.owner_pid = os.getpid()
+
+    def install(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if os.getpid() != self.owner_pid:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        if self.event.is_set():
+            os._exit(128 + signum)
+        logger.info(f"Received {signal.Signals(signum).name}: finishing the current step, saving state, leaving")
+        self.event.set()
+
+
+def run_and_exit(main: Callable[[], int]) -> NoReturn:
+    """Run a CLI main, then skip interpreter teardown: everything is saved and shut down by then, and hivemind's
+    p2p clients print tracebacks from destructors that no longer have an event loop."""
+    code = main()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

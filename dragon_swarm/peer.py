@@ -5,15 +5,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
-import sys
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from dragon_swarm.cli import CleanArgumentParser, fail, print_line, setup_logging
+from dragon_swarm.cli import CleanArgumentParser, StopSignal, fail, print_line, run_and_exit, setup_logging
 from dragon_swarm.config import ConfigError, SwarmConfig, load_config
 from dragon_swarm.moe.expert_uids import (
     ExpertSpecError,
@@ -118,29 +115,6 @@ def parse_options(argv: Sequence[str] | None) -> tuple[PeerOptions, str]:
         attack=args.attack,
     )
     return options, args.log_level
-
-
-class StopSignal:
-    """First SIGINT/SIGTERM: finish the current step, save, leave. Second: exit at once."""
-
-    def __init__(self) -> None:
-        self.event = threading.Event()
-        self.owner_pid = os.getpid()
-
-    def install(self) -> None:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        if os.getpid() != self.owner_pid:
-            # forked helpers (DHT, task pools, connection handlers) inherit this handler: they must die as usual
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-            return
-        if self.event.is_set():
-            os._exit(128 + signum)
-        logger.info(f"Received {signal.Signals(signum).name}: finishing the current step, saving state, leaving")
-        self.event.set()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -288,13 +262,7 @@ def start_trainer(dht, options: PeerOptions, train_stream, local_backends):
 
 
 def run() -> None:
-    """Entry point: after a clean shutdown, skip interpreter teardown, where hivemind's p2p clients print
-    tracebacks from destructors that no longer have an event loop."""
-    code = main()
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    run_and_exit(main)
 
 
 if __name__ == "__main__":
