@@ -52,8 +52,9 @@ def print_line(text: str) -> None:
 class StopSignal:
     """First SIGINT/SIGTERM sets `event` (finish the current step, save, leave); a second exits at once.
 
-    hivemind forks helper processes (DHT, task pools, connection handlers) that inherit this handler; in them
-    it restores the default action, so they still die when their parent terminates them.
+    hivemind forks helper processes (DHT, task pools, connection handlers) that inherit this handler. In them
+    SIGINT is ignored, because Ctrl-C in a terminal reaches the whole process group and the parent still needs
+    its DHT to leave cleanly; SIGTERM keeps its default action, which is how the parent stops them.
     """
 
     def __init__(self) -> None:
@@ -66,13 +67,27 @@ class StopSignal:
 
     def _handle(self, signum, frame) -> None:
         if os.getpid() != self.owner_pid:
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
+            if signum == signal.SIGTERM:
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
             return
         if self.event.is_set():
             os._exit(128 + signum)
         logger.info(f"Received {signal.Signals(signum).name}: finishing the current step, saving state, leaving")
         self.event.set()
+
+
+def exit_if_shutdown_hangs(seconds: float) -> threading.Timer:
+    """Last resort once state is saved: a peer whose helpers died under it must not hang forever on leaving."""
+
+    def _give_up() -> None:
+        logger.error(f"Shutdown took over {seconds:.0f} s; exiting without waiting for the rest")
+        os._exit(1)
+
+    timer = threading.Timer(seconds, _give_up)
+    timer.daemon = True
+    timer.start()
+    return timer
 
 
 def run_and_exit(main: Callable[[], int]) -> NoReturn:

@@ -10,7 +10,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from dragon_swarm.cli import CleanArgumentParser, StopSignal, fail, print_line, run_and_exit, setup_logging
+from dragon_swarm.cli import (
+    CleanArgumentParser,
+    StopSignal,
+    exit_if_shutdown_hangs,
+    fail,
+    print_line,
+    run_and_exit,
+    setup_logging,
+)
 from dragon_swarm.config import ConfigError, SwarmConfig, load_config
 from dragon_swarm.moe.expert_uids import (
     ExpertSpecError,
@@ -176,6 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         host = start_host(dht, options)
         if options.train:
             dispatcher, trainer = start_trainer(dht, options, train_stream, host.backends if host is not None else {})
+            stop.install()  # hivemind's averagers set SIGINT to "ignore" in this process when they start
             if options.max_steps is None or trainer.step < options.max_steps:
                 trainer.sync_with_swarm()
             trainer.train(options.max_steps, stop.event)
@@ -188,6 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 logger.info(f"Hosting {stats['experts_served']} experts: {stats['expert_tokens_processed']:,} tokens served, {stats['expert_updates']} updates")
     finally:
         stop.event.set()  # ends the background announcer
+        exit_if_shutdown_hangs(120.0)
         if trainer is not None:
             trainer.shutdown()
         if dispatcher is not None:

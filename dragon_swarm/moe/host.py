@@ -263,12 +263,14 @@ class ExpertHost:
 
     def shutdown(self) -> None:
         self._stop.set()
-        self.announce("offline")
         for thread in self._threads:
             thread.join(timeout=10)
+        self.save_checkpoints()  # first: nothing after this may lose the experts' progress
+        if self.dht.is_alive():
+            self.announce("offline")
         for handler in self.handlers:
-            handler.shutdown()
+            if handler.is_alive():
+                handler.shutdown()
         self.runtime.shutdown()
         self.runtime.join(timeout=10)
-        self.save_checkpoints()
         logger.info(f"Expert host stopped; {len(self.backends)} checkpoint(s) saved")

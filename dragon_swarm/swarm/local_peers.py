@@ -81,12 +81,11 @@ class PeerProcess:
         self.proc.wait(timeout=30)
 
     def stop(self, timeout: float = 60.0) -> int | None:
-        """SIGTERM (graceful: finish step, save, leave), then SIGKILL the group if it lingers."""
+        """SIGTERM to the peer's main process (graceful: finish the step, save, stop its helpers, leave), then
+        SIGKILL the whole group if anything lingers. Like systemd's KillMode=mixed: the helpers are the
+        parent's to stop."""
         if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+            self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:

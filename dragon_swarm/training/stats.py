@@ -19,6 +19,8 @@ class StepStats:
     peers: int  # trainers in the swarm's progress tracker
     experts_online: int
     expert_failures: int
+    banned_peers: list[str]  # trainers this peer currently refuses in averaging
+    rejected_parts: int  # invalid gradient parts received so far (wrong size/dtype, NaN, Inf)
     time: float
 
 

@@ -16,7 +16,8 @@ from pathlib import Path
 import hivemind
 import torch
 
-from dragon_swarm.config import SwarmConfig
+from dragon_swarm.averaging.robust_allreduce import RobustAveragingSettings, make_grad_averager_factory
+from dragon_swarm.config import AveragingSection, SwarmConfig
 from dragon_swarm.model.dispatch import ExpertDispatcher
 from dragon_swarm.model.hrm_smoe import HRMSMoE
 from dragon_swarm.state.checkpoint import (
@@ -38,6 +39,10 @@ def warmup_schedule(warmup_steps: int):
         return min(1.0, (epoch + 1) / max(1, warmup_steps))
 
     return factor
+
+
+def robust_settings(averaging: AveragingSection) -> RobustAveragingSettings:
+    return RobustAveragingSettings(aggregator=averaging.aggregator, tau=averaging.tau, trim_ratio=averaging.trim_ratio)
 
 
 def make_compression(name: str):
@@ -95,8 +100,11 @@ class Trainer:
             averaging_timeout=config.averaging.averaging_timeout,
             load_state_timeout=config.averaging.load_state_timeout,
             grad_compression=make_compression(config.averaging.compression),
+            # the weighted mean inside hivemind's all-reduce is replaced by a robust reducer with validation and bans
+            grad_averager_factory=make_grad_averager_factory(robust_settings(config.averaging)),
             verbose=True,
         )
+        self._reported_bans: set[str] = set()
         if saved is not None:
             trunk, optimizer_state, counters = saved
             optimizer_state["state"]["local_epoch"] = int(counters["local_epoch"])
@@ -189,6 +197,7 @@ class Trainer:
             self.step += 1
             self.tokens += inputs.numel()
             elapsed = time.perf_counter() - started
+            reputation = self.reputation()
             stats = StepStats(
                 step=self.step,
                 epoch=int(self.optimizer.local_epoch),
@@ -200,6 +209,8 @@ class Trainer:
                 peers=int(self.optimizer.tracker.global_progress.num_peers),
                 experts_online=int(getattr(self.dispatcher, "online_experts", lambda: -1)()),
                 expert_failures=int(getattr(self.dispatcher, "failures", 0)),
+                banned_peers=sorted(reputation.get("banned", {})),
+                rejected_parts=sum(int(p.get("invalid", 0)) for p in reputation.get("peers", {}).values()),
                 time=time.time(),
             )
             self.stats_writer.write(stats)
@@ -209,6 +220,23 @@ class Trainer:
             )
             if self.step % save_every == 0:
                 self.save()
+
+    def reputation(self) -> dict:
+        """The robust averager's view of other trainers (rejections, distances, bans); logs each new ban once."""
+        try:
+            snapshot = self.optimizer.grad_averager.get_reputation(timeout=5)
+        except Exception as e:  # the averager process may be busy or gone; stats must not stop training
+            logger.debug(f"Reputation unavailable: {e}")
+            return {}
+        for peer, seconds_left in snapshot.get("banned", {}).items():
+            if peer not in self._reported_bans:
+                record = snapshot.get("peers", {}).get(peer, {})
+                logger.warning(
+                    f"Banned trainer {peer} for {seconds_left:.0f} s: {record.get('invalid', 0)} invalid part(s), "
+                    f"distance {record.get('distance_ema') or 0:.1f}x the median"
+                )
+        self._reported_bans = set(snapshot.get("banned", {}))
+        return snapshot
 
     def shutdown(self) -> None:
         try:

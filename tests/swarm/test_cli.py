@@ -61,3 +61,26 @@ def test_bootstrap_keeps_its_identity_and_stops_cleanly(launcher, tmp_path):
         assert boot.wait(timeout=60) == 0
     assert lines[0] == lines[1]
     assert identity.exists()
+
+
+@pytest.mark.swarm
+def test_ctrl_c_saves_and_leaves(launcher, tmp_path):
+    """Ctrl-C in a terminal sends SIGINT to the whole process group, hivemind's helpers included."""
+    import os
+
+    from dragon_swarm.swarm.local_peers import read_stats, wait_for_stats
+    from tests.swarm.paths import TEST_CONFIG
+
+    stats = tmp_path / "stats.jsonl"
+    peer = launcher.start("solo", ["-c", str(TEST_CONFIG), "--new-swarm", "--state-dir", str(tmp_path / "solo"), "--stats-file", str(stats)])
+    wait_for_stats(stats, lambda r: len(r) >= 3, timeout=180, processes=[peer])
+    os.killpg(peer.pid, signal.SIGINT)
+    assert peer.wait(timeout=90) == 0, peer.stderr()[-3000:]
+    assert (tmp_path / "solo" / "trainer.safetensors").exists()
+    assert len(list((tmp_path / "solo" / "experts").glob("*.safetensors"))) == 8
+    steps_done = read_stats(stats)[-1]["step"]
+    from safetensors import safe_open
+    import json
+
+    with safe_open(str(tmp_path / "solo" / "trainer.safetensors"), framework="pt") as f:
+        assert json.loads(f.metadata()["counters"])["step"] == steps_done

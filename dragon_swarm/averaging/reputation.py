@@ -1,0 +1,268 @@
+"""Per-sender reputation for robust all-reduce: what each peer sent, how far it was from the result, who is banned.
+
+Pure bookkeeping: no network, no hivemind. The robust reducer feeds it after every tensor part it aggregates
+(:meth:`ReputationBook.record_distances`) or rejects (:meth:`ReputationBook.record_invalid`); the averager asks
+:meth:`ReputationBook.is_banned` before it aggregates a sender's parts or lets it into a group.
+
+Distances are made scale-free per part: a sender's distance from the robust result is divided by the median
+distance of all senders of that part, so an honest sender scores about 1 whatever the gradient scale, and a
+sender pulling far away scores its distance in units of "typical honest spread". The book keeps an exponential
+moving average (EMA) of that ratio per sender.
+
+A sender is banned for ``ban_seconds`` when
+
+* it sent ``max_invalid`` invalid parts (wrong size or dtype, NaN, Inf) since its last ban, or
+* its distance EMA stayed above ``ban_distance_ratio`` for ``min_observations`` parts in a row.
+
+Both counters restart after a ban, so a returning peer gets a fresh chance but is banned again as quickly if it
+keeps misbehaving. The EMA itself is kept: a peer cannot wash its history by sitting out a ban.
+
+Tuning: with honest gradients the ratio is ~1 (spread 0.5-2 for small groups), so ``ban_distance_ratio`` of 4
+leaves ample margin; lower it to catch subtler attacks at the cost of false bans in tiny groups. Log lines
+"banned <peer> for 300 s: ..." say which rule fired. Times are ``time.monotonic()`` seconds unless ``now`` is given.
+
+Thread-safe: the averager's event loop writes while a trainer thread may read :meth:`snapshot`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+import torch
+
+__all__ = ["ReputationBook", "SenderRecord"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SenderRecord:
+    """What the book knows about one sender (a peer id string)."""
+
+    parts: int = 0  # parts that entered an aggregation
+    invalid: int = 0  # parts rejected by validation, all time
+    last_invalid_reason: str | None = None
+    distance_ema: float | None = None  # EMA of distance / median distance; None until the first observation
+    far_streak: int = 0  # consecutive observations with distance_ema above the ban ratio (since the last ban)
+    invalid_strikes: int = 0  # invalid parts since the last ban
+    bans: int = 0
+    banned_until: float = -math.inf
+    ban_reason: str | None = None
+    last_seen: float = -math.inf
+
+
+class ReputationBook:
+    """Per-sender records and the local ban policy (see the module docstring).
+
+    :param ban_seconds: how long a ban lasts
+    :param max_invalid: invalid parts (since the last ban) that trigger a ban
+    :param ban_distance_ratio: a distance EMA above this (in units of the part's median distance) counts as far
+    :param min_observations: consecutive far observations that trigger a ban
+    :param ema_alpha: weight of the newest observation in the distance EMA, in (0, 1]
+    :param min_senders: parts with fewer valid senders update part counts but not the EMA (with 2 senders each
+      is exactly as far from the other, so the ratio says nothing about who is wrong)
+    :param max_ratio: one observation's ratio is capped here, so a single huge outlier cannot pin the EMA for long
+    :param max_records: keep at most this many senders; the least recently seen unbanned ones are forgotten first
+      (bounds memory if an attacker cycles through fresh peer ids)
+    """
+
+    def __init__(
+        self,
+        *,
+        ban_seconds: float = 300.0,
+        max_invalid: int = 3,
+        ban_distance_ratio: float = 4.0,
+        min_observations: int = 10,
+        ema_alpha: float = 0.2,
+        min_senders: int = 3,
+        max_ratio: float = 100.0,
+        max_records: int = 10_000,
+    ):
+        _require(math.isfinite(ban_seconds) and ban_seconds >= 0, f"ban_seconds must be >= 0, got {ban_seconds!r}")
+        _require(ban_distance_ratio > 0, f"ban_distance_ratio must be > 0, got {ban_distance_ratio!r}")
+        _require(0 < ema_alpha <= 1, f"ema_alpha must be in (0, 1], got {ema_alpha!r}")
+        _require(max_ratio >= ban_distance_ratio, f"max_ratio must be >= ban_distance_ratio, got {max_ratio!r}")
+        for name, value, minimum in [
+            ("max_invalid", max_invalid, 1),
+            ("min_observations", min_observations, 1),
+            ("min_senders", min_senders, 2),
+            ("max_records", max_records, 1),
+        ]:
+            _require(isinstance(value, int) and value >= minimum, f"{name} must be an int >= {minimum}, got {value!r}")
+        self.ban_seconds, self.max_invalid = float(ban_seconds), max_invalid
+        self.ban_distance_ratio, self.min_observations = float(ban_distance_ratio), min_observations
+        self.ema_alpha, self.min_senders, self.max_ratio = float(ema_alpha), min_senders, float(max_ratio)
+        self.max_records = max_records
+        self._records: dict[str, SenderRecord] = {}
+        self._lock = threading.RLock()
+
+    # ------------------------------------------------------------------ writes
+
+    def record_invalid(self, peer: str, reason: str, now: float | None = None) -> bool:
+        """Count one rejected part from ``peer``. :returns: True if this part got the peer banned."""
+        now = _now(now)
+        with self._lock:
+            record = self._record(peer, now)
+            record.invalid += 1
+            record.invalid_strikes += 1
+            record.last_invalid_reason = reason
+            if record.invalid_strikes >= self.max_invalid:
+                self._ban(peer, record, now, f"{record.invalid_strikes} invalid part(s), last: {reason}")
+                return True
+            return False
+
+    def record_distances(self, peers: Sequence[str], distances: torch.Tensor, now: float | None = None) -> list[str]:
+        """Record one aggregated part: ``distances[i]`` is ``peers[i]``'s distance from the robust result.
+
+        :returns: the peers this part got banned
+        """
+        values = torch.as_tensor(distances, dtype=torch.float64).reshape(-1).tolist()
+        if len(values) != len(peers):
+            raise ValueError(f"got {len(peers)} peers but {len(values)} distances")
+        if len(set(peers)) != len(peers):
+            raise ValueError(f"peers must be distinct, got {list(peers)}")
+        now = _now(now)
+        ratios = _normalized(values, self.max_ratio) if len(values) >= self.min_senders else [None] * len(values)
+        newly_banned = []
+        with self._lock:
+            for peer, ratio in zip(peers, ratios):
+                record = self._record(peer, now)
+                record.parts += 1
+                if ratio is None:
+                    continue
+                if record.distance_ema is None:
+                    record.distance_ema = ratio
+                else:
+                    record.distance_ema += self.ema_alpha * (ratio - record.distance_ema)
+                record.far_streak = record.far_streak + 1 if record.distance_ema > self.ban_distance_ratio else 0
+                if record.far_streak >= self.min_observations:
+                    self._ban(
+                        peer,
+                        record,
+                        now,
+                        f"distance EMA {record.distance_ema:.2f} > {self.ban_distance_ratio:g} x median "
+                        f"for {record.far_streak} parts",
+                    )
+                    newly_banned.append(peer)
+        return newly_banned
+
+    def ban(self, peer: str, reason: str, now: float | None = None) -> None:
+        """Ban ``peer`` for ``ban_seconds`` right away (e.g. on evidence from outside the all-reduce)."""
+        now = _now(now)
+        with self._lock:
+            self._ban(peer, self._record(peer, now), now, reason)
+
+    # ------------------------------------------------------------------ reads
+
+    def is_banned(self, peer: str, now: float | None = None) -> bool:
+        now = _now(now)
+        with self._lock:
+            record = self._records.get(peer)
+            return record is not None and record.banned_until > now
+
+    def banned(self, now: float | None = None) -> dict[str, float]:
+        """:returns: ``{peer: banned_until}`` for every peer banned at ``now``"""
+        now = _now(now)
+        with self._lock:
+            return {peer: r.banned_until for peer, r in self._records.items() if r.banned_until > now}
+
+    def record(self, peer: str) -> SenderRecord | None:
+        """A copy of ``peer``'s record, or None if the book has never heard of it."""
+        with self._lock:
+            record = self._records.get(peer)
+            return None if record is None else SenderRecord(**asdict(record))
+
+    def snapshot(self, now: float | None = None) -> dict:
+        """A JSON-able summary for stats files and dashboards.
+
+        ``{"now": t, "banned": {peer: seconds_left}, "peers": {peer: {parts, invalid, distance_ema, ...}}}``;
+        infinities are written as None (JSON has no Infinity).
+        """
+        now = _now(now)
+        with self._lock:
+            peers = {}
+            for peer, record in self._records.items():
+                fields = asdict(record)
+                fields["banned"] = record.banned_until > now
+                fields["ban_seconds_left"] = max(0.0, record.banned_until - now) if fields["banned"] else 0.0
+                peers[peer] = {key: (None if _is_inf(value) else value) for key, value in fields.items()}
+            return {
+                "now": now,
+                "banned": {peer: fields["ban_seconds_left"] for peer, fields in peers.items() if fields["banned"]},
+                "peers": peers,
+            }
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._records)
+
+    def __getstate__(self) -> dict:  # picklable (e.g. for a spawned averager process); the lock is not
+        with self._lock:
+            state = self.__dict__.copy()
+            state["_records"] = {peer: SenderRecord(**asdict(r)) for peer, r in self._records.items()}
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
+
+    # ------------------------------------------------------------------ internals
+
+    def _record(self, peer: str, now: float) -> SenderRecord:
+        if not isinstance(peer, str) or not peer:
+            raise ValueError(f"peer must be a non-empty string (a peer id), got {peer!r}")
+        record = self._records.get(peer)
+        if record is None:
+            if len(self._records) >= self.max_records:
+                self._forget_one(now)
+            record = self._records[peer] = SenderRecord()
+        record.last_seen = max(record.last_seen, now)
+        return record
+
+    def _forget_one(self, now: float) -> None:
+        unbanned = [peer for peer, r in self._records.items() if r.banned_until <= now]
+        candidates = unbanned or list(self._records)  # all banned: forget the ban that ends first
+        key = (lambda p: self._records[p].last_seen) if unbanned else (lambda p: self._records[p].banned_until)
+        del self._records[min(candidates, key=key)]
+
+    def _ban(self, peer: str, record: SenderRecord, now: float, reason: str) -> None:
+        record.banned_until = max(record.banned_until, now + self.ban_seconds)
+        record.ban_reason = reason
+        record.bans += 1
+        record.far_streak = record.invalid_strikes = 0
+        logger.warning(f"banned {peer} for {self.ban_seconds:g} s: {reason}")
+
+
+def _normalized(distances: list[float], max_ratio: float) -> list[float]:
+    """distance / median distance, capped to [0, max_ratio]; a median of 0 makes every nonzero distance max_ratio."""
+    finite = sorted(d for d in distances if math.isfinite(d))
+    n = len(finite)
+    median = 0.0 if n == 0 else (finite[n // 2] if n % 2 else (finite[n // 2 - 1] + finite[n // 2]) / 2)
+    ratios = []
+    for d in distances:
+        if not math.isfinite(d):
+            ratios.append(max_ratio)
+        elif median > 0:
+            ratios.append(min(max(d / median, 0.0), max_ratio))
+        else:
+            ratios.append(0.0 if d <= 0 else max_ratio)
+    return ratios
+
+
+def _now(now: float | None) -> float:
+    return time.monotonic() if now is None else float(now)
+
+
+def _is_inf(value) -> bool:
+    return isinstance(value, float) and math.isinf(value)
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)

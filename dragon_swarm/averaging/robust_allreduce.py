@@ -1,0 +1,313 @@
+"""hivemind averagers whose all-reduce aggregates each partition robustly and that refuse banned peers.
+
+The seams, all subclass overrides (no vendored hivemind code beyond one short method):
+
+* :class:`RobustAllReduceRunner` swaps the runner's ``TensorPartReducer`` for
+  :class:`~.robust_reducer.RobustTensorPartReducer` right after ``AllReduceRunner.__init__`` built the stock one.
+* ``_run_allreduce_inplace_`` of the averagers is hivemind's, except that it builds the robust runner
+  (hivemind names ``AllReduceRunner`` inside that method; there is no hook).
+* Matchmaking, leader side: ``rpc_join_group`` answers PROTOCOL_VIOLATION to a banned peer before hivemind's
+  matchmaking sees the request. Follower side: before each step, the averager wraps its ``Matchmaking``
+  instance's ``_request_join_group`` so that banned leaders (also ones we are redirected to) are skipped as if
+  they had rejected us. hivemind builds ``Matchmaking`` inside ``_run_internal`` with no factory, so wrapping the
+  instance is the smallest seam. Bans are local: a banned peer can still end up in our group when a leader who
+  does not ban it accepts it; then our reducer ignores its parts, but it still reduces its own partition for us.
+
+The averager runs in a forked process, so its :class:`~.reputation.ReputationBook` is a *copy*: the book
+given to the constructor seeds it (e.g. bans restored from disk), and :meth:`get_reputation` fetches a
+snapshot from the averager process over hivemind's control pipe (the same way as ``get_group_bits``).
+
+With hivemind.Optimizer::
+
+    settings = RobustAveragingSettings(aggregator="centered_clip", tau=1.0)
+    opt = hivemind.Optimizer(..., grad_averager_factory=make_grad_averager_factory(settings))
+    opt.grad_averager.get_reputation()  # {"now": ..., "banned": {...}, "peers": {...}}
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import AsyncIterator, Callable, Optional, Sequence
+
+import torch
+from hivemind.averaging import DecentralizedAverager
+from hivemind.averaging.allreduce import AllreduceException, AllReduceRunner, AveragingMode
+from hivemind.averaging.group_info import GroupInfo
+from hivemind.optim.grad_averager import GradientAverager
+from hivemind.p2p import P2PContext, PeerID
+from hivemind.proto import averaging_pb2
+from hivemind.utils import MPFuture, get_dht_time
+from hivemind.utils.asyncio import as_aiter, azip
+
+from dragon_swarm.averaging.aggregators import AGGREGATORS, Aggregator, make_aggregator
+from dragon_swarm.averaging.compression import install_codecs
+from dragon_swarm.averaging.reputation import ReputationBook
+from dragon_swarm.averaging.robust_reducer import RobustTensorPartReducer
+
+__all__ = [
+    "RobustAllReduceRunner",
+    "RobustAveragingSettings",
+    "RobustDecentralizedAverager",
+    "RobustGradientAverager",
+    "make_grad_averager_factory",
+]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RobustAveragingSettings:
+    """How robust averaging aggregates and when it bans. Checked on construction.
+
+    :param aggregator: one of ``mean``, ``median``, ``trimmed_mean``, ``centered_clip``
+    :param tau: CenteredClip radius, in the units of the averaged tensors (L2 norm over one part); see
+      ``aggregators.centered_clip`` for tuning. Parts are ``part_size_bytes`` long, so tau scales with them.
+    :param trim_ratio: fraction trimmed from each end by ``trimmed_mean``
+    :param max_iters: CenteredClip iteration cap per part
+    :param tol: CenteredClip stops when an update is shorter than this (absolute)
+    :param max_weight: the ``mean`` aggregator caps each sender's self-reported weight here (hivemind's
+      GradientAverager sends its accumulated sample count: set this to the samples an honest peer gathers
+      per round, or leave 1 to weigh everyone equally). Robust aggregators ignore weights.
+    :param ban_seconds, max_invalid, ban_distance_ratio, min_observations, ema_alpha: the ban policy, see
+      :class:`~.reputation.ReputationBook`
+    :param refuse_banned_peers: refuse banned peers in matchmaking (as leader and as follower)
+    """
+
+    aggregator: str = "centered_clip"
+    tau: float = 1.0
+    trim_ratio: float = 0.2
+    max_iters: int = 50
+    tol: float = 1e-6
+    max_weight: float = 1.0
+    ban_seconds: float = 300.0
+    max_invalid: int = 3
+    ban_distance_ratio: float = 4.0
+    min_observations: int = 10
+    ema_alpha: float = 0.2
+    refuse_banned_peers: bool = True
+
+    def __post_init__(self):
+        if self.aggregator not in AGGREGATORS:
+            raise ValueError(f"unknown aggregator {self.aggregator!r}; known: {', '.join(sorted(AGGREGATORS))}")
+        self.make_aggregator()
+        self.make_reputation_book()
+
+    def make_aggregator(self) -> Aggregator:
+        params = {
+            "mean": dict(max_weight=self.max_weight),
+            "median": {},
+            "trimmed_mean": dict(trim_ratio=self.trim_ratio),
+            "centered_clip": dict(tau=self.tau, max_iters=self.max_iters, tol=self.tol),
+        }[self.aggregator]
+        return make_aggregator(self.aggregator, **params)
+
+    def make_reputation_book(self) -> ReputationBook:
+        return ReputationBook(
+            ban_seconds=self.ban_seconds,
+            max_invalid=self.max_invalid,
+            ban_distance_ratio=self.ban_distance_ratio,
+            min_observations=self.min_observations,
+            ema_alpha=self.ema_alpha,
+        )
+
+
+class RobustAllReduceRunner(AllReduceRunner):
+    """hivemind's butterfly all-reduce with :class:`RobustTensorPartReducer` in place of the weighted mean.
+
+    If this peer's own part is rejected (NaN/Inf) or it is banned in its own book, it keeps its local values
+    for its own partition instead of hanging until the all-reduce timeout; the other peers still get the
+    robust aggregate of their parts.
+    """
+
+    def __init__(self, *, aggregator: Aggregator, reputation: ReputationBook, **kwargs):
+        super().__init__(**kwargs)
+        # retire the stock reducer quietly: nobody will feed it, and its finalize() would warn "received 0.0%"
+        self.tensor_part_reducer.finished.set()
+        local_parts = self.parts_for_local_averaging
+        self.tensor_part_reducer = RobustTensorPartReducer(
+            tuple(part.shape for part in local_parts),
+            tuple(part.dtype for part in local_parts),
+            [str(peer_id) for peer_id in self.sender_peer_ids],
+            aggregator=aggregator,
+            reputation=reputation,
+            round_name=self.group_id.hex()[:8],
+        )
+
+    async def _communicate_with_peer(self, peer_id: PeerID):
+        if peer_id != self.peer_id:
+            return await super()._communicate_with_peer(peer_id)
+        try:
+            await super()._communicate_with_peer(peer_id)
+        except AllreduceException as e:  # our own part was rejected or excluded (includes BannedException)
+            if self._future.done():
+                raise
+            logger.warning(f"{self}: keeping local values for this peer's own partition: {e}")
+            self.tensor_part_container.register_failed_reducer(self.ordered_peer_ids.index(self.peer_id))
+
+
+class _RobustAveragerMixin:
+    """What both robust averagers add to hivemind's DecentralizedAverager (see the module docstring)."""
+
+    robust_settings: RobustAveragingSettings
+    reputation: ReputationBook
+
+    def _init_robust(self, settings: RobustAveragingSettings, reputation: Optional[ReputationBook]) -> None:
+        if not isinstance(settings, RobustAveragingSettings):
+            raise TypeError(f"settings must be RobustAveragingSettings, got {type(settings).__name__}")
+        self.robust_settings = settings
+        self.reputation = reputation if reputation is not None else settings.make_reputation_book()
+        self._aggregator: Optional[Aggregator] = None  # built in the averager process, see run()
+
+    def __del__(self):
+        if "_parent_pid" in self.__dict__:  # hivemind's __del__ fails on an object whose __init__ raised early
+            super().__del__()
+
+    # ------------------------------------------------------------------ host process API
+
+    def get_reputation(self, timeout: Optional[float] = 30.0) -> dict:
+        """A JSON-able snapshot of the averager process's reputation book (see ``ReputationBook.snapshot``)."""
+        future = MPFuture()
+        self._outer_pipe.send(("_get_reputation", [], dict(future=future)))
+        return future.result(timeout=timeout)
+
+    def ban_peer(self, peer_id: str, reason: str, timeout: Optional[float] = 30.0) -> None:
+        """Ban a peer in the averager process's book (e.g. on evidence from outside the all-reduce)."""
+        future = MPFuture()
+        self._outer_pipe.send(("_ban_peer", [], dict(peer_id=str(peer_id), reason=reason, future=future)))
+        future.result(timeout=timeout)
+
+    # ------------------------------------------------------------------ averager process
+
+    def run(self):
+        install_codecs()  # decoding happens here, in the averager process
+        self._aggregator = self.robust_settings.make_aggregator()
+        super().run()
+
+    async def _get_reputation(self, future: MPFuture):
+        future.set_result(self.reputation.snapshot())
+
+    async def _ban_peer(self, peer_id: str, reason: str, future: MPFuture):
+        self.reputation.ban(peer_id, reason)
+        future.set_result(None)
+
+    async def _step(self, **kwargs):
+        self._skip_banned_leaders()
+        return await super()._step(**kwargs)
+
+    def _skip_banned_leaders(self) -> None:
+        """Wrap this process's Matchmaking so that joining a banned leader fails as if it had rejected us."""
+        matchmaking = self._matchmaking
+        if not self.robust_settings.refuse_banned_peers or getattr(matchmaking, "_skips_banned_leaders", False):
+            return
+        request_join_group = matchmaking._request_join_group  # the bound method of hivemind's class
+
+        async def _request_join_unbanned_group(leader: PeerID) -> Optional[GroupInfo]:
+            if self.reputation.is_banned(str(leader)):
+                logger.debug(f"not joining the group of banned leader {leader}")
+                return None
+            return await request_join_group(leader)
+
+        matchmaking._request_join_group = _request_join_unbanned_group
+        matchmaking._skips_banned_leaders = True
+
+    async def rpc_join_group(
+        self, request: averaging_pb2.JoinRequest, context: P2PContext
+    ) -> AsyncIterator[averaging_pb2.MessageFromLeader]:
+        """Refuse banned peers, then let hivemind's matchmaking decide."""
+        if self.robust_settings.refuse_banned_peers and self.reputation.is_banned(str(context.remote_id)):
+            logger.debug(f"refusing join request from banned peer {context.remote_id}")
+            yield averaging_pb2.MessageFromLeader(code=averaging_pb2.PROTOCOL_VIOLATION)
+            return
+        async for response in super().rpc_join_group(request, context):
+            yield response
+
+    async def _run_allreduce_inplace_(
+        self, tensors: Sequence[torch.Tensor], group_info: GroupInfo, group_id: Optional[bytes] = None, **kwargs
+    ):
+        """hivemind's ``DecentralizedAverager._run_allreduce_inplace_`` with :class:`RobustAllReduceRunner`."""
+        group_id = group_info.group_id if group_id is None else group_id
+        runner = RobustAllReduceRunner(
+            aggregator=self._aggregator,
+            reputation=self.reputation,
+            p2p=self._p2p,
+            servicer_type=type(self),
+            prefix=self.prefix,
+            tensors=tensors,
+            group_id=group_id,
+            ordered_peer_ids=group_info.peer_ids,
+            **kwargs,
+        )
+        assert group_id in self._running_groups, f"Group id {group_id} was not registered in _register_allreduce_group"
+        self._running_groups[group_id].set_result(runner)
+
+        if runner.modes[group_info.peer_ids.index(self.peer_id)] != AveragingMode.AUX:
+            async for tensor, update in azip(as_aiter(*tensors), runner):
+                tensor.add_(update, alpha=self._averaging_alpha)
+                self.last_updated = get_dht_time()
+                self._state_updated.set()
+        else:
+            async for _ in runner:
+                raise ValueError("aux peers should not receive averaged tensors")
+
+
+class RobustDecentralizedAverager(_RobustAveragerMixin, DecentralizedAverager):
+    """``hivemind.averaging.DecentralizedAverager`` with robust all-reduce and local bans.
+
+    :param settings: aggregation and ban policy
+    :param reputation: seeds the averager process's book (default: an empty book from ``settings``)
+    :param kwargs: as for DecentralizedAverager (``start=True`` forks the averager process here)
+    """
+
+    def __init__(
+        self,
+        averaged_tensors: Sequence[torch.Tensor],
+        dht,
+        *,
+        settings: RobustAveragingSettings = RobustAveragingSettings(),
+        reputation: Optional[ReputationBook] = None,
+        **kwargs,
+    ):
+        self._init_robust(settings, reputation)  # before super().__init__, which may start the process
+        super().__init__(averaged_tensors, dht, **kwargs)
+
+
+class RobustGradientAverager(_RobustAveragerMixin, GradientAverager):
+    """``hivemind.optim.GradientAverager`` with robust all-reduce and local bans; for hivemind.Optimizer use
+    :func:`make_grad_averager_factory`.
+
+    :param settings: aggregation and ban policy
+    :param reputation: seeds the averager process's book (default: an empty book from ``settings``)
+    :param kwargs: as for GradientAverager
+    """
+
+    def __init__(
+        self,
+        parameters,
+        *,
+        settings: RobustAveragingSettings = RobustAveragingSettings(),
+        reputation: Optional[ReputationBook] = None,
+        **kwargs,
+    ):
+        self._init_robust(settings, reputation)
+        super().__init__(parameters, **kwargs)
+
+
+def make_grad_averager_factory(
+    settings: RobustAveragingSettings, reputation: Optional[ReputationBook] = None, **averager_kwargs
+) -> Callable[..., RobustGradientAverager]:
+    """A ``grad_averager_factory`` for ``hivemind.Optimizer`` that builds a :class:`RobustGradientAverager`.
+
+    :param averager_kwargs: extra DecentralizedAverager arguments that hivemind.Optimizer does not pass to its
+      gradient averager, e.g. ``target_group_size``, ``min_group_size``, ``request_timeout``,
+      ``part_size_bytes``. Arguments the Optimizer sets itself (``dht``, ``prefix``, ``compression``,
+      ``client_mode``, ...) must be given to the Optimizer; repeating them here raises TypeError.
+    """
+
+    def factory(**optimizer_kwargs) -> RobustGradientAverager:
+        repeated = sorted(set(averager_kwargs) & set(optimizer_kwargs))
+        if repeated:
+            raise TypeError(f"hivemind.Optimizer already sets {repeated}; remove them from make_grad_averager_factory")
+        return RobustGradientAverager(settings=settings, reputation=reputation, **averager_kwargs, **optimizer_kwargs)
+
+    return factory

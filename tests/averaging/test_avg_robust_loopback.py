@@ -1,0 +1,166 @@
+"""Real RobustDecentralizedAverager swarms on loopback: a poisoning peer, a NaN peer, a banned peer.
+
+Each test starts its own DHTs and averagers on 127.0.0.1 (tcp/0) and always shuts them down.
+"""
+
+import contextlib
+import multiprocessing
+
+import hivemind
+import pytest
+import torch
+
+from dragon_swarm.averaging.compression import install_codecs
+from dragon_swarm.averaging.robust_allreduce import RobustAveragingSettings, RobustDecentralizedAverager
+
+pytestmark = pytest.mark.swarm
+
+SIZE = 4096  # one tensor ...
+PART_SIZE_BYTES = 4096  # ... in 1024-value float32 parts, so that every peer of four reduces one part
+STEP_TIMEOUT = 30.0
+
+
+@contextlib.contextmanager
+def _swarm(tensors_by_peer, settings, prefix, **averager_kwargs):
+    """Start one DHT and one averager per peer, all on 127.0.0.1; yield the averagers; always reap them."""
+    if multiprocessing.get_start_method(allow_none=True) != "fork":
+        multiprocessing.set_start_method("fork", force=True)
+    install_codecs()
+    num_peers = len(tensors_by_peer)
+    kwargs = dict(
+        target_group_size=num_peers,
+        min_group_size=num_peers,
+        min_matchmaking_time=2.0,
+        request_timeout=1.0,
+        next_chunk_timeout=5.0,
+        part_size_bytes=PART_SIZE_BYTES,
+    )
+    kwargs.update(averager_kwargs)
+    dhts, averagers = [], []
+    try:
+        first = hivemind.DHT(host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)
+        dhts.append(first)
+        initial_peers = [str(maddr) for maddr in first.get_visible_maddrs()]
+        for _ in range(num_peers - 1):
+            dhts.append(hivemind.DHT(host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=initial_peers, start=True))
+        for dht, tensors in zip(dhts, tensors_by_peer):
+            averagers.append(
+                RobustDecentralizedAverager(tensors, dht, settings=settings, prefix=prefix, start=True, **kwargs)
+            )
+        yield averagers
+    finally:
+        for averager in averagers:
+            averager.shutdown()
+        for dht in dhts:
+            dht.shutdown()
+
+
+def _honest_tensors(num_peers, spread=0.1, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    base = torch.randn(SIZE, generator=generator)
+    return [base + spread * torch.randn(SIZE, generator=generator) for _ in range(num_peers)]
+
+
+def _step_all(averagers, timeouts=None):
+    timeouts = timeouts or [STEP_TIMEOUT] * len(averagers)
+    controls = [averager.step(wait=False, timeout=timeout) for averager, timeout in zip(averagers, timeouts)]
+    outcomes = []
+    for control in controls:
+        try:
+            outcomes.append(control.result(timeout=2 * STEP_TIMEOUT))
+        except Exception as e:  # a peer nobody averages with fails its step; the test decides if that is expected
+            outcomes.append(e)
+    return outcomes
+
+
+def _tensor(averager) -> torch.Tensor:
+    with averager.get_tensors() as tensors:
+        return tensors[0].clone()
+
+
+def test_sign_flipped_peer_does_not_move_centered_clip():
+    # Prepare: three honest peers around a common base, one sending the honest mean times -1000
+    honest = _honest_tensors(3)
+    honest_mean = torch.stack(honest).mean(dim=0)
+    honest_spread = min(torch.linalg.vector_norm(t - honest_mean).item() for t in honest)
+    tensors = [[t.clone()] for t in honest] + [[-1000.0 * honest_mean]]
+    # tau about the honest distance of one ~1024-value part from the mean (0.1 * sqrt(1024 * 2/3) = 2.6)
+    settings = RobustAveragingSettings(aggregator="centered_clip", tau=3.0, max_iters=100)
+
+    with _swarm(tensors, settings, prefix="robust_attack") as averagers:
+        # Execute
+        outcomes = _step_all(averagers)
+
+        # Assert: a full group, every honest peer within the honest cloud (the plain mean would be ~250x |mean| off)
+        assert all(isinstance(group, dict) and len(group) == 4 for group in outcomes), outcomes
+        for index in range(3):
+            error = torch.linalg.vector_norm(_tensor(averagers[index]) - honest_mean).item()
+            assert error < 0.5 * honest_spread, f"peer {index}: |result - honest mean| = {error:.3f}"
+        attacker_id = str(averagers[3].peer_id)
+        for index in range(3):
+            peers = averagers[index].get_reputation()["peers"]
+            assert peers[attacker_id]["distance_ema"] > settings.ban_distance_ratio
+            honest_emas = [peers[str(averagers[j].peer_id)]["distance_ema"] for j in range(3)]
+            assert max(honest_emas) < settings.ban_distance_ratio, honest_emas
+
+
+def test_nan_peer_is_rejected_then_banned():
+    # Prepare: peer 3 has NaN scattered through its tensor, so every partition of it is invalid
+    honest = _honest_tensors(3, seed=1)
+    honest_mean = torch.stack(honest).mean(dim=0)
+    poisoned = torch.randn(SIZE)
+    poisoned[::97] = float("nan")
+    tensors = [[t.clone()] for t in honest] + [[poisoned]]
+    settings = RobustAveragingSettings(aggregator="centered_clip", tau=100.0, max_invalid=2, ban_seconds=120.0)
+
+    with _swarm(tensors, settings, prefix="robust_nan") as averagers:
+        nan_id = str(averagers[3].peer_id)
+
+        # Execute: round one
+        first = _step_all(averagers)
+
+        # Assert: the honest peers got the honest mean; each of them recorded one invalid part from the NaN peer
+        assert all(isinstance(group, dict) and len(group) == 4 for group in first), first  # the NaN peer too
+        for index in range(3):
+            torch.testing.assert_close(_tensor(averagers[index]), honest_mean, atol=1e-4, rtol=0)
+            snapshot = averagers[index].get_reputation()
+            record = snapshot["peers"][nan_id]
+            assert record["invalid"] == 1 and "NaN" in record["last_invalid_reason"]
+            assert nan_id not in snapshot["banned"]
+        # the NaN peer's own reducer rejected its own part too, and still averaged the honest ones
+        assert averagers[3].get_reputation()["peers"][nan_id]["invalid"] == 1
+
+        # Execute: round two reaches max_invalid
+        second = _step_all(averagers)
+
+        # Assert
+        assert all(isinstance(group, dict) for group in second[:3]), second
+        for index in range(3):
+            snapshot = averagers[index].get_reputation()
+            assert snapshot["peers"][nan_id]["invalid"] == 2
+            assert 0 < snapshot["banned"][nan_id] <= settings.ban_seconds
+            torch.testing.assert_close(_tensor(averagers[index]), honest_mean, atol=1e-4, rtol=0)
+
+
+def test_banned_peer_is_refused_in_matchmaking():
+    # Prepare: A and B ban C before any round; C would pull the average far away if it got in
+    tensors = [[torch.zeros(SIZE)], [torch.ones(SIZE)], [torch.full((SIZE,), 1000.0)]]
+    settings = RobustAveragingSettings(aggregator="mean")
+
+    with _swarm(tensors, settings, prefix="robust_refuse", target_group_size=3, min_group_size=2) as averagers:
+        banned_id = str(averagers[2].peer_id)
+        for averager in averagers[:2]:
+            averager.ban_peer(banned_id, "test")
+
+        # Execute
+        outcomes = _step_all(averagers, timeouts=[STEP_TIMEOUT, STEP_TIMEOUT, 4.0])
+
+        # Assert: A and B averaged with each other only; C found nobody and kept its tensor
+        members = {str(peer_id) for peer_id in outcomes[0]}
+        assert members == {str(averagers[0].peer_id), str(averagers[1].peer_id)}, outcomes
+        assert {str(peer_id) for peer_id in outcomes[1]} == members
+        assert not isinstance(outcomes[2], dict), outcomes[2]
+        for index in range(2):
+            torch.testing.assert_close(_tensor(averagers[index]), torch.full((SIZE,), 0.5))
+        torch.testing.assert_close(_tensor(averagers[2]), torch.full((SIZE,), 1000.0))
+        assert averagers[0].get_reputation()["banned"].keys() == {banned_id}
