@@ -60,7 +60,7 @@ class AveragingSection:
     load_state_timeout: float = 120.0
     compression: str = "none"
     aggregator: str = "centered_clip"  # per-partition reducer: mean | median | trimmed_mean | centered_clip
-    tau: float = 1.0  # centered_clip's clipping radius
+    tau: float = 1.0  # centered_clip's radius, in units of each part's median distance to the median (scale-free)
     trim_ratio: float = 0.2  # trimmed_mean drops this fraction at each end
 
 

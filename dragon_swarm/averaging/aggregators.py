@@ -143,6 +143,7 @@ def centered_clip(
     max_iters: int = 100,
     tol: float = 1e-6,
     weights: torch.Tensor | None = None,
+    relative_tau: bool = False,
 ) -> AggregationResult:
     """CenteredClip (Karimireddy, He, Jaggi 2021), started from the coordinate-wise median as in BTARD
     (Gorbunov et al. 2022)::
@@ -158,6 +159,11 @@ def centered_clip(
     ``distances`` this function returns). ``tol`` is absolute, in the units of the parts: about
     ``1e-6 * tau`` is plenty. If ``iterations == max_iters`` often, tau is probably too small.
 
+    ``relative_tau=True`` makes tau scale-free: the radius becomes ``tau × median_i ‖xᵢ − median‖``, the
+    typical spread of the rows around the coordinate-wise median. With fewer than n/2 outliers that median
+    distance is set by honest rows, so one setting fits every part size, model and training stage; ``tol`` is
+    then relative to the radius too.
+
     ``weights`` are ignored (self-reported, not to be trusted).
     """
     if not (isinstance(tau, (int, float)) and math.isfinite(tau) and tau > 0):
@@ -168,6 +174,11 @@ def centered_clip(
         raise ValueError(f"tol must be a number >= 0, got {tol!r}")
     x = _as_float64_stack(parts)
     v = _median_f64(x)
+    if relative_tau:
+        spread = float(torch.linalg.vector_norm(x - v, dim=1).median())
+        if spread == 0.0:  # most rows equal the median: that is the robust answer
+            return _result(parts, x, v, iterations=0)
+        tau, tol = tau * spread, tol * spread
     iterations = 0
     while iterations < max_iters:
         diffs = x - v

@@ -63,6 +63,8 @@ class RobustAveragingSettings:
     :param aggregator: one of ``mean``, ``median``, ``trimmed_mean``, ``centered_clip``
     :param tau: CenteredClip radius, in the units of the averaged tensors (L2 norm over one part); see
       ``aggregators.centered_clip`` for tuning. Parts are ``part_size_bytes`` long, so tau scales with them.
+    :param relative_tau: read tau as a multiple of each part's median distance to the coordinate-wise median
+      (scale-free; the default in dragon_swarm configs)
     :param trim_ratio: fraction trimmed from each end by ``trimmed_mean``
     :param max_iters: CenteredClip iteration cap per part
     :param tol: CenteredClip stops when an update is shorter than this (absolute)
@@ -76,6 +78,7 @@ class RobustAveragingSettings:
 
     aggregator: str = "centered_clip"
     tau: float = 1.0
+    relative_tau: bool = False
     trim_ratio: float = 0.2
     max_iters: int = 50
     tol: float = 1e-6
@@ -98,7 +101,7 @@ class RobustAveragingSettings:
             "mean": dict(max_weight=self.max_weight),
             "median": {},
             "trimmed_mean": dict(trim_ratio=self.trim_ratio),
-            "centered_clip": dict(tau=self.tau, max_iters=self.max_iters, tol=self.tol),
+            "centered_clip": dict(tau=self.tau, max_iters=self.max_iters, tol=self.tol, relative_tau=self.relative_tau),
         }[self.aggregator]
         return make_aggregator(self.aggregator, **params)
 

@@ -1,7 +1,9 @@
 """Trainer: runs the trunk on its data shard, routes MoE tokens to remote experts and steps with the swarm.
 
 hivemind.Optimizer accumulates gradients until the swarm reaches `target_batch_size`, all-reduces them with
-the other trainers and steps; a trainer whose epoch lags downloads the current state from peers first.
+the other trainers and steps; a trainer whose epoch lags downloads the current state from peers first. Both
+its gradient and its state averaging run through our robust reducer (`RobustOptimizer`): the weighted mean
+inside hivemind's all-reduce is replaced by the configured aggregator with validation, untrusted weights and bans.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from pathlib import Path
 import hivemind
 import torch
 
-from dragon_swarm.averaging.robust_allreduce import RobustAveragingSettings, make_grad_averager_factory
+from dragon_swarm.averaging.robust_allreduce import RobustAveragingSettings
+from dragon_swarm.averaging.robust_optimizer import RobustOptimizer
 from dragon_swarm.config import AveragingSection, SwarmConfig
 from dragon_swarm.model.dispatch import ExpertDispatcher
 from dragon_swarm.model.hrm_smoe import HRMSMoE
@@ -42,7 +45,17 @@ def warmup_schedule(warmup_steps: int):
 
 
 def robust_settings(averaging: AveragingSection) -> RobustAveragingSettings:
-    return RobustAveragingSettings(aggregator=averaging.aggregator, tau=averaging.tau, trim_ratio=averaging.trim_ratio)
+    # a sender 4x farther from the robust result than the median sender, 3 parts in a row, or with 2 invalid
+    # parts, is banned: an honest sender almost never is, and every round an attacker stays costs the swarm
+    return RobustAveragingSettings(
+        aggregator=averaging.aggregator,
+        tau=averaging.tau,
+        relative_tau=True,
+        trim_ratio=averaging.trim_ratio,
+        ban_distance_ratio=4.0,
+        min_observations=3,
+        max_invalid=2,
+    )
 
 
 def make_compression(name: str):
@@ -88,7 +101,8 @@ class Trainer:
             # weights go in before the optimizer is built: hivemind keeps its own (offloaded) copy of them
             self.model.load_trunk_state_dict(saved[0])
         t = config.training
-        self.optimizer = hivemind.Optimizer(
+        self.optimizer = RobustOptimizer(
+            robust=robust_settings(config.averaging),
             dht=dht,
             run_id=config.run_prefix,
             target_batch_size=t.target_batch_size,
@@ -100,8 +114,6 @@ class Trainer:
             averaging_timeout=config.averaging.averaging_timeout,
             load_state_timeout=config.averaging.load_state_timeout,
             grad_compression=make_compression(config.averaging.compression),
-            # the weighted mean inside hivemind's all-reduce is replaced by a robust reducer with validation and bans
-            grad_averager_factory=make_grad_averager_factory(robust_settings(config.averaging)),
             verbose=True,
         )
         self._reported_bans: set[str] = set()
@@ -185,7 +197,7 @@ class Trainer:
                 grad_norm = torch.zeros(())  # attackers neither clip nor filter what they send
             else:
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
-            if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+            if self.attacker is None and not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
                 # a poisoned micro-batch (bad expert output, overflow) must not reach the swarm's average
                 self.skipped_batches += 1
                 self.optimizer.zero_grad()
@@ -271,7 +283,10 @@ class ByzantineBehaviour:
     def corrupt_gradients(self, params: list[torch.nn.Parameter], num_peers: int) -> None:
         if self.attack is self._attacks.Attack.LABEL_SHUFFLE:
             return
-        with_grad = [p for p in params if p.grad is not None]
+        for p in params:  # a parameter without a gradient this step still gets one sent (zeros), as hivemind does
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        with_grad = list(params)
         flat = torch.cat([p.grad.reshape(-1) for p in with_grad])
         self.history = (self.history + [flat.clone()])[-self.HISTORY :]
         num_peers = max(num_peers, 2)

@@ -384,3 +384,21 @@ def test_make_aggregator_rejects_bad_names_and_parameters(name, params, message)
 def test_aggregators_reject_malformed_stacks(parts, message):
     with pytest.raises(ValueError, match=message):
         median(parts)
+
+
+def test_centered_clip_relative_tau_is_scale_free():
+    torch.manual_seed(0)
+    honest = torch.randn(7, 50)
+    parts = torch.cat([honest, torch.full((3, 50), 1e6)])
+    small = centered_clip(parts, 1.0, relative_tau=True).value
+    big = centered_clip(parts * 1000.0, 1.0, relative_tau=True).value
+    assert torch.allclose(big, small * 1000.0, rtol=1e-4, atol=1e-3)
+    # with 3 of 10 rows at 1e6 the result stays within the honest spread of the honest mean
+    spread = float((honest - honest.mean(0)).norm(dim=1).median())
+    assert float((small - honest.mean(0)).norm()) < 1.5 * spread
+
+
+def test_centered_clip_relative_tau_with_identical_rows_returns_them():
+    parts = torch.ones(5, 4)
+    result = centered_clip(parts, 1.0, relative_tau=True)
+    assert torch.equal(result.value, torch.ones(4)) and result.iterations == 0
