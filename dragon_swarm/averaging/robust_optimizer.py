@@ -7,9 +7,12 @@ robust. Here the state averager uses the same robust all-reduce, validation and 
 
 from __future__ import annotations
 
-from typing import Optional
+import logging
+from typing import Optional, Sequence
 
 import hivemind
+import torch
+from hivemind.averaging import DecentralizedAverager
 from hivemind.optim.state_averager import TrainingStateAverager
 
 from dragon_swarm.averaging.reputation import ReputationBook
@@ -19,9 +22,44 @@ from dragon_swarm.averaging.robust_allreduce import (
     make_grad_averager_factory,
 )
 
+logger = logging.getLogger(__name__)
 
-class RobustTrainingStateAverager(_RobustAveragerMixin, TrainingStateAverager):
-    """``TrainingStateAverager`` with robust all-reduce and local bans."""
+
+class _ValidatedStateDownload(DecentralizedAverager):
+    """Refuses a downloaded state with non-finite values or parameters of the wrong shape.
+
+    hivemind applies whatever state the first answering peer sends; one peer with a NaN model would otherwise
+    poison every trainer that catches up from it. Sits between TrainingStateAverager and DecentralizedAverager
+    in the MRO, so TrainingStateAverager sees a refused download as "no state" and keeps its own.
+    """
+
+    def load_state_from_peers(self, *args, **kwargs):
+        loaded = super().load_state_from_peers(*args, **kwargs)
+        if loaded is None:
+            return None
+        metadata, tensors = loaded
+        problem = downloaded_state_problem(tensors, [p.shape for p in getattr(self, "main_parameters", ())])
+        if problem is not None:
+            logger.warning(f"Refused state downloaded from a peer (epoch {metadata.get('epoch')!r}): {problem}")
+            return None
+        return loaded
+
+
+def downloaded_state_problem(tensors: Sequence[torch.Tensor], parameter_shapes: Sequence[torch.Size]) -> str | None:
+    """Why a downloaded state must not be used, or None. Pure: parameters come first, then extras/statistics."""
+    if len(tensors) < len(parameter_shapes):
+        return f"{len(tensors)} tensors for {len(parameter_shapes)} parameters"
+    for index, (tensor, shape) in enumerate(zip(tensors, parameter_shapes)):
+        if tuple(tensor.shape) != tuple(shape):
+            return f"parameter {index} has shape {tuple(tensor.shape)}, expected {tuple(shape)}"
+    for index, tensor in enumerate(tensors):
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            return f"tensor {index} contains NaN or Inf"
+    return None
+
+
+class RobustTrainingStateAverager(_RobustAveragerMixin, TrainingStateAverager, _ValidatedStateDownload):
+    """``TrainingStateAverager`` with robust all-reduce, local bans and validated state downloads."""
 
     def __init__(self, *, settings: RobustAveragingSettings, reputation: Optional[ReputationBook] = None, **kwargs):
         self._init_robust(settings, reputation)

@@ -131,10 +131,15 @@ class Trainer:
         return self.state_dir / CHECKPOINT_NAME
 
     def save(self) -> None:
+        trunk = self.model.trunk_state_dict()
+        if not all(bool(torch.isfinite(t).all()) for t in trunk.values() if t.is_floating_point()):
+            # never overwrite the last good checkpoint with a poisoned model
+            logger.error(f"Trunk has non-finite weights at step {self.step}; keeping the previous checkpoint")
+            return
         optimizer_state = self.optimizer.state_dict()
         local_epoch = optimizer_state["state"].pop("local_epoch", self.optimizer.local_epoch)
         optim_tensors, optim_rest = optimizer_state_to_tensors(optimizer_state)
-        tensors = {f"trunk.{k}": v for k, v in self.model.trunk_state_dict().items()}
+        tensors = {f"trunk.{k}": v for k, v in trunk.items()}
         tensors.update(optim_tensors)
         metadata = {
             "optimizer": json.dumps(optim_rest),
