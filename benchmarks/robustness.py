@@ -2,14 +2,15 @@
 without attackers, on this machine. Prints one JSON object. TEST/BENCHMARK ONLY (it runs ``dragon_swarm.attacks``).
 
     python -m benchmarks.robustness --simulate --peers 16 --byzantine 7 --attack sign_flip \\
-        --aggregator centered_clip --steps 40 [--tau 1.0] [--seed 0]
+        --aggregator centered_clip --steps 30 [--tau 1.0] [--seed 0] [--clean-cache FILE]
     python -m benchmarks.robustness --peers 4 --byzantine 1 --attack sign_flip --aggregator centered_clip --steps 30
 
 ``ratio = final_loss / clean_final_loss``. The clean run is the same run with the Byzantine peers removed: the
 same ``N - F`` honest peers (``peer0 .. peer{N-F-1}``, the same data shards and seeds), the same aggregator with
 the same parameters, no attackers. That is BTARD's comparison (the clean run has the same honest workers), and it
 isolates the damage done by the attackers from the aggregator's own statistical cost: a perfect defence scores
-1.0. A run whose loss turns NaN/Inf is reported with ``"diverged": true`` and a null loss and ratio.
+1.0. A run whose loss turns NaN/Inf is reported with ``"diverged": true`` and a null loss and ratio; one that
+cannot go on (every honest peer banned by most honest peers) with a ``"failure"`` reason and a null loss.
 
 ``--simulate``: N peers in one process, synchronous data-parallel training of one shared model (the config's
 HRM-sMoE with ``LocalExperts``, so trunk and experts are one model and all of it is averaged). Per step:
@@ -33,10 +34,16 @@ HRM-sMoE with ``LocalExperts``, so trunk and experts are one model and all of it
    weights. Attackers' spans are reduced honestly (attackers only send poisoned parts);
 4. one AdamW step (the config's lr, betas, weight decay and warmup) on the shared model.
 
-Bans: by default every honest peer keeps its own
+The averaging settings are the trainer's (``dragon_swarm.training.trainer.robust_settings``: CenteredClip's
+``tau`` relative to each part's median distance, the ban policy), with this run's aggregator, ``--tau``, trim
+ratio and weight cap. ``--absolute-tau`` reads tau in the parts' own units instead (measured worse against
+sign_flip and inflated_weight). Bans: every honest peer keeps its own
 :class:`~dragon_swarm.averaging.reputation.ReputationBook` for the whole run, as a long-lived peer does, and
-bans from the parts of its own span only (so a ban takes as many rounds as on the network). ``--no-bans`` gives
-every peer a fresh book each step: the numbers then measure the aggregator alone. The loss is the mean
+bans from the parts of its own span only (so a ban takes as many rounds as on the network). A sender that more
+than half of the honest peers ban is left out of the next rounds, as their matchmaking refuses it. The books'
+clock is simulated (5 s per step), so results do not depend on this machine's speed. ``--no-bans`` gives every
+peer a fresh book each step: the numbers then measure the aggregator alone (use it for the naive ``mean``
+baseline: naive averaging has no reputation either). The loss is the mean
 cross-entropy over ``--eval-batches`` fixed validation batches, measured a few times along the way (``curve``).
 
 Cost (dragon-tiny, B=4, T=32, one torch thread): a few seconds per step for 16 peers (CenteredClip under attack
@@ -75,7 +82,7 @@ import torch
 import yaml
 
 from dragon_swarm.attacks import Attack, byzantine_gradient, claimed_weight, corrupt_targets, parse_attack
-from dragon_swarm.averaging.aggregators import AGGREGATORS, AggregationResult, Aggregator, centered_clip
+from dragon_swarm.averaging.aggregators import AGGREGATORS, Aggregator
 from dragon_swarm.averaging.reputation import ReputationBook
 from dragon_swarm.averaging.robust_allreduce import RobustAveragingSettings
 from dragon_swarm.averaging.robust_reducer import RobustTensorPartReducer
@@ -85,10 +92,12 @@ from dragon_swarm.data.dataset import TokenStream, build_token_stream
 from dragon_swarm.model.dispatch import LocalExperts
 from dragon_swarm.model.hrm_smoe import HRMSMoE
 from dragon_swarm.swarm.local_peers import PeerLauncher, read_stats
+from dragon_swarm.training.trainer import robust_settings
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_PART_SIZE = 2**17  # float32 values per all-reduce part: hivemind's DEFAULT_PART_SIZE_BYTES (2^19) / 4
+SIMULATED_STEP_SECONDS = 5.0  # the reputation books' clock advances this much per step (bans last 300 s = 60 steps)
 CURVE_POINTS = 5  # validation measurements along a run, besides the one before the first step
 NETWORK_TAIL = 5  # network mode: final loss = mean of each honest trainer's last NETWORK_TAIL losses
 # attacks whose gradient is built from the attacker's own real gradient; the others only need the honest ones
@@ -108,7 +117,7 @@ class RobustnessSettings:
     simulate: bool = True
     config: str = "dragon-tiny"
     tau: float | None = None
-    tau_relative: float | None = None  # simulation only: per-part tau, see relative_tau_centered_clip
+    absolute_tau: bool = False  # simulation only: tau in the parts' units instead of the production's relative tau
     trim_ratio: float | None = None
     max_weight: float = 1e6
     seed: int = 0
@@ -118,7 +127,9 @@ class RobustnessSettings:
     eval_batches: int = 4
     eval_batch_size: int = 16
     bans: bool = True
-    min_observations: int | None = None  # ReputationBook: far parts in a row before a ban (None: its default)
+    min_observations: int | None = None  # ReputationBook: far parts in a row before a ban (None: the trainer's)
+    ban_distance_ratio: float | None = None  # ReputationBook: how far counts as far (None: the trainer's)
+    worker_momentum: float = 0.0  # simulation only: peers send a momentum of their gradients, see simulate()
     timeout: float = 1800.0  # network mode: seconds to wait for the trainers
 
     def __post_init__(self):
@@ -134,11 +145,17 @@ class RobustnessSettings:
         for name in ("batch_size", "seq_len", "part_size", "eval_batches", "eval_batch_size"):
             if getattr(self, name) < 1:
                 problems.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.tau_relative is not None:
-            if not (math.isfinite(self.tau_relative) and self.tau_relative > 0):
-                problems.append(f"--tau-relative must be a positive number, got {self.tau_relative}")
-            if self.aggregator != "centered_clip" or not self.simulate:
-                problems.append("--tau-relative needs --aggregator centered_clip and --simulate")
+        if not 0.0 <= self.worker_momentum < 1.0:
+            problems.append(f"--worker-momentum must be in [0, 1), got {self.worker_momentum}")
+        if not self.simulate:  # a trainer builds its averaging from the config alone
+            simulation_only = {
+                "--worker-momentum": self.worker_momentum != 0.0,
+                "--absolute-tau": self.absolute_tau,
+                "--no-bans": not self.bans,
+                "--min-observations": self.min_observations is not None,
+                "--ban-distance-ratio": self.ban_distance_ratio is not None,
+            }
+            problems += [f"{flag} needs --simulate" for flag, used in simulation_only.items() if used]
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -147,30 +164,32 @@ class RobustnessSettings:
         return self.peers - self.byzantine
 
     def clean(self) -> "RobustnessSettings":
-        """The same run with the attackers removed (the honest peers and everything else unchanged)."""
-        return dataclasses.replace(self, peers=self.honest, byzantine=0)
+        """The same run with the attackers removed (the honest peers and everything else unchanged, including
+        the trim ratio, which is resolved from the attacked run's N and F)."""
+        trim_ratio = self.averaging(load_config(self.config)).trim_ratio
+        return dataclasses.replace(self, peers=self.honest, byzantine=0, trim_ratio=trim_ratio)
 
     def averaging(self, config: SwarmConfig) -> RobustAveragingSettings:
-        """The production averaging settings for this run (what a peer would build from its config)."""
+        """What a trainer builds from ``config`` (``trainer.robust_settings``: relative tau, ban policy), with
+        this run's aggregator, tau, trim ratio and weight cap (and ban streak, if set)."""
         a = config.averaging
         trim_ratio = self.trim_ratio
         if trim_ratio is None:
             # trimmed_mean tolerates floor(trim_ratio * n) attackers: trim at least F rows at each end
             trim_ratio = min(max(a.trim_ratio, (self.byzantine + 0.5) / self.peers), 0.499)
         extra = {} if self.min_observations is None else {"min_observations": self.min_observations}
-        return RobustAveragingSettings(
+        if self.ban_distance_ratio is not None:
+            extra["ban_distance_ratio"] = self.ban_distance_ratio
+        trainer = robust_settings(a)
+        return dataclasses.replace(
+            trainer,
             aggregator=self.aggregator,
             tau=a.tau if self.tau is None else self.tau,
+            relative_tau=not self.absolute_tau,
             trim_ratio=trim_ratio,
-            max_weight=self.max_weight,
+            max_weight=self.max_weight if self.simulate else trainer.max_weight,
             **extra,
         )
-
-    def make_aggregator(self, config: SwarmConfig) -> Aggregator:
-        averaging = self.averaging(config)
-        if self.tau_relative is not None:
-            return relative_tau_centered_clip(self.tau_relative, max_iters=averaging.max_iters)
-        return averaging.make_aggregator()
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
@@ -180,36 +199,12 @@ class RobustnessSettings:
 
 @dataclass
 class RunResult:
-    final_loss: float | None  # None when diverged
+    final_loss: float | None  # None when diverged or failed
     diverged: bool
     curve: list[dict]
     seconds: float
     details: dict
-
-
-def relative_tau_centered_clip(scale: float, max_iters: int = 50, tol: float = 1e-6) -> Aggregator:
-    """CenteredClip whose radius is set per part from the data: ``tau = scale * s``, where ``s`` is the median
-    over senders of ``‖x_i - coordinate-wise median‖₂``. PROTOTYPE, benchmark-side (``--tau-relative``).
-
-    Why: an absolute ``tau`` cannot suit every part. In dragon-tiny, after clipping to norm 1, the part holding
-    the frequent tokens' embeddings has an honest mean of norm ~0.8 and spread ~0.4, most parts ~0.02 / 0.05,
-    the expert parts ~0.002 / 0.005. With ``tau = 1`` no honest row is ever clipped while each far attacker
-    still moves the result by up to ``tau / n`` per iteration: f attackers bias the result by up to
-    ``f·tau / (n - f)``, far more than the honest signal of the small parts. Scaling tau with the part's
-    honest spread keeps that bias in proportion everywhere. With f < n/2 the median distance is an honest
-    row's distance (the attackers are at most half of the rows), so attackers cannot inflate tau. ``tol`` is
-    relative to tau.
-    """
-
-    def aggregator(parts: torch.Tensor, weights: torch.Tensor | None = None) -> AggregationResult:
-        x = parts.detach().to(torch.float64)
-        center = x.median(dim=0).values
-        spread = float(torch.linalg.vector_norm(x - center, dim=1).median())
-        tau = max(scale * spread, 1e-30)  # spread 0: most rows coincide, and so does the result
-        return centered_clip(parts, tau=tau, max_iters=max_iters, tol=tol * tau)
-
-    aggregator.__name__ = aggregator.__qualname__ = f"relative_tau_centered_clip(scale={scale})"
-    return aggregator
+    failure: str | None = None  # why the run could not go on (e.g. every honest peer refused by the others)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -225,6 +220,7 @@ def reduce_partitions(
     reputation: ReputationBook,
     part_size: int,
     round_name: str = "",
+    clock: Callable[[], float] = time.monotonic,
 ) -> tuple[torch.Tensor, RobustTensorPartReducer]:
     """Aggregate ``grads`` ``[n, d]`` (one row per sender) part by part, as one all-reduce round would.
 
@@ -238,10 +234,10 @@ def reduce_partitions(
     if grads.dim() != 2 or grads.shape[0] != len(weights) or grads.shape[0] != len(sender_ids):
         raise ValueError(f"need one row, weight and id per sender: {tuple(grads.shape)}, {len(weights)}, {len(sender_ids)}")
     rows = [list(torch.split(row, part_size)) for row in grads]
-    return asyncio.run(_reduce_round(rows, weights, sender_ids, aggregator, reputation, round_name))
+    return asyncio.run(_reduce_round(rows, weights, sender_ids, aggregator, reputation, round_name, clock))
 
 
-async def _reduce_round(rows, weights, sender_ids, aggregator, reputation, round_name):
+async def _reduce_round(rows, weights, sender_ids, aggregator, reputation, round_name, clock):
     # built inside the loop: the reducer creates asyncio futures and events
     reducer = RobustTensorPartReducer(
         [part.shape for part in rows[0]],
@@ -250,6 +246,7 @@ async def _reduce_round(rows, weights, sender_ids, aggregator, reputation, round
         aggregator=aggregator,
         reputation=reputation,
         round_name=round_name,
+        clock=clock,
     )
 
     async def send(index: int) -> list[torch.Tensor]:
@@ -270,6 +267,7 @@ def aggregate_round(
     books: list[ReputationBook],
     part_size: int,
     round_name: str = "",
+    clock: Callable[[], float] = time.monotonic,
 ) -> tuple[torch.Tensor, list[RobustTensorPartReducer]]:
     """One all-reduce round laid out as hivemind's butterfly all-reduce: the flat ``[n, d]`` stack is cut into
     ``n`` contiguous spans, one per sender (equal spans, as hivemind's load balancing gives equal peers), and
@@ -287,7 +285,7 @@ def aggregate_round(
         if span.shape[1] == 0:
             continue
         value, reducer = reduce_partitions(
-            span, weights, sender_ids, aggregator, books[owner], part_size, f"{round_name}/{sender_ids[owner]}"
+            span, weights, sender_ids, aggregator, books[owner], part_size, f"{round_name}/{sender_ids[owner]}", clock
         )
         values.append(value)
         reducers.append(reducer)
@@ -326,7 +324,14 @@ def validation_loss(model: HRMSMoE, val: TokenStream, settings: RobustnessSettin
 
 
 def simulate(settings: RobustnessSettings, config: SwarmConfig, train: TokenStream, val: TokenStream) -> RunResult:
-    """One simulated run (see the module docstring); attackers are the last ``settings.byzantine`` peers."""
+    """One simulated run (see the module docstring); attackers are the last ``settings.byzantine`` peers.
+
+    With ``settings.worker_momentum`` β > 0 every peer sends ``m ← β·m + (1 - β)·g`` instead of its gradient
+    ``g`` (worker momentum, Karimireddy, He, Jaggi 2021 "Learning from History for Byzantine Robust
+    Optimization"): honest messages then vary much less from peer to peer, so attackers stand out. Attackers
+    that build on their own gradient use their own momentum the same way; ALIE/IPM see the honest momenta. This
+    is an experiment: the trainer does not do it today.
+    """
     started = time.perf_counter()
     if settings.seq_len > config.model.seq_len:
         raise ValueError(f"--seq-len {settings.seq_len} exceeds the model's seq_len {config.model.seq_len}")
@@ -338,7 +343,7 @@ def simulate(settings: RobustnessSettings, config: SwarmConfig, train: TokenStre
     warmup = max(1, t.warmup_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: min(1.0, (epoch + 1) / warmup))
     averaging = settings.averaging(config)
-    aggregator = settings.make_aggregator(config)
+    aggregator = averaging.make_aggregator()
 
     attack = settings.attack
     sender_ids = [f"peer{i}" for i in range(settings.peers)]
@@ -348,17 +353,27 @@ def simulate(settings: RobustnessSettings, config: SwarmConfig, train: TokenStre
     # each peer's own book; only honest peers keep theirs (with --no-bans nobody does)
     books = [averaging.make_reputation_book() for _ in sender_ids]
     first_ban_step = None
+    momenta: dict[str, torch.Tensor] = {}
+
+    def sent(peer: str, gradient: torch.Tensor) -> torch.Tensor:
+        if not settings.worker_momentum:
+            return gradient
+        if peer not in momenta:
+            momenta[peer] = gradient.clone()
+        else:
+            momenta[peer].mul_(settings.worker_momentum).add_(gradient, alpha=1.0 - settings.worker_momentum)
+        return momenta[peer].clone()
     curve_steps = sorted({round(settings.steps * k / CURVE_POINTS) for k in range(1, CURVE_POINTS + 1)})
 
     curve = [{"step": 0, "val_loss": validation_loss(model, val, settings)}]
-    train_losses, iterations, rejected, banned_pairs = [], [], 0, set()
-    diverged = False
+    train_losses, iterations, rejected, banned_pairs, left_out = [], [], 0, set(), {}
+    diverged, failure = False, None
     for step in range(settings.steps):
         rows, ces = [], []
         for peer in honest_ids:
             inputs, targets = train.batch(settings.seed, peer, step, settings.batch_size, settings.seq_len)
             flat, ce = flat_gradient(model, params, inputs, targets)
-            rows.append(clip_(flat, t.clip_grad_norm))
+            rows.append(sent(peer, clip_(flat, t.clip_grad_norm)))
             ces.append(ce)
         train_losses.append(sum(ces) / len(ces))
         if not all(math.isfinite(ce) for ce in ces) or not all(bool(torch.isfinite(r).all()) for r in rows):
@@ -372,18 +387,33 @@ def simulate(settings: RobustnessSettings, config: SwarmConfig, train: TokenStre
                 if attack is Attack.LABEL_SHUFFLE:
                     targets = corrupt_targets(targets, rngs[peer])
                 own, _ = flat_gradient(model, params, inputs, targets)
+                own = sent(peer, own)
             rows.append(byzantine_gradient(attack, own, honest, rngs[peer], settings.peers, settings.byzantine))
         for owner, peer in enumerate(sender_ids):
             if not settings.bans or peer in byzantine_ids:
                 books[owner] = averaging.make_reputation_book()
+        now = step * SIMULATED_STEP_SECONDS
+        # matchmaking: a sender that most honest peers ban is refused by them and left out of the group
+        active = [
+            i for i, peer in enumerate(sender_ids)
+            if 2 * sum(books[owner].is_banned(peer, now) for owner in range(settings.honest)) <= settings.honest
+        ]  # fmt: skip
+        for i in set(range(settings.peers)) - set(active):
+            left_out[sender_ids[i]] = left_out.get(sender_ids[i], 0) + 1
+        if not any(i < settings.honest for i in active):
+            failure = f"step {step}: every honest peer is banned by most honest peers; the swarm has fallen apart"
+            break
         aggregate, reducers = aggregate_round(
-            torch.stack(rows), weights, sender_ids, aggregator, books, settings.part_size, round_name=f"step{step}"
-        )
+            torch.stack([rows[i] for i in active]), [weights[i] for i in active], [sender_ids[i] for i in active],
+            aggregator, [books[i] for i in active], settings.part_size, round_name=f"step{step}", clock=lambda: now,
+        )  # fmt: skip
         for reducer in reducers:
             iterations.extend(report.iterations for report in reducer.reports)
             rejected += len(reducer.rejected)
         if settings.bans:
-            now_banned = {(owner, peer) for owner in range(settings.honest) for peer in sender_ids if books[owner].is_banned(peer)}
+            now_banned = {
+                (owner, peer) for owner in range(settings.honest) for peer in sender_ids if books[owner].is_banned(peer, now)
+            }  # fmt: skip
             if now_banned - banned_pairs and first_ban_step is None:
                 first_ban_step = step + 1
             banned_pairs |= now_banned
@@ -401,7 +431,7 @@ def simulate(settings: RobustnessSettings, config: SwarmConfig, train: TokenStre
                 diverged = True
                 break
 
-    final = curve[-1]["val_loss"] if not diverged else None
+    final = curve[-1]["val_loss"] if not (diverged or failure) else None
     details = {
         "train_loss_first": train_losses[0] if train_losses else None,
         "train_loss_last": train_losses[-1] if train_losses else None,
@@ -411,13 +441,19 @@ def simulate(settings: RobustnessSettings, config: SwarmConfig, train: TokenStre
         # how many honest peers banned each peer at some point (honest peers here are false bans)
         "banned_by": {peer: sum(1 for _, p in banned_pairs if p == peer) for peer in sorted({p for _, p in banned_pairs})},
         "first_ban_step": first_ban_step,
+        "left_out_rounds": left_out,  # rounds each peer was refused by most honest peers (out of the group)
+        # honest peers banned by honest peers: "owner: banned, ..." (false bans)
+        "false_bans": {
+            sender_ids[owner]: sorted(p for o, p in banned_pairs if o == owner and p in honest_ids)
+            for owner in sorted({o for o, p in banned_pairs if p in honest_ids})
+        },
     }
     if iterations:
         details["aggregator_iterations"] = {
             "mean": statistics.fmean(iterations),
             "max": max(iterations),
         }
-    return RunResult(final, diverged, curve, time.perf_counter() - started, details)
+    return RunResult(final, diverged, curve, time.perf_counter() - started, details, failure)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -519,15 +555,17 @@ def run(settings: RobustnessSettings, clean_cache: Path | None = None) -> dict:
         "benchmark": "robustness",
         "mode": "simulate" if settings.simulate else "network",
         "settings": settings.to_json(),
-        "aggregator_params": {"tau": averaging.tau if settings.tau_relative is None else None,
-                              "tau_relative": settings.tau_relative, "trim_ratio": averaging.trim_ratio, "max_iters": averaging.max_iters,
+        "aggregator_params": {"tau": averaging.tau, "relative_tau": averaging.relative_tau, "trim_ratio": averaging.trim_ratio, "max_iters": averaging.max_iters,
                               "tol": averaging.tol, "max_weight": averaging.max_weight,
-                              "min_observations": averaging.min_observations, "bans": settings.bans},  # fmt: skip
+                              "min_observations": averaging.min_observations,
+                              "ban_distance_ratio": averaging.ban_distance_ratio, "bans": settings.bans},  # fmt: skip
         "final_loss": attacked.final_loss,
         "clean_final_loss": clean.final_loss,
         "ratio": ratio,
         "diverged": attacked.diverged,
         "clean_diverged": clean.diverged,
+        "failure": attacked.failure,
+        "clean_failure": clean.failure,
         "curve": attacked.curve,
         "clean_curve": clean.curve,
         "details": attacked.details,
@@ -564,11 +602,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[RobustnessSettings, Path 
     p.add_argument("--steps", type=int, required=True, help="optimizer steps (S)")
     p.add_argument("--simulate", action="store_true", help="all peers in this process (default: real loopback peers)")
     p.add_argument("--config", default="dragon-tiny", help="swarm config name or YAML path")
-    p.add_argument("--tau", type=float, default=None, help="centered_clip radius (default: the config's averaging.tau)")
-    p.add_argument("--tau-relative", type=float, default=None,
-                   help="simulation, centered_clip: per-part tau = this x median distance to the coordinate-wise median")
+    p.add_argument("--tau", type=float, default=None,
+                   help="centered_clip radius, relative to each part's median distance (default: the config's averaging.tau)")
+    p.add_argument("--absolute-tau", action="store_true",
+                   help="simulation: tau in the parts' own units (default: as the trainer, x each part's median distance)")
     p.add_argument("--trim-ratio", type=float, default=None, help="trimmed_mean ratio (default: enough to trim F rows)")
-    p.add_argument("--max-weight", type=float, default=1e6, help="weight cap of the mean aggregator (default 1e6: uncapped)")
+    p.add_argument("--max-weight", type=float, default=1e6,
+                   help="simulation: weight cap of the mean aggregator (default 1e6: uncapped; a trainer uses 1)")
     p.add_argument("--seed", type=int, default=0, help="model init, data and attacker seed")
     p.add_argument("--batch-size", type=int, default=4, help="sequences per peer per step")
     p.add_argument("--seq-len", type=int, default=32, help="tokens per sequence")
@@ -578,7 +618,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[RobustnessSettings, Path 
     p.add_argument("--no-bans", dest="bans", action="store_false",
                    help="simulation: a fresh reputation book every step, to measure the aggregator alone")
     p.add_argument("--min-observations", type=int, default=None,
-                   help="simulation: far parts in a row before a peer bans a sender (default: the ReputationBook's)")
+                   help="simulation: far parts in a row before a peer bans a sender (default: the trainer's)")
+    p.add_argument("--ban-distance-ratio", type=float, default=None,
+                   help="simulation: distance (x the part's median distance) that counts as far (default: the trainer's)")
+    p.add_argument("--worker-momentum", type=float, default=0.0,
+                   help="simulation experiment: peers send a momentum (this beta) of their gradients")
     p.add_argument("--timeout", type=float, default=1800.0, help="network mode: seconds to wait for the trainers")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: on a busy 2-core machine 2 threads ran ~20x slower)")
@@ -587,11 +631,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[RobustnessSettings, Path 
     try:
         settings = RobustnessSettings(
             peers=args.peers, byzantine=args.byzantine, attack=parse_attack(args.attack), aggregator=args.aggregator,
-            steps=args.steps, simulate=args.simulate, config=args.config, tau=args.tau, tau_relative=args.tau_relative,
+            steps=args.steps, simulate=args.simulate, config=args.config, tau=args.tau, absolute_tau=args.absolute_tau,
             trim_ratio=args.trim_ratio,
             max_weight=args.max_weight, seed=args.seed, batch_size=args.batch_size, seq_len=args.seq_len,
             part_size=args.part_size, eval_batches=args.eval_batches, eval_batch_size=args.eval_batch_size,
-            bans=args.bans, min_observations=args.min_observations, timeout=args.timeout,
+            bans=args.bans, min_observations=args.min_observations,
+            ban_distance_ratio=args.ban_distance_ratio,
+            worker_momentum=args.worker_momentum, timeout=args.timeout,
         )  # fmt: skip
         settings.averaging(load_config(settings.config))  # bad tau / trim ratio: report now, not after a run
     except ValueError as e:

@@ -3,13 +3,20 @@ benchmark tells a robust aggregator from a naive one."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from benchmarks.robustness import RobustnessSettings, reduce_partitions, simulate, write_network_config
+from benchmarks.robustness import (
+    RobustnessSettings,
+    aggregate_round,
+    reduce_partitions,
+    simulate,
+    write_network_config,
+)
 from dragon_swarm.attacks import (
     CONSTANT_SCALE,
     INFLATED_WEIGHT_FACTOR,
@@ -25,6 +32,7 @@ from dragon_swarm.averaging.aggregators import make_aggregator
 from dragon_swarm.averaging.reputation import ReputationBook
 from dragon_swarm.config import load_config
 from dragon_swarm.data.dataset import TokenStream
+from dragon_swarm.training.trainer import robust_settings
 from tests.swarm.paths import TEST_CONFIG
 
 
@@ -175,6 +183,24 @@ def test_reduce_partitions_rejects_nan_senders_and_honours_mean_weights():
     assert torch.allclose(robust, torch.ones(10))
 
 
+def test_aggregate_round_gives_each_peer_its_span_and_its_own_bans():
+    # Prepare: 4 senders, the last one far away; spans of 10 values, parts of 5
+    g = torch.Generator().manual_seed(0)
+    ids = [f"peer{i}" for i in range(4)]
+    books = [ReputationBook(min_observations=4) for _ in ids]
+    median = make_aggregator("median")
+    # Execute: 2 rounds of 2 parts per span = 4 far observations per book
+    for _ in range(2):
+        rows = torch.cat([torch.randn(3, 40, generator=g), 1000 * torch.ones(1, 40)])
+        value, reducers = aggregate_round(rows, [1.0] * 4, ids, median, books, part_size=5)
+    # Assert
+    assert value.shape == (40,) and len(reducers) == 4
+    assert all(len(reducer.reports) == 2 for reducer in reducers)
+    assert all(book.is_banned("peer3") for book in books)
+    assert not any(book.is_banned(peer) for book in books for peer in ids[:3])
+    assert torch.allclose(value, rows[:3].median(dim=0).values, atol=3.0)
+
+
 # --- one small simulated benchmark ---
 
 
@@ -208,7 +234,7 @@ def test_simulated_sign_flip_hurts_mean_but_not_centered_clip(one_thread):
     train, val = synthetic_streams(vocab=64)
     common = dict(peers=4, byzantine=1, attack=Attack.SIGN_FLIP, steps=4, simulate=True, config=str(TEST_CONFIG),
                   batch_size=4, seq_len=16, eval_batches=2, eval_batch_size=8, part_size=2**14)  # fmt: skip
-    cc = RobustnessSettings(aggregator="centered_clip", tau_relative=1.0, **common)
+    cc = RobustnessSettings(aggregator="centered_clip", **common)  # the trainer's settings: relative tau, bans
     mean = RobustnessSettings(aggregator="mean", **common)
     # Execute
     cc_run, cc_clean = simulate(cc, config, train, val), simulate(cc.clean(), config, train, val)
@@ -235,5 +261,16 @@ def test_settings_refuse_nonsense():
         RobustnessSettings(peers=4, byzantine=4, attack=Attack.NAN, aggregator="mean", steps=3)
     with pytest.raises(ValueError, match="aggregator"):
         RobustnessSettings(peers=4, byzantine=1, attack=Attack.NAN, aggregator="krum", steps=3)
-    with pytest.raises(ValueError, match="tau-relative"):
-        RobustnessSettings(peers=4, byzantine=1, attack=Attack.NAN, aggregator="mean", steps=3, tau_relative=1.0)
+    with pytest.raises(ValueError, match="absolute-tau needs --simulate"):
+        RobustnessSettings(peers=4, byzantine=1, attack=Attack.NAN, aggregator="mean", steps=3, simulate=False,
+                           absolute_tau=True)  # fmt: skip
+
+
+def test_benchmark_uses_the_trainers_averaging_settings():
+    config = load_config("dragon-tiny")
+    settings = RobustnessSettings(peers=16, byzantine=7, attack=Attack.NAN, aggregator="centered_clip", steps=3)
+    averaging = settings.averaging(config)
+    assert averaging.relative_tau and averaging.tau == config.averaging.tau
+    assert averaging.min_observations == robust_settings(config.averaging).min_observations
+    assert settings.clean().averaging(config).trim_ratio == averaging.trim_ratio  # same aggregator, fewer peers
+    assert not dataclasses.replace(settings, absolute_tau=True).averaging(config).relative_tau
