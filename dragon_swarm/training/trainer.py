@@ -45,14 +45,16 @@ def warmup_schedule(warmup_steps: int):
 
 
 def robust_settings(averaging: AveragingSection) -> RobustAveragingSettings:
-    # a sender 4x farther from the robust result than the median sender, 3 parts in a row, or with 2 invalid
-    # parts, is banned: an honest sender almost never is, and every round an attacker stays costs the swarm
+    # a sender 50x farther from the robust result than the median sender, 3 parts in a row, or with 2 invalid
+    # parts, is banned. The ratio is high on purpose: in parts holding rare-token embedding rows an honest
+    # peer's gradient is large only on its own batch's tokens and measures 16-44x the median (the robustness
+    # benchmark's clean runs banned honest peers at 4x); a x-1000 attacker still measures at the 100x cap.
     return RobustAveragingSettings(
         aggregator=averaging.aggregator,
         tau=averaging.tau,
         relative_tau=True,
         trim_ratio=averaging.trim_ratio,
-        ban_distance_ratio=4.0,
+        ban_distance_ratio=50.0,
         min_observations=3,
         max_invalid=2,
     )
