@@ -18,6 +18,7 @@ from pathlib import Path
 import hivemind
 import torch
 
+from dragon_swarm.averaging.compression import make_compression
 from dragon_swarm.averaging.robust_allreduce import RobustAveragingSettings
 from dragon_swarm.averaging.robust_optimizer import RobustOptimizer
 from dragon_swarm.config import AveragingSection, SwarmConfig
@@ -58,19 +59,6 @@ def robust_settings(averaging: AveragingSection) -> RobustAveragingSettings:
         min_observations=3,
         max_invalid=2,
     )
-
-
-def make_compression(name: str):
-    from hivemind.compression import Float16Compression, NoCompression
-
-    if name == "none":
-        return NoCompression()
-    if name == "fp16":
-        return Float16Compression()
-    from dragon_swarm.averaging.compression import install_codecs, make_compression as make_ours
-
-    install_codecs()
-    return make_ours(name)
 
 
 class Trainer:

@@ -2,12 +2,12 @@
 
 import multiprocessing
 
-import hivemind
 import pytest
 import torch
 from hivemind.averaging import DecentralizedAverager
 
 from dragon_swarm.averaging.compression import install_codecs, make_compression
+from tests.averaging.loopback import start_loopback_dhts
 
 NUM_PEERS = 3
 # the big tensor spans several 5000-value parts (part_size_bytes=5000 at 1 byte per value), none a multiple
@@ -28,11 +28,7 @@ def averagers():
 
     dhts, started = [], []
     try:
-        first = hivemind.DHT(host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)
-        dhts.append(first)
-        initial_peers = [str(maddr) for maddr in first.get_visible_maddrs()]
-        for _ in range(NUM_PEERS - 1):
-            dhts.append(hivemind.DHT(host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=initial_peers, start=True))
+        start_loopback_dhts(NUM_PEERS, into=dhts)
 
         for dht in dhts:
             tensors = [torch.randn(shape) * 2 for shape in SHAPES]

@@ -6,12 +6,12 @@ Each test starts its own DHTs and averagers on 127.0.0.1 (tcp/0) and always shut
 import contextlib
 import multiprocessing
 
-import hivemind
 import pytest
 import torch
 
 from dragon_swarm.averaging.compression import install_codecs
 from dragon_swarm.averaging.robust_allreduce import RobustAveragingSettings, RobustDecentralizedAverager
+from tests.averaging.loopback import start_loopback_dhts
 
 pytestmark = pytest.mark.swarm
 
@@ -38,11 +38,7 @@ def _swarm(tensors_by_peer, settings, prefix, **averager_kwargs):
     kwargs.update(averager_kwargs)
     dhts, averagers = [], []
     try:
-        first = hivemind.DHT(host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)
-        dhts.append(first)
-        initial_peers = [str(maddr) for maddr in first.get_visible_maddrs()]
-        for _ in range(num_peers - 1):
-            dhts.append(hivemind.DHT(host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=initial_peers, start=True))
+        start_loopback_dhts(num_peers, into=dhts)
         for dht, tensors in zip(dhts, tensors_by_peer):
             averagers.append(
                 RobustDecentralizedAverager(tensors, dht, settings=settings, prefix=prefix, start=True, **kwargs)
