@@ -221,6 +221,7 @@ def reduce_partitions(
     part_size: int,
     round_name: str = "",
     clock: Callable[[], float] = time.monotonic,
+    local_sender: str | None = None,
 ) -> tuple[torch.Tensor, RobustTensorPartReducer]:
     """Aggregate ``grads`` ``[n, d]`` (one row per sender) part by part, as one all-reduce round would.
 
@@ -234,10 +235,10 @@ def reduce_partitions(
     if grads.dim() != 2 or grads.shape[0] != len(weights) or grads.shape[0] != len(sender_ids):
         raise ValueError(f"need one row, weight and id per sender: {tuple(grads.shape)}, {len(weights)}, {len(sender_ids)}")
     rows = [list(torch.split(row, part_size)) for row in grads]
-    return asyncio.run(_reduce_round(rows, weights, sender_ids, aggregator, reputation, round_name, clock))
+    return asyncio.run(_reduce_round(rows, weights, sender_ids, aggregator, reputation, round_name, clock, local_sender))
 
 
-async def _reduce_round(rows, weights, sender_ids, aggregator, reputation, round_name, clock):
+async def _reduce_round(rows, weights, sender_ids, aggregator, reputation, round_name, clock, local_sender):
     # built inside the loop: the reducer creates asyncio futures and events
     reducer = RobustTensorPartReducer(
         [part.shape for part in rows[0]],
@@ -247,6 +248,7 @@ async def _reduce_round(rows, weights, sender_ids, aggregator, reputation, round
         reputation=reputation,
         round_name=round_name,
         clock=clock,
+        local_sender=local_sender,
     )
 
     async def send(index: int) -> list[torch.Tensor]:
@@ -285,7 +287,8 @@ def aggregate_round(
         if span.shape[1] == 0:
             continue
         value, reducer = reduce_partitions(
-            span, weights, sender_ids, aggregator, books[owner], part_size, f"{round_name}/{sender_ids[owner]}", clock
+            span, weights, sender_ids, aggregator, books[owner], part_size, f"{round_name}/{sender_ids[owner]}", clock,
+            local_sender=sender_ids[owner],
         )
         values.append(value)
         reducers.append(reducer)

@@ -12,7 +12,7 @@ moving average (EMA) of that ratio per sender.
 A sender is banned for ``ban_seconds`` when
 
 * it sent ``max_invalid`` invalid parts (wrong size or dtype, NaN, Inf) since its last ban, or
-* its distance EMA stayed above ``ban_distance_ratio`` for ``min_observations`` parts in a row.
+* its distance EMA stayed above ``ban_distance_ratio`` for ``min_observations`` observations (rounds) in a row.
 
 Both counters restart after a ban, so a returning peer gets a fresh chance but is banned again as quickly if it
 keeps misbehaving. The EMA itself is kept: a peer cannot wash its history by sitting out a ban.
@@ -50,6 +50,7 @@ class SenderRecord:
     distance_ema: float | None = None  # EMA of distance / median distance; None until the first observation
     far_streak: int = 0  # consecutive observations with distance_ema above the ban ratio (since the last ban)
     invalid_strikes: int = 0  # invalid parts since the last ban
+    refused_results: int = 0  # aggregates this peer returned as a reducer that we refused (see the runner)
     bans: int = 0
     banned_until: float = -math.inf
     ban_reason: str | None = None
@@ -116,10 +117,27 @@ class ReputationBook:
                 return True
             return False
 
-    def record_distances(self, peers: Sequence[str], distances: torch.Tensor, now: float | None = None) -> list[str]:
-        """Record one aggregated part: ``distances[i]`` is ``peers[i]``'s distance from the robust result.
+    def record_distances(
+        self,
+        peers: Sequence[str],
+        distances: torch.Tensor,
+        now: float | None = None,
+        unscored: Sequence[str] = (),
+        reference: str | None = None,
+    ) -> list[str]:
+        """Record one observation: ``distances[i]`` is ``peers[i]``'s distance from the robust result.
 
-        :returns: the peers this part got banned
+        The robust reducer calls this once per all-reduce round, with each sender's distance over the whole
+        partition it reduced (the root of the sum of squared per-part distances): judged per part, honest
+        peers look far out in parts that hold their own batch's rare-token embedding rows.
+
+        :param unscored: peers that count toward the median but whose records are not updated: the local peer
+          (a peer must never ban itself, which would drop its own partition from every round)
+        :param reference: a peer known to be honest (the local peer) whose distance is the unit instead of the
+          median distance. Colluders sending the same vector sit right at the robust result; with many of them
+          the median distance shrinks and every honest peer looks far out. A peer's own distance cannot be
+          shrunk that way. Falls back to the median when the reference is absent or at distance 0.
+        :returns: the peers this observation got banned
         """
         values = torch.as_tensor(distances, dtype=torch.float64).reshape(-1).tolist()
         if len(values) != len(peers):
@@ -127,10 +145,16 @@ class ReputationBook:
         if len(set(peers)) != len(peers):
             raise ValueError(f"peers must be distinct, got {list(peers)}")
         now = _now(now)
-        ratios = _normalized(values, self.max_ratio) if len(values) >= self.min_senders else [None] * len(values)
+        unit = None
+        if reference is not None and reference in peers:
+            own = values[list(peers).index(reference)]
+            unit = own if math.isfinite(own) and own > 0 else None
+        ratios = _normalized(values, self.max_ratio, unit) if len(values) >= self.min_senders else [None] * len(values)
         newly_banned = []
         with self._lock:
             for peer, ratio in zip(peers, ratios):
+                if peer in unscored:
+                    continue
                 record = self._record(peer, now)
                 record.parts += 1
                 if ratio is None:
@@ -146,10 +170,16 @@ class ReputationBook:
                         record,
                         now,
                         f"distance EMA {record.distance_ema:.2f} > {self.ban_distance_ratio:g} x median "
-                        f"for {record.far_streak} parts",
+                        f"for {record.far_streak} rounds",
                     )
                     newly_banned.append(peer)
         return newly_banned
+
+    def record_refused_result(self, peer: str, now: float | None = None) -> None:
+        """Count one aggregate that ``peer`` returned and we refused. Not a ban reason on its own: an honest
+        reducer in a small group with an attacker can return a poisoned mean without fault of its own."""
+        with self._lock:
+            self._record(peer, _now(now)).refused_results += 1
 
     def ban(self, peer: str, reason: str, now: float | None = None) -> None:
         """Ban ``peer`` for ``ban_seconds`` right away (e.g. on evidence from outside the all-reduce)."""
@@ -239,11 +269,14 @@ class ReputationBook:
         logger.warning(f"banned {peer} for {self.ban_seconds:g} s: {reason}")
 
 
-def _normalized(distances: list[float], max_ratio: float) -> list[float]:
-    """distance / median distance, capped to [0, max_ratio]; a median of 0 makes every nonzero distance max_ratio."""
+def _normalized(distances: list[float], max_ratio: float, unit: float | None = None) -> list[float]:
+    """distance / unit (default: the median distance), capped to [0, max_ratio]; a unit of 0 makes every nonzero
+    distance max_ratio."""
     finite = sorted(d for d in distances if math.isfinite(d))
     n = len(finite)
     median = 0.0 if n == 0 else (finite[n // 2] if n % 2 else (finite[n // 2 - 1] + finite[n // 2]) / 2)
+    if unit is not None:
+        median = unit
     ratios = []
     for d in distances:
         if not math.isfinite(d):

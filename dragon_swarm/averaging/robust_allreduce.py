@@ -115,16 +115,39 @@ class RobustAveragingSettings:
         )
 
 
+RESULT_DISTANCE_LIMIT = 20.0  # see RobustAllReduceRunner
+
+
 class RobustAllReduceRunner(AllReduceRunner):
     """hivemind's butterfly all-reduce with :class:`RobustTensorPartReducer` in place of the weighted mean.
 
     If this peer's own part is rejected (NaN/Inf) or it is banned in its own book, it keeps its local values
     for its own partition instead of hanging until the all-reduce timeout; the other peers still get the
     robust aggregate of their parts.
+
+    It also checks what comes *back*: each reducer (itself included) returns ``aggregate - our part``. A returned
+    difference that is non-finite, misshaped, or longer than ``result_distance_limit`` times the larger of our
+    part's norm and our tensors' norm spread evenly over the part (:func:`refused_result_reason`) is refused, and
+    we keep our own values for that part. This covers what the reducer itself cannot: a 2-peer group, where
+    one x-1000 attacker moves any aggregate of two parts, and a Byzantine reducer that returns garbage for the
+    partition it owns. An honest aggregate stays within a few times our own scale.
     """
 
-    def __init__(self, *, aggregator: Aggregator, reputation: ReputationBook, **kwargs):
+    def __init__(
+        self,
+        *,
+        aggregator: Aggregator,
+        reputation: ReputationBook,
+        result_distance_limit: float = RESULT_DISTANCE_LIMIT,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
+        self.reputation, self.result_distance_limit = reputation, float(result_distance_limit)
+        container = self.tensor_part_container
+        total_norm = torch.sqrt(sum(t.detach().double().pow(2).sum() for t in container.local_tensors) + 0.0)
+        self._norm_per_value = float(total_norm) / max(1, container.total_size) ** 0.5
+        self._refused_from: set[int] = set()
+        self._register_checked_part, container.register_processed_part = container.register_processed_part, self._check_returned_part
         # retire the stock reducer quietly: nobody will feed it, and its finalize() would warn "received 0.0%"
         self.tensor_part_reducer.finished.set()
         local_parts = self.parts_for_local_averaging
@@ -135,7 +158,22 @@ class RobustAllReduceRunner(AllReduceRunner):
             aggregator=aggregator,
             reputation=reputation,
             round_name=self.group_id.hex()[:8],
+            local_sender=str(self.peer_id),
         )
+
+    def _check_returned_part(self, peer_index: int, part_index: int, part: torch.Tensor) -> None:
+        container = self.tensor_part_container
+        own = container._input_parts_by_peer[peer_index][part_index][0]
+        delta = part if container.return_deltas else part - own
+        reason = refused_result_reason(delta, own, self._norm_per_value, self.result_distance_limit)
+        if reason is not None:
+            reducer = str(self.ordered_peer_ids[peer_index])
+            if peer_index not in self._refused_from:  # one line per (round, reducer)
+                self._refused_from.add(peer_index)
+                self.reputation.record_refused_result(reducer)
+                logger.warning(f"{self}: refused the aggregate of part {part_index} from reducer {reducer} ({reason}); keeping local values")
+            part = torch.zeros_like(own) if container.return_deltas else own
+        self._register_checked_part(peer_index, part_index, part)
 
     async def _communicate_with_peer(self, peer_id: PeerID):
         if peer_id != self.peer_id:
@@ -147,6 +185,26 @@ class RobustAllReduceRunner(AllReduceRunner):
                 raise
             logger.warning(f"{self}: keeping local values for this peer's own partition: {e}")
             self.tensor_part_container.register_failed_reducer(self.ordered_peer_ids.index(self.peer_id))
+
+
+def refused_result_reason(
+    delta: torch.Tensor, own_part: torch.Tensor, norm_per_value: float, limit: float = RESULT_DISTANCE_LIMIT
+) -> str | None:
+    """Why a returned ``aggregate - own_part`` must not be applied, or None. Pure.
+
+    :param norm_per_value: our tensors' total norm / sqrt(their total size): the scale of a part if our values
+      were spread evenly (a part may legitimately be much larger or smaller than our own part of it, e.g.
+      embedding rows of tokens only other peers saw)
+    """
+    if tuple(delta.shape) != tuple(own_part.shape):
+        return f"shape {tuple(delta.shape)}, expected {tuple(own_part.shape)}"
+    if not bool(torch.isfinite(delta).all()):
+        return "NaN or Inf"
+    distance = float(torch.linalg.vector_norm(delta.double()))
+    scale = max(float(torch.linalg.vector_norm(own_part.double())), norm_per_value * own_part.numel() ** 0.5)
+    if scale > 0 and distance > limit * scale:  # all-zero local tensors give no scale to judge by
+        return f"{distance:.3g} from our part, more than {limit:g} x our scale {scale:.3g}"
+    return None
 
 
 class _RobustAveragerMixin:

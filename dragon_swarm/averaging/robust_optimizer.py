@@ -16,6 +16,7 @@ from hivemind.averaging import DecentralizedAverager
 from hivemind.optim.state_averager import TrainingStateAverager
 
 from dragon_swarm.averaging.reputation import ReputationBook
+from dragon_swarm.averaging.robust_progress import RobustProgressTracker
 from dragon_swarm.averaging.robust_allreduce import (
     RobustAveragingSettings,
     _RobustAveragerMixin,
@@ -67,7 +68,8 @@ class RobustTrainingStateAverager(_RobustAveragerMixin, TrainingStateAverager, _
 
 
 class RobustOptimizer(hivemind.Optimizer):
-    """hivemind.Optimizer with robust gradient and state averaging (`robust` picks the aggregator)."""
+    """hivemind.Optimizer with robust gradient and state averaging (`robust` picks the aggregator) and a progress
+    tracker that a minority cannot push ahead (:class:`RobustProgressTracker`)."""
 
     def __init__(self, *, robust: RobustAveragingSettings, **kwargs):
         self._robust_settings = robust  # read by _make_state_averager, which the base __init__ calls
@@ -89,6 +91,18 @@ class RobustOptimizer(hivemind.Optimizer):
             next_chunk_timeout=self.next_chunk_timeout,
             client_mode=self.client_mode,
             auxiliary=self.auxiliary,
+            start=True,
+            **kwargs,
+        )
+
+    def _make_progress_tracker(self, target_batch_size: int, **kwargs) -> RobustProgressTracker:
+        # the same arguments hivemind.Optimizer passes to its stock ProgressTracker
+        return RobustProgressTracker(
+            dht=self.dht,
+            prefix=self.run_id,
+            target_batch_size=target_batch_size,
+            client_mode=self.client_mode,
+            status_loglevel=self.status_loglevel,
             start=True,
             **kwargs,
         )

@@ -16,7 +16,10 @@ Before a part may enter the stack:
   tensors with weight 0 when a peer only tags along.
 
 Weights are self-reported, so only the ``mean`` aggregator looks at them (capped, see ``aggregators.mean``).
-After each part, every aggregated sender's distance from the result goes into the book.
+When the round ends, each sender's distance from the result over all parts it entered (root of the sum of
+squares) goes into the book once: a whole partition is a far steadier witness than one sparse part. Distances are
+judged in units of the local peer's own distance (it knows itself to be honest), and the local peer is never
+scored.
 
 Order matters: validation happens *before* ``num_parts_received`` is incremented. hivemind's ``on_sender_failed``
 uses that counter to decide whether the sender still owes the current part; counting a rejected part would make
@@ -71,6 +74,7 @@ class RobustTensorPartReducer(TensorPartReducer):
     :param reputation: where rejections and distances are recorded and bans are looked up
     :param round_name: a short label for log lines, e.g. the group id in hex
     :param clock: time source for the book (monotonic seconds)
+    :param local_sender: this peer's own id: measured, never scored in the book
     """
 
     def __init__(
@@ -83,6 +87,7 @@ class RobustTensorPartReducer(TensorPartReducer):
         reputation: ReputationBook,
         round_name: str = "",
         clock: Callable[[], float] = time.monotonic,
+        local_sender: str | None = None,
     ):
         # set before super().__init__, which calls our reset_accumulators
         self.part_dtypes, self.sender_ids = tuple(part_dtypes), tuple(map(str, sender_ids))
@@ -90,6 +95,9 @@ class RobustTensorPartReducer(TensorPartReducer):
         self.rejected: dict[str, str] = {}  # sender id -> reason, for this round
         self._aggregation: asyncio.Task | None = None  # the running aggregation of the current part, if any
         self.reports: list[PartReport] = []  # one per aggregated part, in order
+        self.local_sender = None if local_sender is None else str(local_sender)
+        self._squared_distances: dict[str, float] = {}  # sender -> sum over this round's parts of distance^2
+        self._round_recorded = False
         super().__init__(part_shapes, num_senders=len(self.sender_ids))
         if len(self.part_dtypes) != self.num_parts:
             self.finished.set()  # so that __del__ does not warn about a round that never started
@@ -190,7 +198,8 @@ class RobustTensorPartReducer(TensorPartReducer):
                 future.set_exception(AllreduceException(f"aggregating part {part_index} failed: {e!r}"))
         else:
             elapsed_ms = (time.perf_counter() - started) * 1e3
-            self.reputation.record_distances(senders, result.distances, self.clock())
+            for sender, distance in zip(senders, result.distances.tolist()):
+                self._squared_distances[sender] = self._squared_distances.get(sender, 0.0) + float(distance) ** 2
             self.reports.append(
                 PartReport(part_index, tuple(senders), tuple(result.distances.tolist()), result.iterations)
             )
@@ -204,6 +213,21 @@ class RobustTensorPartReducer(TensorPartReducer):
             self._aggregation = None
         if not self.finished.is_set():
             self.reset_accumulators()
+
+    def finalize(self):
+        self._record_round_distances()
+        super().finalize()
+
+    def _record_round_distances(self) -> None:
+        """One observation per round and sender (see the module docstring); senders that were rejected or
+        excluded midway are judged by the parts they did enter."""
+        if self._round_recorded or not self._squared_distances:
+            return
+        self._round_recorded = True
+        senders = sorted(self._squared_distances)
+        distances = torch.tensor([math.sqrt(self._squared_distances[s]) for s in senders], dtype=torch.float64)
+        unscored = () if self.local_sender is None else (self.local_sender,)
+        self.reputation.record_distances(senders, distances, self.clock(), unscored=unscored, reference=self.local_sender)
 
     def _reject(self, sender_index: int, part_index: int, reason: str):
         sender = self.sender_ids[sender_index]

@@ -37,13 +37,20 @@ class ExpertBackend(ModuleBackend):
         self.clip_grad_norm = clip_grad_norm
         self.version = 0  # optimizer steps applied
         self.tokens_processed = 0
+        self.requests_served = 0  # forward and backward batches run (the runtime may merge concurrent requests)
         self.skipped_updates = 0
         self.lock = threading.Lock()  # the runtime thread updates while the checkpoint thread reads
 
     def forward(self, *inputs: torch.Tensor):
         outputs = super().forward(*inputs)
         self.tokens_processed += int(inputs[0].shape[0])
+        self.requests_served += 1
         return outputs
+
+    def backward(self, *inputs: torch.Tensor):
+        grads = super().backward(*inputs)
+        self.requests_served += 1
+        return grads
 
     def on_backward(self, batch_size: int) -> None:
         with self.lock:
@@ -178,6 +185,7 @@ class ExpertHost:
         ]
         self.runtime = Runtime(backends, prefetch_batches=1, device=torch.device(device))
         self._stop = threading.Event()
+        self._paused = threading.Event()
         self._threads: list[threading.Thread] = []
 
     @property
@@ -245,7 +253,28 @@ class ExpertHost:
 
     def _announce_loop(self) -> None:
         while not self._stop.wait(self.settings.update_period):
-            self.announce("online")
+            self.announce("offline" if self._paused.is_set() else "online")
+
+    @property
+    def paused(self) -> bool:
+        return self._paused.is_set()
+
+    def pause(self) -> None:
+        """Stop offering the experts (the volunteer pressed Stop): save them and tell routers they are offline.
+        Requests already on their way are still answered."""
+        if self._paused.is_set():
+            return
+        self._paused.set()
+        self.save_checkpoints()
+        self.announce("offline")
+        logger.info(f"Paused hosting: {len(self.backends)} expert(s) saved and announced offline")
+
+    def resume(self) -> None:
+        if not self._paused.is_set():
+            return
+        self._paused.clear()
+        self.announce("online")
+        logger.info(f"Resumed hosting {len(self.backends)} expert(s)")
 
     def _checkpoint_loop(self) -> None:
         while not self._stop.wait(self.checkpoint_period):
@@ -259,6 +288,7 @@ class ExpertHost:
             "experts_served": len(self.backends),
             "expert_tokens_processed": sum(b.tokens_processed for b in self.backends.values()),
             "expert_updates": sum(b.version for b in self.backends.values()),
+            "expert_requests": sum(b.requests_served for b in self.backends.values()),
         }
 
     def shutdown(self) -> None:

@@ -96,8 +96,9 @@ def test_sign_flipped_peer_does_not_move_centered_clip():
         for index in range(3):
             peers = averagers[index].get_reputation()["peers"]
             assert peers[attacker_id]["distance_ema"] > settings.ban_distance_ratio
-            honest_emas = [peers[str(averagers[j].peer_id)]["distance_ema"] for j in range(3)]
+            honest_emas = [peers[str(averagers[j].peer_id)]["distance_ema"] for j in range(3) if j != index]
             assert max(honest_emas) < settings.ban_distance_ratio, honest_emas
+            assert str(averagers[index].peer_id) not in peers  # a peer measures itself but never scores itself
 
 
 def test_nan_peer_is_rejected_then_banned():

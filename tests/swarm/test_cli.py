@@ -36,6 +36,12 @@ def assert_one_clear_line(result: subprocess.CompletedProcess, expected: str) ->
         (["--new-swarm", "--batch-size", "0"], "--batch-size must be positive"),
         (["--new-swarm", "-c", "no-such-config"], "no config named 'no-such-config'"),
         (["--new-swarm", "--attack", "tickle"], "--attack:"),
+        (["--new-swarm", "--batch-size", "lots"], "--batch-size must be a positive integer or 'auto'"),
+        (["--new-swarm", "--max-memory", "banana"], "--max-memory:"),
+        (["--new-swarm", "--dashboard", "99999"], "--dashboard:"),
+        (["--new-swarm", "--profile", "no-such-profile"], "--profile:"),
+        (["--new-swarm", "--threads", "0"], "--threads must be >= 1"),
+        (["--new-swarm", "--name", ""], "--name must be 1-40 printable characters"),
     ],
 )
 def test_bad_flags_exit_with_one_clear_line(args, expected):

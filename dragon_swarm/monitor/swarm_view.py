@@ -1,0 +1,137 @@
+"""How the swarm is doing, read from signed DHT records only: expert replicas, trainers' progress, contributions.
+
+`collect_swarm_view` is one read of the DHT; `SwarmWatcher` repeats it in a background thread and writes the
+result into a `PeerStatus`. Peers and the bootstrap monitor use the same code, so both show the same numbers.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Callable
+
+import hivemind
+from hivemind.optim.progress_tracker import LocalTrainingProgress
+
+from dragon_swarm.averaging.robust_progress import supported_epoch
+from dragon_swarm.config import SwarmConfig
+from dragon_swarm.moe.expert_uids import all_expert_uids
+from dragon_swarm.moe.registry import find_replicas
+from dragon_swarm.monitor.status import ExpertCell, LeaderboardRow, PeerStatus, SwarmStats
+from dragon_swarm.swarm.contributions import ContributionRecord, fetch_contributions, leaderboard, network_stats
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SwarmProgress:
+    trainers: int
+    global_epoch: int  # the epoch most trainers agree on (robust_progress.supported_epoch)
+    samples_accumulated: int  # toward the next global step, from trainers at that epoch
+
+
+@dataclass(frozen=True)
+class SwarmView:
+    stats: SwarmStats
+    expert_map: list[ExpertCell]
+    leaderboard: list[LeaderboardRow]
+    progress: SwarmProgress
+    contributions: dict[str, ContributionRecord]
+
+
+def read_swarm_progress(dht: hivemind.DHT, run_prefix: str) -> SwarmProgress:
+    """The trainers' progress records (hivemind's ProgressTracker key), summarized robustly."""
+    entry = dht.get(f"{run_prefix}_progress", latest=True)
+    reports: list[LocalTrainingProgress] = []
+    if entry is not None and isinstance(entry.value, dict):
+        for item in entry.value.values():
+            try:
+                progress = LocalTrainingProgress.parse_obj(item.value)
+            except Exception:  # malformed or empty records are someone else's problem, not the monitor's
+                continue
+            if not progress.client_mode:
+                reports.append(progress)
+    return summarize_progress(reports)
+
+
+def summarize_progress(reports: list[LocalTrainingProgress]) -> SwarmProgress:
+    """Pure: the supported epoch and the samples gathered for it."""
+    epoch = supported_epoch([r.epoch for r in reports], 0)
+    samples = sum(r.samples_accumulated for r in reports if r.epoch == epoch)
+    return SwarmProgress(trainers=len(reports), global_epoch=epoch, samples_accumulated=samples)
+
+
+def collect_swarm_view(dht: hivemind.DHT, config: SwarmConfig, banned_peers: list[str] | None = None) -> SwarmView:
+    m = config.model
+    uids = all_expert_uids(config.expert_prefix, m.num_moe_layers, m.num_experts)
+    replicas = find_replicas(dht, uids)
+    expert_map = [ExpertCell(uid=uid, hosts=len(replicas.get(uid, [])), online=bool(replicas.get(uid))) for uid in uids]
+    records = fetch_contributions(dht, config.run_prefix)
+    totals = network_stats(records)
+    progress = read_swarm_progress(dht, config.run_prefix)
+    stats = SwarmStats(
+        peers_alive=int(totals["peers_alive"]),
+        trainers=progress.trainers,
+        experts_online=sum(cell.online for cell in expert_map),
+        experts_total=len(expert_map),
+        replicas=sum(cell.hosts for cell in expert_map),
+        swarm_tokens=int(totals["swarm_tokens"]),
+        banned_peers=list(banned_peers or []),
+    )
+    return SwarmView(stats, expert_map, leaderboard(records), progress, records)
+
+
+class SwarmWatcher:
+    """Refreshes `status` from the DHT every `period_s` seconds in a daemon thread.
+
+    :param update_model: also set the model version and progress from the trainers' records (the bootstrap
+      monitor and host-only peers; a trainer's own optimizer knows these better and sets them itself)
+    :param banned_peers: returns this peer's current bans, shown in the swarm stats
+    """
+
+    def __init__(
+        self,
+        dht: hivemind.DHT,
+        config: SwarmConfig,
+        status: PeerStatus,
+        period_s: float = 10.0,
+        update_model: bool = False,
+        banned_peers: Callable[[], list[str]] | None = None,
+    ):
+        self.dht, self.config, self.status, self.period_s = dht, config, status, period_s
+        self.update_model, self.banned_peers = update_model, banned_peers
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="swarm-watcher", daemon=True)
+        self.last_view: SwarmView | None = None
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def refresh(self) -> SwarmView:
+        view = collect_swarm_view(self.dht, self.config, self.banned_peers() if self.banned_peers else None)
+        self.status.update_swarm(view.stats, view.expert_map, view.leaderboard)
+        if self.update_model:
+            self.status.update_model(
+                global_epoch=view.progress.global_epoch,
+                local_epoch=view.progress.global_epoch,
+                samples_accumulated=view.progress.samples_accumulated,
+                target_batch_size=self.config.training.target_batch_size,
+            )
+        self.last_view = view
+        return view
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.refresh()
+            except Exception as e:  # the DHT may be busy or shutting down; the next round retries
+                logger.debug(f"Swarm view refresh failed: {e!r}")
+            self._stop.wait(self.period_s)
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+
+

@@ -1,0 +1,104 @@
+"""Pure guards added around hivemind's all-reduce: the supported epoch, refused aggregates, self-referenced
+distances and per-round reducer observations. No network."""
+
+import asyncio
+import math
+
+import pytest
+import torch
+
+from dragon_swarm.averaging.aggregators import make_aggregator
+from dragon_swarm.averaging.reputation import ReputationBook
+from dragon_swarm.averaging.robust_allreduce import refused_result_reason
+from dragon_swarm.averaging.robust_progress import supported_epoch
+from dragon_swarm.averaging.robust_reducer import RobustTensorPartReducer
+
+
+@pytest.mark.parametrize(
+    "epochs, local, expected",
+    [
+        ([10, 10, 10, 50], 10, 10),  # one runaway does not move the swarm's epoch
+        ([10, 10, 50, 50, 10], 10, 10),  # two of five neither
+        ([10, 10, 50, 50], 10, 50),  # half of the trainers do (a tie is not a minority)
+        ([5, 6, 6], 5, 6),  # trainers switching epochs together
+        ([5, 5, 6], 5, 6),  # the first one to switch already counts (within one epoch of the rest)
+        ([0, 10, 10, 10], 0, 10),  # a late joiner sees the swarm's epoch and catches up
+        ([3, 9], 3, 9),  # two trainers: either is half
+        ([], 4, 4),  # nobody else: our own epoch
+        ([1, 2, 3], 7, 7),  # never below our own epoch
+    ],
+)
+def test_supported_epoch(epochs, local, expected):
+    assert supported_epoch(epochs, local) == expected
+
+
+def test_refused_result_reason_accepts_an_honest_aggregate():
+    torch.manual_seed(0)
+    own = torch.randn(1000)
+    others = [own + torch.randn(1000) for _ in range(3)]
+    aggregate = torch.stack([own, *others]).mean(dim=0)
+    assert refused_result_reason(aggregate - own, own, norm_per_value=1.0) is None
+
+
+@pytest.mark.parametrize(
+    "delta, reason",
+    [
+        (torch.full((100,), -1000.0), "more than"),  # a x-1000 pull, e.g. the mean of a 2-peer group with an attacker
+        (torch.tensor([math.nan] * 100), "NaN"),
+        (torch.zeros(99), "shape"),
+    ],
+)
+def test_refused_result_reason_refuses_garbage(delta, reason):
+    own = torch.ones(100)
+    assert reason in refused_result_reason(delta, own, norm_per_value=1.0)
+
+
+def test_refused_result_reason_uses_the_even_spread_scale_for_a_small_own_part():
+    # our part is tiny (e.g. embedding rows of tokens only others saw), but our tensors overall are not
+    own = torch.full((100,), 1e-6)
+    delta = torch.full((100,), 0.5)  # others' rows moved legitimately
+    assert refused_result_reason(delta, own, norm_per_value=0.1) is None
+    assert refused_result_reason(delta, own, norm_per_value=1e-6) is not None
+
+
+def test_refused_result_reason_cannot_judge_all_zero_tensors():
+    assert refused_result_reason(torch.full((10,), 5.0), torch.zeros(10), norm_per_value=0.0) is None
+
+
+def test_distances_in_units_of_the_reference_peer():
+    # three colluders right at the result make the median distance tiny; judged by the honest local peer's own
+    # distance, the other honest peer is normal
+    book = ReputationBook(ban_distance_ratio=4.0, min_observations=1, ema_alpha=1.0, min_senders=3)
+    peers = ["me", "honest", "c1", "c2", "c3"]
+    distances = [1.0, 1.2, 0.01, 0.01, 0.01]
+    banned = book.record_distances(peers, distances, now=0.0, unscored=["me"], reference="me")
+    assert banned == []
+    assert book.record("honest").distance_ema == pytest.approx(1.2)
+    assert book.record("me") is None  # measured, never scored
+    by_median = ReputationBook(ban_distance_ratio=4.0, min_observations=1, ema_alpha=1.0, min_senders=3)
+    assert "honest" in by_median.record_distances(peers, distances, now=0.0)  # what the median unit would do
+
+
+def test_reducer_records_one_observation_per_round_and_never_scores_itself():
+    book = ReputationBook(ban_distance_ratio=4.0, min_observations=1, ema_alpha=1.0, min_senders=3)
+    parts = [torch.zeros(4), torch.zeros(4)]  # two parts of 4 values
+
+    async def round_():
+        reducer = RobustTensorPartReducer(
+            [p.shape for p in parts], [p.dtype for p in parts], ["me", "a", "b", "far"],
+            aggregator=make_aggregator("median"), reputation=book, local_sender="me",
+        )  # fmt: skip
+        values = {"me": 1.0, "a": 1.1, "b": 0.9, "far": 100.0}
+
+        async def send(index, sender):
+            return [await reducer.accumulate_part(index, k, torch.full((4,), values[sender])) for k in range(2)]
+
+        await asyncio.gather(*(send(i, s) for i, s in enumerate(["me", "a", "b", "far"])))
+        return reducer
+
+    reducer = asyncio.run(round_())
+    assert len(reducer.reports) == 2
+    assert book.record("far").parts == 1  # one observation for the whole round, not one per part
+    assert book.is_banned("far")
+    assert book.record("me") is None
+    assert not book.is_banned("a") and not book.is_banned("b")
