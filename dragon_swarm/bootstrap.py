@@ -29,8 +29,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     config = dashboard = None
-    if args.dashboard is not None and not args.monitor:
-        parser.error("--dashboard needs --monitor")
+    if (args.dashboard is not None or args.config is not None) and not args.monitor:
+        parser.error("--dashboard and -c go with --monitor")
     if args.monitor:
         from dragon_swarm.config import ConfigError, load_config
         from dragon_swarm.monitor.dashboard import parse_listen_address
@@ -63,7 +63,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.info(f"Bootstrap node up, peer id {dht.peer_id.to_base58()}")
         print_line(initial_peers_line(dht))
         if config is not None:
-            session = start_monitor(dht, config, dashboard)
+            try:
+                session = start_monitor(dht, config, dashboard)
+            except OSError as e:  # the dashboard's port is taken or the address is not ours
+                fail(PROG, f"--dashboard {dashboard[0]}:{dashboard[1]}: {e.strerror or e}")
         while not stop.event.wait(60.0):
             if session is None:
                 logger.info("Bootstrap node alive")

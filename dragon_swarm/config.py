@@ -49,6 +49,9 @@ class TrainingSection:
     betas: tuple[float, float] = (0.9, 0.95)
     warmup_steps: int = 20
     clip_grad_norm: float = 1.0
+    # each trainer sends m <- b*m + (1-b)*g instead of its raw gradient g (Karimireddy, He, Jaggi 2021): honest
+    # vectors get b-times less noisy, so colluders can no longer hide inside the honest spread (ipm, -g attacks)
+    worker_momentum: float = 0.0
     expert_lr: float = 1e-3
     expert_clip_grad_norm: float = 1.0
 
@@ -123,6 +126,7 @@ class SwarmConfig:
             (t.batch_size > 0, "training.batch_size must be positive"),
             (t.target_batch_size >= t.batch_size, "training.target_batch_size must be >= training.batch_size"),
             (t.lr > 0, "training.lr must be positive"),
+            (0 <= t.worker_momentum < 1, "training.worker_momentum must be in [0, 1)"),
             (a.matchmaking_time > 0, "averaging.matchmaking_time must be positive"),
             (a.compression in ("none", "fp16", "blockwise8bit"), "averaging.compression must be none|fp16|blockwise8bit"),
             (

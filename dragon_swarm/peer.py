@@ -194,8 +194,8 @@ def apply_resources(options: PeerOptions) -> PeerOptions:
     try:
         device = resources.resolve_device(options.device)
         total = resources.total_memory_bytes(device)
-    except (ValueError, RuntimeError) as e:
-        fail(PROG, f"--device: {e}")
+    except (ValueError, RuntimeError, AssertionError) as e:  # torch asserts when built without CUDA
+        fail(PROG, f"--device {options.device}: {e}")
     cap = None
     if options.max_memory is not None:
         cap = resources.parse_memory_limit(options.max_memory, total)
@@ -285,7 +285,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     host = dispatcher = trainer = None
     try:
-        session.attach(dht, update_model_from_dht=not options.train)
+        try:
+            session.attach(dht, update_model_from_dht=not options.train)
+        except OSError as e:  # the dashboard's port is taken or the address is not ours
+            fail(PROG, f"--dashboard {options.dashboard[0]}:{options.dashboard[1]}: {e.strerror or e}")
         if options.initial_peers:
             others = other_config_hashes(dht, config)
             if others:

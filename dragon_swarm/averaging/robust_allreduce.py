@@ -55,6 +55,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+RESULT_DISTANCE_LIMIT = 20.0  # see RobustAllReduceRunner
+
 
 @dataclass(frozen=True)
 class RobustAveragingSettings:
@@ -74,6 +76,9 @@ class RobustAveragingSettings:
     :param ban_seconds, max_invalid, ban_distance_ratio, min_observations, ema_alpha: the ban policy, see
       :class:`~.reputation.ReputationBook`
     :param refuse_banned_peers: refuse banned peers in matchmaking (as leader and as follower)
+    :param result_distance_limit: refuse aggregates returned farther than this from our own part, in units of our
+      scale (see :class:`RobustAllReduceRunner`); None turns the check off. By default on for the robust
+      aggregators and off for ``mean``, which stays the unprotected baseline that benchmarks compare against.
     """
 
     aggregator: str = "centered_clip"
@@ -89,8 +94,14 @@ class RobustAveragingSettings:
     min_observations: int = 10
     ema_alpha: float = 0.2
     refuse_banned_peers: bool = True
+    result_distance_limit: float | None | str = "auto"
 
     def __post_init__(self):
+        if self.result_distance_limit == "auto":
+            limit = None if self.aggregator == "mean" else RESULT_DISTANCE_LIMIT
+            object.__setattr__(self, "result_distance_limit", limit)
+        if self.result_distance_limit is not None and not self.result_distance_limit > 0:
+            raise ValueError(f"result_distance_limit must be > 0 or None, got {self.result_distance_limit!r}")
         if self.aggregator not in AGGREGATORS:
             raise ValueError(f"unknown aggregator {self.aggregator!r}; known: {', '.join(sorted(AGGREGATORS))}")
         self.make_aggregator()
@@ -115,9 +126,6 @@ class RobustAveragingSettings:
         )
 
 
-RESULT_DISTANCE_LIMIT = 20.0  # see RobustAllReduceRunner
-
-
 class RobustAllReduceRunner(AllReduceRunner):
     """hivemind's butterfly all-reduce with :class:`RobustTensorPartReducer` in place of the weighted mean.
 
@@ -138,16 +146,18 @@ class RobustAllReduceRunner(AllReduceRunner):
         *,
         aggregator: Aggregator,
         reputation: ReputationBook,
-        result_distance_limit: float = RESULT_DISTANCE_LIMIT,
+        result_distance_limit: float | None = RESULT_DISTANCE_LIMIT,
         **kwargs,
     ):
         super().__init__(**kwargs)
-        self.reputation, self.result_distance_limit = reputation, float(result_distance_limit)
+        self.reputation, self.result_distance_limit = reputation, result_distance_limit
         container = self.tensor_part_container
         total_norm = torch.sqrt(sum(t.detach().double().pow(2).sum() for t in container.local_tensors) + 0.0)
         self._norm_per_value = float(total_norm) / max(1, container.total_size) ** 0.5
         self._refused_from: set[int] = set()
-        self._register_checked_part, container.register_processed_part = container.register_processed_part, self._check_returned_part
+        if result_distance_limit is not None:
+            self._register_checked_part = container.register_processed_part
+            container.register_processed_part = self._check_returned_part
         # retire the stock reducer quietly: nobody will feed it, and its finalize() would warn "received 0.0%"
         self.tensor_part_reducer.finished.set()
         local_parts = self.parts_for_local_averaging
@@ -291,6 +301,7 @@ class _RobustAveragerMixin:
         runner = RobustAllReduceRunner(
             aggregator=self._aggregator,
             reputation=self.reputation,
+            result_distance_limit=self.robust_settings.result_distance_limit,
             p2p=self._p2p,
             servicer_type=type(self),
             prefix=self.prefix,

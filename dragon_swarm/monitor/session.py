@@ -145,7 +145,7 @@ class VolunteerSession:
     def shutdown(self) -> None:
         self._stop.set()
         self.status.set_state(PeerState.STOPPING)
-        if self.counters is not None:
+        if self.counters is not None and self.publisher is not None:  # joined: otherwise there is nothing to tell
             self._show_counters()
             self.publish_and_save()
             logger.info(

@@ -108,6 +108,8 @@ class Trainer:
         self.step = 0
         self.tokens = 0
         self.skipped_batches = 0
+        self._trunk_names = [name for name, _ in self.model.named_trunk_parameters()]
+        self.momentum: dict[str, torch.Tensor] = {}  # worker momentum per trunk parameter (training.worker_momentum)
         saved = self._read_checkpoint()
         if saved is not None:
             # weights go in before the optimizer is built: hivemind keeps its own (offloaded) copy of them
@@ -130,7 +132,8 @@ class Trainer:
         )
         self._reported_bans: set[str] = set()
         if saved is not None:
-            trunk, optimizer_state, counters = saved
+            trunk, optimizer_state, counters, momentum = saved
+            self.momentum = {k: v for k, v in momentum.items() if k in self._trunk_names}
             optimizer_state["state"]["local_epoch"] = int(counters["local_epoch"])
             self.optimizer.load_state_dict(optimizer_state)
             self.step, self.tokens = int(counters["step"]), int(counters["tokens"])
@@ -153,6 +156,7 @@ class Trainer:
         optim_tensors, optim_rest = optimizer_state_to_tensors(optimizer_state)
         tensors = {f"trunk.{k}": v for k, v in trunk.items()}
         tensors.update(optim_tensors)
+        tensors.update({f"momentum.{k}": v for k, v in self.momentum.items()})
         metadata = {
             "optimizer": json.dumps(optim_rest),
             "counters": json.dumps({"step": self.step, "tokens": self.tokens, "local_epoch": int(local_epoch)}),
@@ -162,7 +166,7 @@ class Trainer:
         save_tensors_atomic(self.checkpoint_path, tensors, metadata)
 
     def _read_checkpoint(self):
-        """(trunk, optimizer state, counters) from the state dir; a corrupt or foreign file is reported, not used."""
+        """(trunk, optimizer state, counters, worker momentum) from the state dir; a corrupt or foreign file is reported, not used."""
         if not self.checkpoint_path.exists():
             return None
         try:
@@ -174,12 +178,13 @@ class Trainer:
                 return None
             counters = json.loads(metadata["counters"])
             trunk = {k[len("trunk.") :]: v for k, v in tensors.items() if k.startswith("trunk.")}
+            momentum = {k[len("momentum.") :]: v for k, v in tensors.items() if k.startswith("momentum.")}
             optimizer_state = optimizer_state_from_tensors(tensors, json.loads(metadata["optimizer"]))
             self.model.load_trunk_state_dict(trunk)  # checks names and shapes before the optimizer exists
         except (CheckpointError, KeyError, ValueError, RuntimeError) as e:
             logger.error(f"Trainer checkpoint unusable, starting fresh: {e}")
             return None
-        return trunk, optimizer_state, counters
+        return trunk, optimizer_state, counters, momentum
 
     # --- training ---
 
@@ -219,6 +224,8 @@ class Trainer:
                 grad_norm = torch.zeros(())  # attackers neither clip nor filter what they send
             else:
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
+                if torch.isfinite(grad_norm):
+                    self._apply_worker_momentum(params)
             if self.attacker is None and not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
                 # a poisoned micro-batch (bad expert output, overflow) must not reach the swarm's average
                 self.skipped_batches += 1
@@ -259,6 +266,21 @@ class Trainer:
             )
             if self.step % save_every == 0:
                 self.save()
+
+    def _apply_worker_momentum(self, params: list[torch.nn.Parameter]) -> None:
+        """Replace each gradient by this worker's momentum (training.worker_momentum, see config.py)."""
+        beta = self.config.training.worker_momentum
+        if beta <= 0:
+            return
+        for name, p in zip(self._trunk_names, params):
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            m = self.momentum.get(name)
+            if m is None:
+                m = self.momentum[name] = p.grad.detach().clone()  # start from the first gradient, not from zero
+            else:
+                m.mul_(beta).add_(p.grad, alpha=1 - beta)
+            p.grad.copy_(m)
 
     # --- volunteer-facing reporting ---
 

@@ -8,8 +8,6 @@ import logging
 import os
 import pty
 import re
-import select
-import subprocess
 import sys
 import textwrap
 import time
@@ -29,9 +27,9 @@ from dragon_swarm.monitor.panel import (
     sparkline,
 )
 from dragon_swarm.monitor.status import LeaderboardRow, PeerState, PeerStatus, SwarmStats
+from tests.pty_run import run_on_pty, screen_text
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[()][0-9A-Za-z]|\x1b[=>78]")
 
 
 def as_text(renderable, width: int = 120) -> str:
@@ -189,42 +187,9 @@ PANEL_SCRIPT = textwrap.dedent(
 )
 
 
-def run_on_pty(script: str, timeout_s: float = 60.0) -> tuple[int, str]:
-    """Run `python -c script` with a pseudo-terminal as stdin/stdout/stderr; its exit code and everything it drew."""
-    master, slave = pty.openpty()
-    env = {k: v for k, v in os.environ.items() if k not in ("DRAGON_NO_PANEL", "NO_COLOR")}
-    env.update(TERM="xterm-256color", COLUMNS="120", LINES="40", PYTHONPATH=str(REPO_ROOT))
-    proc = subprocess.Popen(
-        [sys.executable, "-c", script], stdin=slave, stdout=slave, stderr=slave, env=env, cwd=REPO_ROOT
-    )
-    os.close(slave)  # only the child holds it now, so reading the master ends (EIO) when the child exits
-    chunks: list[bytes] = []
-    deadline = time.monotonic() + timeout_s
-    try:
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([master], [], [], 0.2)
-            if ready:
-                try:
-                    data = os.read(master, 65536)
-                except OSError:  # EIO: every holder of the slave side is gone
-                    break
-                if not data:
-                    break
-                chunks.append(data)
-            elif proc.poll() is not None:
-                break
-        code = proc.wait(timeout=max(deadline - time.monotonic(), 1.0))
-    finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, 9)
-            proc.wait()
-        os.close(master)
-    return code, b"".join(chunks).decode("utf-8", errors="replace")
-
-
 def test_live_panel_on_a_pseudo_terminal() -> None:
-    code, raw = run_on_pty(PANEL_SCRIPT)
-    text = ANSI.sub("", raw).replace("\r", "")
+    code, raw = run_on_pty([sys.executable, "-c", PANEL_SCRIPT])
+    text = screen_text(raw)
 
     assert code == 0, text[-3000:]
     assert "USE_PANEL=True" in text

@@ -9,10 +9,7 @@ run in file order and the last ones stop and restart that peer.
 from __future__ import annotations
 
 import json
-import os
-import pty
 import re
-import select
 import signal
 import subprocess
 import sys
@@ -26,6 +23,7 @@ import pytest
 from dragon_swarm.state.checkpoint import load_tensors
 from dragon_swarm.swarm.local_peers import PeerProcess, REPO_ROOT, read_stats, wait_for_stats
 from tests.monitor.browser import chromium_driver, require_browser
+from tests.pty_run import run_on_pty, screen_text
 from tests.swarm.paths import TEST_CONFIG
 
 pytestmark = pytest.mark.swarm
@@ -179,33 +177,9 @@ def test_panel_shows_real_numbers_in_a_terminal(tmp_path):
     stats = tmp_path / "stats.jsonl"
     args = [sys.executable, "-m", "dragon_swarm.peer", "--new-swarm", "-c", str(TEST_CONFIG), "--max-steps", "4",
             "--state-dir", str(tmp_path / "state"), "--stats-file", str(stats), "--name", "panel-test"]  # fmt: skip
-    env = dict(os.environ, TERM="xterm-256color", COLUMNS="120", LINES="40", OMP_NUM_THREADS="1")
-    env.pop("DRAGON_NO_PANEL", None)
-    master, slave = pty.openpty()
-    proc = subprocess.Popen(args, stdin=slave, stdout=slave, stderr=slave, cwd=REPO_ROOT, env=env, start_new_session=True)
-    os.close(slave)
-    chunks = []
-    try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([master], [], [], 0.5)
-            if ready:
-                try:
-                    data = os.read(master, 65536)
-                except OSError:  # the child closed the terminal
-                    break
-                if not data:
-                    break
-                chunks.append(data)
-            elif proc.poll() is not None:
-                break
-        assert proc.wait(timeout=60) == 0
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        os.close(master)
-    screen = re.sub(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[()][0-9A-Za-z]|\r", "", b"".join(chunks).decode(errors="replace"))
+    code, raw = run_on_pty(args, timeout_s=240)
+    screen = screen_text(raw)
+    assert code == 0, screen[-3000:]
     last = read_stats(stats)[-1]
     assert "panel-test" in screen
     assert "TRAINING" in screen or "AVERAGING" in screen

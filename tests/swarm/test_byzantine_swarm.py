@@ -1,7 +1,4 @@
-"""NOT COLLECTED YET (issue 3, open): rename to test_byzantine_swarm.py once honest trainers learn through
-these attacks on a real swarm; see the session-1 closing note for why they do not yet.
-
-Real loopback swarms with Byzantine trainers (the hidden, test-only `--attack` mode).
+"""Real loopback swarms with Byzantine trainers (the hidden, test-only `--attack` mode).
 
 Two runs: CenteredClip with three honest trainers, one sign-flipping (x-1000) and one NaN-sending trainer;
 and plain (capped-weight) mean with three honest trainers and one sign-flipper. Honest trainers must learn in
