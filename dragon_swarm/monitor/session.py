@@ -47,7 +47,7 @@ class VolunteerSession:
         panel: bool,
         read_only: bool = False,
         swarm_refresh_s: float = 10.0,
-        publish_period_s: float = 30.0,
+        publish_period_s: float = 15.0,
     ):
         self.config, self.state_dir, self.role = config, state_dir, role
         self._name = name
@@ -56,7 +56,7 @@ class VolunteerSession:
         self.counters_path = None if state_dir is None else state_dir / COUNTERS_FILE
         self.counters = ContributionCounters.load(self.counters_path, config.run_prefix) if self.counters_path else None
         self._dashboard_address, self._want_panel = dashboard, panel
-        self._swarm_refresh_s, self._publish_period_s = swarm_refresh_s, publish_period_s
+        self._swarm_refresh_s, self._publish_period_s = swarm_refresh_s, publish_period_s  # see attach()
         self.dashboard: Dashboard | None = None
         self.panel = None
         self._undo_logging: Callable[[], None] | None = None
@@ -98,13 +98,18 @@ class VolunteerSession:
             self.publisher.start()
         self.watcher = SwarmWatcher(
             dht, self.config, self.status, self._swarm_refresh_s, update_model=update_model_from_dht,
-            banned_peers=lambda: self.banned_peers(),
+            banned_peers=lambda: self.banned_peers(), local_record=self._local_record,
         )  # fmt: skip
         self.watcher.start()
         if self._dashboard_address is not None:
             host, port = self._dashboard_address
             self.dashboard = Dashboard(self.status, self.switch, host, port)
             self.dashboard.start()
+
+    def _local_record(self):
+        if self.counters is None or self.publisher is None:
+            return None
+        return self.counters.to_record(self.status.peer_id, self.status.name, self.role)
 
     def count_host_requests(self, host) -> None:
         """Add the expert host's served requests to the counters every few seconds."""

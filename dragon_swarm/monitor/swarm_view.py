@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Callable
 
@@ -22,6 +24,8 @@ from dragon_swarm.monitor.status import ExpertCell, LeaderboardRow, PeerStatus, 
 from dragon_swarm.swarm.contributions import ContributionRecord, fetch_contributions, leaderboard, network_stats
 
 logger = logging.getLogger(__name__)
+
+SPEED_WINDOW_S = 60.0  # the monitor's swarm tokens/s is averaged over this long
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,16 @@ class SwarmView:
     leaderboard: list[LeaderboardRow]
     progress: SwarmProgress
     contributions: dict[str, ContributionRecord]
+    median_loss: float | None  # over trainers' self-reported latest losses (display only)
+
+
+def median_loss(records: dict[str, ContributionRecord]) -> float | None:
+    """Pure: the median of the reported losses; a few lying peers cannot move it far."""
+    losses = sorted(r.loss for r in records.values() if r.loss is not None)
+    if not losses:
+        return None
+    mid = len(losses) // 2
+    return losses[mid] if len(losses) % 2 else (losses[mid - 1] + losses[mid]) / 2
 
 
 def read_swarm_progress(dht: hivemind.DHT, run_prefix: str) -> SwarmProgress:
@@ -62,12 +76,21 @@ def summarize_progress(reports: list[LocalTrainingProgress]) -> SwarmProgress:
     return SwarmProgress(trainers=len(reports), global_epoch=epoch, samples_accumulated=samples)
 
 
-def collect_swarm_view(dht: hivemind.DHT, config: SwarmConfig, banned_peers: list[str] | None = None) -> SwarmView:
+def collect_swarm_view(
+    dht: hivemind.DHT,
+    config: SwarmConfig,
+    banned_peers: list[str] | None = None,
+    local_record: ContributionRecord | None = None,
+) -> SwarmView:
+    """One read of the DHT. `local_record` (this peer's live counters) replaces its own published record, which
+    is up to one publishing period old."""
     m = config.model
     uids = all_expert_uids(config.expert_prefix, m.num_moe_layers, m.num_experts)
     replicas = find_replicas(dht, uids)
     expert_map = [ExpertCell(uid=uid, hosts=len(replicas.get(uid, [])), online=bool(replicas.get(uid))) for uid in uids]
     records = fetch_contributions(dht, config.run_prefix)
+    if local_record is not None:
+        records[local_record.peer_id] = local_record
     totals = network_stats(records)
     progress = read_swarm_progress(dht, config.run_prefix)
     stats = SwarmStats(
@@ -79,7 +102,7 @@ def collect_swarm_view(dht: hivemind.DHT, config: SwarmConfig, banned_peers: lis
         swarm_tokens=int(totals["swarm_tokens"]),
         banned_peers=list(banned_peers or []),
     )
-    return SwarmView(stats, expert_map, leaderboard(records), progress, records)
+    return SwarmView(stats, expert_map, leaderboard(records), progress, records, median_loss(records))
 
 
 class SwarmWatcher:
@@ -98,9 +121,13 @@ class SwarmWatcher:
         period_s: float = 10.0,
         update_model: bool = False,
         banned_peers: Callable[[], list[str]] | None = None,
+        local_record: Callable[[], ContributionRecord | None] | None = None,
     ):
         self.dht, self.config, self.status, self.period_s = dht, config, status, period_s
-        self.update_model, self.banned_peers = update_model, banned_peers
+        self.update_model, self.banned_peers, self.local_record = update_model, banned_peers, local_record
+        # (time, swarm tokens) over the last minute: records are republished every ~15 s, so a shorter window
+        # sees bursts instead of the swarm's speed
+        self._token_samples: deque[tuple[float, int]] = deque()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="swarm-watcher", daemon=True)
         self.last_view: SwarmView | None = None
@@ -109,7 +136,12 @@ class SwarmWatcher:
         self._thread.start()
 
     def refresh(self) -> SwarmView:
-        view = collect_swarm_view(self.dht, self.config, self.banned_peers() if self.banned_peers else None)
+        view = collect_swarm_view(
+            self.dht,
+            self.config,
+            self.banned_peers() if self.banned_peers else None,
+            self.local_record() if self.local_record else None,
+        )
         self.status.update_swarm(view.stats, view.expert_map, view.leaderboard)
         if self.update_model:
             self.status.update_model(
@@ -118,6 +150,15 @@ class SwarmWatcher:
                 samples_accumulated=view.progress.samples_accumulated,
                 target_batch_size=self.config.training.target_batch_size,
             )
+        if self.status.role == "monitor":  # its charts show the swarm: median loss by model version, tokens/s
+            now, tokens = time.time(), view.stats.swarm_tokens
+            self._token_samples.append((now, tokens))
+            while len(self._token_samples) > 2 and now - self._token_samples[1][0] >= SPEED_WINDOW_S:
+                self._token_samples.popleft()
+            then, tokens_then = self._token_samples[0]
+            speed = max(0.0, (tokens - tokens_then) / (now - then)) if now > then else None
+            if view.median_loss is not None and speed is not None:
+                self.status.record_step(view.progress.global_epoch, view.median_loss, speed, when=now)
         self.last_view = view
         return view
 

@@ -73,6 +73,7 @@ class ContributionRecord(BaseModel):
     uptime_s: float = Field(ge=0.0, allow_inf_nan=False)  # total across restarts
     role: Role
     version: int = Field(default=1, ge=1)  # schema version of this record
+    loss: float | None = Field(default=None, ge=0.0, allow_inf_nan=False)  # latest training loss; display only
 
     @field_validator("name")
     @classmethod
@@ -318,6 +319,7 @@ class ContributionCounters:
         self._peer_id = peer_id
         self._tokens, self._batches, self._expert_requests = tokens, batches, expert_requests
         self._previous_uptime_s = uptime_s
+        self._last_loss: float | None = None  # not persisted: a loss from an old session says nothing now
         self._clock = clock
         self._session_started = clock()
 
@@ -435,6 +437,11 @@ class ContributionCounters:
     def _uptime_locked(self) -> float:
         return self._previous_uptime_s + max(0.0, self._clock() - self._session_started)
 
+    def set_loss(self, loss: float) -> None:
+        """The latest training loss, published with the record (non-finite values are not published)."""
+        with self._lock:
+            self._last_loss = float(loss) if math.isfinite(loss) and loss >= 0 else None
+
     def to_record(self, peer_id: str, name: str, role: Role) -> ContributionRecord:
         """A consistent snapshot as a record; raises pydantic.ValidationError for an invalid name or role."""
         with self._lock:
@@ -445,6 +452,7 @@ class ContributionCounters:
                 self._expert_requests,
                 self._uptime_locked(),
             )
+            loss = self._last_loss
         return ContributionRecord(
             peer_id=peer_id,
             name=name,
@@ -453,6 +461,7 @@ class ContributionCounters:
             expert_requests=requests,
             uptime_s=uptime,
             role=role,
+            loss=loss,
         )
 
 

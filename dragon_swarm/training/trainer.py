@@ -296,6 +296,7 @@ class Trainer:
         from dragon_swarm.swarm.contributions import badge_for
 
         status, counters, tracker = self.hooks.status, self.hooks.counters, self.optimizer.tracker
+        counters.set_loss(stats.loss)
         status.record_step(stats.step, stats.loss, stats.tokens_per_second, when=stats.time)
         status.update_model(
             global_epoch=int(tracker.global_epoch),
