@@ -54,7 +54,13 @@ def build_parser() -> CleanArgumentParser:
     p.add_argument("--max-memory", default=None, help="memory cap for training: a fraction (0.5, 50%%) or a size (6GiB, 800MiB)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--batch-size", default=None, help="micro-batch size, or 'auto': the largest that fits --max-memory, measured")
-    p.add_argument("--host-maddrs", nargs="+", default=["/ip4/127.0.0.1/tcp/0"], help="listen addresses; use /ip4/0.0.0.0/tcp/PORT to accept others")
+    p.add_argument(
+        "--host-maddrs",
+        nargs="+",
+        default=None,
+        help="listen addresses (default: a free port on all interfaces when joining peers on other machines, "
+        "loopback otherwise; e.g. /ip4/0.0.0.0/tcp/31338 for a fixed port)",
+    )
     p.add_argument("--announce-maddrs", nargs="+", default=[], help="public addresses others should dial")
     p.add_argument("--data-dir", type=Path, default=None, help="where corpora live (default: the project's data/)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -86,6 +92,15 @@ class PeerOptions:
     threads: int | None = None
     max_memory: str | None = None
     batch_size_auto: bool = False
+
+
+def default_host_maddrs(initial_peers: Sequence[str]) -> list[str]:
+    """Loopback for a one-machine swarm; all interfaces when any initial peer is elsewhere, since peers on other
+    machines must be able to dial back (averaging and expert calls go both ways)."""
+    loopback = ("/ip4/127.", "/ip6/::1/", "/dns/localhost/", "/dns4/localhost/")
+    if any(not maddr.startswith(loopback) for maddr in initial_peers):
+        return ["/ip4/0.0.0.0/tcp/0"]
+    return ["/ip4/127.0.0.1/tcp/0"]
 
 
 def parse_options(argv: Sequence[str] | None) -> tuple[PeerOptions, str]:
@@ -171,7 +186,7 @@ def parse_options(argv: Sequence[str] | None) -> tuple[PeerOptions, str]:
         identity=args.identity or state_dir / "identity.key",
         device=device,
         batch_size=config.training.batch_size,
-        host_maddrs=tuple(args.host_maddrs),
+        host_maddrs=tuple(args.host_maddrs or default_host_maddrs(args.initial_peers or ())),
         announce_maddrs=tuple(args.announce_maddrs),
         data_dir=args.data_dir,
         attack=args.attack,
