@@ -189,14 +189,15 @@ def test_aggregate_round_gives_each_peer_its_span_and_its_own_bans():
     ids = [f"peer{i}" for i in range(4)]
     books = [ReputationBook(min_observations=4) for _ in ids]
     median = make_aggregator("median")
-    # Execute: 2 rounds of 2 parts per span = 4 far observations per book
-    for _ in range(2):
+    # Execute: 4 rounds of 2 parts per span = 4 far observations per book (one per round)
+    for _ in range(4):
         rows = torch.cat([torch.randn(3, 40, generator=g), 1000 * torch.ones(1, 40)])
         value, reducers = aggregate_round(rows, [1.0] * 4, ids, median, books, part_size=5)
-    # Assert
+    # Assert: every honest book bans the far sender; a sender never judges (or bans) itself
     assert value.shape == (40,) and len(reducers) == 4
     assert all(len(reducer.reports) == 2 for reducer in reducers)
-    assert all(book.is_banned("peer3") for book in books)
+    assert all(book.is_banned("peer3") for book in books[:3])
+    assert books[3].record("peer3") is None
     assert not any(book.is_banned(peer) for book in books for peer in ids[:3])
     assert torch.allclose(value, rows[:3].median(dim=0).values, atol=3.0)
 
