@@ -129,7 +129,8 @@ class RobustnessSettings:
     bans: bool = True
     min_observations: int | None = None  # ReputationBook: far parts in a row before a ban (None: the trainer's)
     ban_distance_ratio: float | None = None  # ReputationBook: how far counts as far (None: the trainer's)
-    worker_momentum: float = 0.0  # simulation only: peers send a momentum of their gradients, see simulate()
+    worker_momentum: float = 0.0  # simulation: peers send a momentum of their gradients, see simulate(); the CLI
+    # defaults it to the config's training.worker_momentum (network peers take it from the config themselves)
     timeout: float = 1800.0  # network mode: seconds to wait for the trainers
 
     def __post_init__(self):
@@ -180,7 +181,7 @@ class RobustnessSettings:
         extra = {} if self.min_observations is None else {"min_observations": self.min_observations}
         if self.ban_distance_ratio is not None:
             extra["ban_distance_ratio"] = self.ban_distance_ratio
-        trainer = robust_settings(a)
+        trainer = robust_settings(a, config.training.target_batch_size)
         return dataclasses.replace(
             trainer,
             aggregator=self.aggregator,
@@ -222,6 +223,7 @@ def reduce_partitions(
     round_name: str = "",
     clock: Callable[[], float] = time.monotonic,
     local_sender: str | None = None,
+    weight_claim_limit: float | None = None,
 ) -> tuple[torch.Tensor, RobustTensorPartReducer]:
     """Aggregate ``grads`` ``[n, d]`` (one row per sender) part by part, as one all-reduce round would.
 
@@ -235,10 +237,12 @@ def reduce_partitions(
     if grads.dim() != 2 or grads.shape[0] != len(weights) or grads.shape[0] != len(sender_ids):
         raise ValueError(f"need one row, weight and id per sender: {tuple(grads.shape)}, {len(weights)}, {len(sender_ids)}")
     rows = [list(torch.split(row, part_size)) for row in grads]
-    return asyncio.run(_reduce_round(rows, weights, sender_ids, aggregator, reputation, round_name, clock, local_sender))
+    return asyncio.run(
+        _reduce_round(rows, weights, sender_ids, aggregator, reputation, round_name, clock, local_sender, weight_claim_limit)
+    )
 
 
-async def _reduce_round(rows, weights, sender_ids, aggregator, reputation, round_name, clock, local_sender):
+async def _reduce_round(rows, weights, sender_ids, aggregator, reputation, round_name, clock, local_sender, weight_claim_limit):
     # built inside the loop: the reducer creates asyncio futures and events
     reducer = RobustTensorPartReducer(
         [part.shape for part in rows[0]],
@@ -249,6 +253,7 @@ async def _reduce_round(rows, weights, sender_ids, aggregator, reputation, round
         round_name=round_name,
         clock=clock,
         local_sender=local_sender,
+        weight_claim_limit=weight_claim_limit,
     )
 
     async def send(index: int) -> list[torch.Tensor]:
@@ -270,6 +275,7 @@ def aggregate_round(
     part_size: int,
     round_name: str = "",
     clock: Callable[[], float] = time.monotonic,
+    weight_claim_limit: float | None = None,
 ) -> tuple[torch.Tensor, list[RobustTensorPartReducer]]:
     """One all-reduce round laid out as hivemind's butterfly all-reduce: the flat ``[n, d]`` stack is cut into
     ``n`` contiguous spans, one per sender (equal spans, as hivemind's load balancing gives equal peers), and
@@ -288,7 +294,7 @@ def aggregate_round(
             continue
         value, reducer = reduce_partitions(
             span, weights, sender_ids, aggregator, books[owner], part_size, f"{round_name}/{sender_ids[owner]}", clock,
-            local_sender=sender_ids[owner],
+            local_sender=sender_ids[owner], weight_claim_limit=weight_claim_limit,
         )
         values.append(value)
         reducers.append(reducer)
@@ -409,6 +415,7 @@ def simulate(settings: RobustnessSettings, config: SwarmConfig, train: TokenStre
         aggregate, reducers = aggregate_round(
             torch.stack([rows[i] for i in active]), [weights[i] for i in active], [sender_ids[i] for i in active],
             aggregator, [books[i] for i in active], settings.part_size, round_name=f"step{step}", clock=lambda: now,
+            weight_claim_limit=averaging.weight_claim_limit if settings.bans else None,
         )  # fmt: skip
         for reducer in reducers:
             iterations.extend(report.iterations for report in reducer.reports)
@@ -624,8 +631,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[RobustnessSettings, Path 
                    help="simulation: far parts in a row before a peer bans a sender (default: the trainer's)")
     p.add_argument("--ban-distance-ratio", type=float, default=None,
                    help="simulation: distance (x the part's median distance) that counts as far (default: the trainer's)")
-    p.add_argument("--worker-momentum", type=float, default=0.0,
-                   help="simulation experiment: peers send a momentum (this beta) of their gradients")
+    p.add_argument("--worker-momentum", type=float, default=None,
+                   help="simulation: peers send a momentum (this beta) of their gradients "
+                        "(default: the config's training.worker_momentum, as trainers do)")
     p.add_argument("--timeout", type=float, default=1800.0, help="network mode: seconds to wait for the trainers")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: on a busy 2-core machine 2 threads ran ~20x slower)")
@@ -640,7 +648,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[RobustnessSettings, Path 
             part_size=args.part_size, eval_batches=args.eval_batches, eval_batch_size=args.eval_batch_size,
             bans=args.bans, min_observations=args.min_observations,
             ban_distance_ratio=args.ban_distance_ratio,
-            worker_momentum=args.worker_momentum, timeout=args.timeout,
+            worker_momentum=(
+                load_config(args.config).training.worker_momentum if args.worker_momentum is None else args.worker_momentum
+            ),
+            timeout=args.timeout,
         )  # fmt: skip
         settings.averaging(load_config(settings.config))  # bad tau / trim ratio: report now, not after a run
     except ValueError as e:

@@ -79,6 +79,8 @@ class RobustAveragingSettings:
     :param result_distance_limit: refuse aggregates returned farther than this from our own part, in units of our
       scale (see :class:`RobustAllReduceRunner`); None turns the check off. By default on for the robust
       aggregators and off for ``mean``, which stays the unprotected baseline that benchmarks compare against.
+    :param weight_claim_limit: a sender claiming a weight above this (e.g. more samples than an honest peer can
+      gather in one round) is lying; each round it does so counts as an invalid part toward a ban. None: off
     """
 
     aggregator: str = "centered_clip"
@@ -95,11 +97,14 @@ class RobustAveragingSettings:
     ema_alpha: float = 0.2
     refuse_banned_peers: bool = True
     result_distance_limit: float | None | str = "auto"
+    weight_claim_limit: float | None = None
 
     def __post_init__(self):
         if self.result_distance_limit == "auto":
             limit = None if self.aggregator == "mean" else RESULT_DISTANCE_LIMIT
             object.__setattr__(self, "result_distance_limit", limit)
+        if self.weight_claim_limit is not None and not self.weight_claim_limit > 0:
+            raise ValueError(f"weight_claim_limit must be > 0 or None, got {self.weight_claim_limit!r}")
         if self.result_distance_limit is not None and not self.result_distance_limit > 0:
             raise ValueError(f"result_distance_limit must be > 0 or None, got {self.result_distance_limit!r}")
         if self.aggregator not in AGGREGATORS:
@@ -147,6 +152,7 @@ class RobustAllReduceRunner(AllReduceRunner):
         aggregator: Aggregator,
         reputation: ReputationBook,
         result_distance_limit: float | None = RESULT_DISTANCE_LIMIT,
+        weight_claim_limit: float | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -169,6 +175,7 @@ class RobustAllReduceRunner(AllReduceRunner):
             reputation=reputation,
             round_name=self.group_id.hex()[:8],
             local_sender=str(self.peer_id),
+            weight_claim_limit=weight_claim_limit,
         )
 
     def _check_returned_part(self, peer_index: int, part_index: int, part: torch.Tensor) -> None:
@@ -302,6 +309,7 @@ class _RobustAveragerMixin:
             aggregator=self._aggregator,
             reputation=self.reputation,
             result_distance_limit=self.robust_settings.result_distance_limit,
+            weight_claim_limit=self.robust_settings.weight_claim_limit,
             p2p=self._p2p,
             servicer_type=type(self),
             prefix=self.prefix,

@@ -75,6 +75,8 @@ class RobustTensorPartReducer(TensorPartReducer):
     :param round_name: a short label for log lines, e.g. the group id in hex
     :param clock: time source for the book (monotonic seconds)
     :param local_sender: this peer's own id: measured, never scored in the book
+    :param weight_claim_limit: a weight above this is a lie: one invalid strike per round for its sender (the part
+      itself still counts; robust aggregators ignore weights anyway)
     """
 
     def __init__(
@@ -88,6 +90,7 @@ class RobustTensorPartReducer(TensorPartReducer):
         round_name: str = "",
         clock: Callable[[], float] = time.monotonic,
         local_sender: str | None = None,
+        weight_claim_limit: float | None = None,
     ):
         # set before super().__init__, which calls our reset_accumulators
         self.part_dtypes, self.sender_ids = tuple(part_dtypes), tuple(map(str, sender_ids))
@@ -98,6 +101,8 @@ class RobustTensorPartReducer(TensorPartReducer):
         self.local_sender = None if local_sender is None else str(local_sender)
         self._squared_distances: dict[str, float] = {}  # sender -> sum over this round's parts of distance^2
         self._round_recorded = False
+        self.weight_claim_limit = weight_claim_limit
+        self.weight_liars: set[str] = set()
         super().__init__(part_shapes, num_senders=len(self.sender_ids))
         if len(self.part_dtypes) != self.num_parts:
             self.finished.set()  # so that __del__ does not warn about a round that never started
@@ -150,6 +155,10 @@ class RobustTensorPartReducer(TensorPartReducer):
             raise BannedException(f"sender {sender} was excluded from round {self.round_name} in background")
         assert part_index == self.current_part_index
 
+        if self.weight_claim_limit is not None and not weight <= self.weight_claim_limit and sender not in self.weight_liars:
+            self.weight_liars.add(sender)  # once per round: the claim repeats in every part
+            self.reputation.record_invalid(sender, f"claimed weight {weight:g} > {self.weight_claim_limit:g}", self.clock())
+            logger.warning(f"round {self.round_name}: {sender} claims weight {weight:g}, more than the {self.weight_claim_limit:g} an honest peer can have")
         current_part_future = self.current_part_future
         if weight > 0:  # False for NaN too
             self.parts[sender_index] = tensor_part.reshape(-1)

@@ -52,7 +52,7 @@ def warmup_schedule(warmup_steps: int):
     return factor
 
 
-def robust_settings(averaging: AveragingSection) -> RobustAveragingSettings:
+def robust_settings(averaging: AveragingSection, target_batch_size: int | None = None) -> RobustAveragingSettings:
     # a sender 5x farther from the robust result than the median sender, over a whole round's partition, 3
     # rounds in a row, or with 2 invalid parts, is banned. Judged per round, not per part: in parts holding
     # rare-token embedding rows an honest peer's gradient is large only on its own batch's tokens (16-44x the
@@ -65,6 +65,9 @@ def robust_settings(averaging: AveragingSection) -> RobustAveragingSettings:
         ban_distance_ratio=5.0,
         min_observations=3,
         max_invalid=2,
+        # hivemind weighs gradients by the samples a peer accumulated since the last round: an honest peer never
+        # holds more than the swarm's target batch plus a few micro-batches of overshoot
+        weight_claim_limit=None if target_batch_size is None else 4.0 * target_batch_size,
     )
 
 
@@ -116,7 +119,7 @@ class Trainer:
             self.model.load_trunk_state_dict(saved[0])
         t = config.training
         self.optimizer = RobustOptimizer(
-            robust=robust_settings(config.averaging),
+            robust=robust_settings(config.averaging, config.training.target_batch_size),
             dht=dht,
             run_id=config.run_prefix,
             target_batch_size=t.target_batch_size,

@@ -102,3 +102,31 @@ def test_reducer_records_one_observation_per_round_and_never_scores_itself():
     assert book.is_banned("far")
     assert book.record("me") is None
     assert not book.is_banned("a") and not book.is_banned("b")
+
+
+def test_a_weight_nobody_honest_can_have_is_a_strike_once_per_round():
+    book = ReputationBook(max_invalid=2, min_senders=3)
+    parts = [torch.zeros(4), torch.zeros(4)]
+
+    async def round_(name):
+        reducer = RobustTensorPartReducer(
+            [p.shape for p in parts], [p.dtype for p in parts], ["me", "a", "liar"],
+            aggregator=make_aggregator("centered_clip", tau=1.0), reputation=book, local_sender="me",
+            weight_claim_limit=128.0, round_name=name,
+        )  # fmt: skip
+        weights = {"me": 8.0, "a": 16.0, "liar": 8000.0}
+
+        async def send(index, sender):
+            return [await reducer.accumulate_part(index, k, torch.ones(4), weight=weights[sender]) for k in range(2)]
+
+        results = await asyncio.gather(*(send(i, s) for i, s in enumerate(["me", "a", "liar"])))
+        return reducer, results
+
+    reducer, results = asyncio.run(round_("r1"))
+    assert reducer.weight_liars == {"liar"}
+    assert book.record("liar").invalid == 1  # two parts, one strike
+    assert all(torch.equal(part, torch.ones(4)) for parts_back in results for part in parts_back)  # data still used
+    assert not book.is_banned("liar")
+    asyncio.run(round_("r2"))
+    assert book.is_banned("liar")
+    assert not book.is_banned("a")
