@@ -339,8 +339,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             serve_until_stopped(host, session, stop.event)
     finally:
         stop.event.set()  # ends the background announcer
-        session.set_state(PeerState.STOPPING)
         exit_if_shutdown_hangs(120.0)
+        session.leave()  # the final contribution record, while the DHT is surely healthy
         if trainer is not None:
             trainer.shutdown()
         if dispatcher is not None:

@@ -66,6 +66,8 @@ class VolunteerSession:
         self._counting_host_requests: threading.Thread | None = None
         self._stop = threading.Event()
         self.banned_peers: Callable[[], list[str]] = lambda: []
+        self._dht: hivemind.DHT | None = None
+        self._published_on_leaving = False
 
     # --- before joining ---
 
@@ -87,6 +89,7 @@ class VolunteerSession:
     # --- once joined ---
 
     def attach(self, dht: hivemind.DHT, update_model_from_dht: bool) -> None:
+        self._dht = dht
         peer_id = dht.peer_id.to_base58()
         self.status.peer_id = peer_id
         self.status.name = self._name or default_public_name(peer_id)
@@ -137,19 +140,44 @@ class VolunteerSession:
 
     # --- leaving ---
 
-    def publish_and_save(self) -> None:
-        """Counters to disk and the final record to the DHT (on Stop and on the way out)."""
-        if self.publisher is not None:
+    def publish_and_save(self, timeout_s: float = 15.0) -> None:
+        """Counters to disk, then the record to the DHT (on Stop and on the way out). The disk comes first and the
+        DHT call is bounded: a DHT process that died under us (hivemind's can, while averagers shut down) would
+        otherwise block the peer from leaving."""
+        if self.counters is not None and self.counters_path is not None:
+            try:
+                self.counters.save(self.counters_path)
+            except OSError as e:
+                logger.error(f"Saving contribution counters failed: {e}")
+        if self.publisher is None or self._dht is None or not self._dht.is_alive():
+            return
+
+        def publish() -> None:
             try:
                 self.publisher.publish_now()
             except Exception as e:  # leaving must go on
                 logger.warning(f"Publishing contribution failed: {e}")
-        elif self.counters is not None and self.counters_path is not None:
-            self.counters.save(self.counters_path)
 
-    def shutdown(self) -> None:
+        thread = threading.Thread(target=publish, name="final-contribution", daemon=True)
+        thread.start()
+        thread.join(timeout_s)
+        if thread.is_alive():
+            logger.warning(f"Publishing the contribution record took over {timeout_s:.0f} s; it is saved on disk")
+
+    def leave(self) -> None:
+        """Stop background DHT traffic and publish the final record; call while the DHT is still healthy, before
+        the trainer and host shut down (idempotent; `shutdown` calls it if the peer did not)."""
+        if self._published_on_leaving:
+            return
+        self._published_on_leaving = True
         self._stop.set()
         self.status.set_state(PeerState.STOPPING)
+        for part in (self.publisher, self.watcher):  # no periodic DHT calls from here on
+            if part is not None:
+                try:
+                    part.shutdown()
+                except Exception as e:
+                    logger.debug(f"{type(part).__name__} shutdown: {e!r}")
         if self.counters is not None and self.publisher is not None:  # joined: otherwise there is nothing to tell
             self._show_counters()
             self.publish_and_save()
@@ -157,7 +185,10 @@ class VolunteerSession:
                 f"Contribution saved: {self.counters.batches:,} batches, {self.counters.tokens:,} tokens, "
                 f"{self.counters.expert_requests:,} expert requests, uptime {self.counters.uptime_s() / 3600:.2f} h"
             )
-        for part in (self.publisher, self.watcher, self.dashboard):
+
+    def shutdown(self) -> None:
+        self.leave()
+        for part in (self.dashboard,):
             if part is not None:
                 try:
                     part.shutdown()

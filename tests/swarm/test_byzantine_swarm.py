@@ -7,6 +7,7 @@ the first and must not in the second; the NaN sender must be rejected and banned
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,13 +92,17 @@ def test_mean_does_not_survive_a_sign_flipper(mean_run):
 
 def test_nan_sender_is_rejected_and_banned_while_training_continues(robust_run):
     nan_peer = next(t for t in robust_run if t.attack == "nan").peer_id
-    banned_by = []
+    banned_by, rejected_by = [], []
     for trainer in honest(robust_run):
         records = read_stats(trainer.stats)
         assert records[-1]["step"] == STEPS  # training went on
-        assert records[-1]["rejected_parts"] > 0  # every honest reducer refused the NaN parts it was sent
+        assert all(math.isfinite(r["loss"]) for r in records)  # no NaN reached an honest model
+        if records[-1]["rejected_parts"] > 0:
+            rejected_by.append(trainer.process.name)
         if any(nan_peer in r["banned_peers"] for r in records):
             assert f"Banned trainer {nan_peer}" in trainer.process.stderr()
             banned_by.append(trainer.process.name)
-    # bans are local: each peer bans on what it saw itself; most honest peers see enough to ban
+    # bans are local: each peer judges what it was sent itself. A peer that never shared a group with the NaN
+    # sender before the others banned it (and so refused it in matchmaking) has nothing to reject
+    assert len(rejected_by) >= 2, rejected_by
     assert len(banned_by) >= 2, banned_by
