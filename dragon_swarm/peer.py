@@ -269,7 +269,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     options.state_dir.mkdir(parents=True, exist_ok=True)
 
     from dragon_swarm.monitor.session import VolunteerSession
-    from dragon_swarm.monitor.status import PeerState
 
     role = "trainer+host" if options.train and options.host_spec != "" else ("trainer" if options.train else "host")
     session = VolunteerSession(config, options.state_dir, options.name, role, options.dashboard, options.panel)
