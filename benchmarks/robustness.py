@@ -648,8 +648,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[RobustnessSettings, Path 
             part_size=args.part_size, eval_batches=args.eval_batches, eval_batch_size=args.eval_batch_size,
             bans=args.bans, min_observations=args.min_observations,
             ban_distance_ratio=args.ban_distance_ratio,
-            worker_momentum=(
-                load_config(args.config).training.worker_momentum if args.worker_momentum is None else args.worker_momentum
+            worker_momentum=(  # network peers take training.worker_momentum from the config themselves
+                (load_config(args.config).training.worker_momentum if args.simulate else 0.0)
+                if args.worker_momentum is None
+                else args.worker_momentum
             ),
             timeout=args.timeout,
         )  # fmt: skip
