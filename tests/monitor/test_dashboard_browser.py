@@ -17,6 +17,7 @@ from dragon_swarm.monitor.status import (
     TrainingSwitch,
 )
 from tests.monitor.browser import chromium_driver, require_browser
+from tests.monitor.serving import serving
 
 pytestmark = pytest.mark.browser
 
@@ -105,25 +106,19 @@ def driver():
 def training() -> Iterator[tuple[Dashboard, PeerStatus, TrainingSwitch, FakeTrainer]]:
     status = _status()
     switch = TrainingSwitch(status)
-    dashboard = Dashboard(status, switch)
     trainer = FakeTrainer(status, switch)
-    dashboard.start()
-    try:
-        trainer.start()
-        yield dashboard, status, switch, trainer
-    finally:
-        trainer.stop()
-        dashboard.shutdown()
+    with serving(status, switch) as dashboard:
+        try:
+            trainer.start()
+            yield dashboard, status, switch, trainer
+        finally:
+            trainer.stop()
 
 
 @pytest.fixture
 def monitor() -> Iterator[Dashboard]:
-    dashboard = Dashboard(_status(read_only=True), None)
-    dashboard.start()
-    try:
+    with serving(_status(read_only=True), None) as dashboard:
         yield dashboard
-    finally:
-        dashboard.shutdown()
 
 
 def _wait(driver, condition, message: str):

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 from dragon_swarm.monitor.dashboard import Dashboard, parse_listen_address
+from tests.monitor.serving import serving
 from dragon_swarm.monitor.status import (
     ExpertCell,
     LeaderboardRow,
@@ -43,22 +44,14 @@ def _status(read_only: bool = False) -> PeerStatus:
 def served() -> Iterator[tuple[Dashboard, PeerStatus, TrainingSwitch]]:
     status = _status()
     switch = TrainingSwitch(status)
-    dashboard = Dashboard(status, switch)
-    dashboard.start()
-    try:
+    with serving(status, switch) as dashboard:
         yield dashboard, status, switch
-    finally:
-        dashboard.shutdown()
 
 
 @pytest.fixture
 def read_only() -> Iterator[Dashboard]:
-    dashboard = Dashboard(_status(read_only=True), None)
-    dashboard.start()
-    try:
+    with serving(_status(read_only=True), None) as dashboard:
         yield dashboard
-    finally:
-        dashboard.shutdown()
 
 
 def _request(dashboard: Dashboard, method: str, path: str, headers: dict[str, str] | None = None, body: bytes | None = None):
