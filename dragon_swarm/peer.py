@@ -315,6 +315,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         host = start_host(dht, options)
         if host is not None:
             session.count_host_requests(host)
+        elif options.train:
+            session.set_role("trainer")  # auto-selection found every expert served: this peer only trains
         if options.train:
             from dragon_swarm.training.trainer import VolunteerHooks
 

@@ -135,6 +135,11 @@ class VolunteerSession:
             steps=c.batches, tokens=c.tokens, expert_requests=c.expert_requests, uptime_s=c.uptime_s(), badge=badge_for(c.batches)
         )
 
+    def set_role(self, role: Role) -> None:
+        self.role = role
+        if self.publisher is not None:
+            self.publisher.role = role
+
     def set_state(self, state: PeerState) -> None:
         self.status.set_state(state)
 
