@@ -536,7 +536,7 @@ def run_network(settings: RobustnessSettings, work_dir: Path) -> RunResult:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def make_executor(settings: RobustnessSettings) -> Callable[[RobustnessSettings], RunResult]:
+def make_executor(settings: RobustnessSettings, keep_logs: Path | None = None) -> Callable[[RobustnessSettings], RunResult]:
     """A function running one settings object in this benchmark's mode (data loaded once for all runs)."""
     if settings.simulate:
         config = load_config(settings.config)
@@ -546,15 +546,18 @@ def make_executor(settings: RobustnessSettings) -> Callable[[RobustnessSettings]
         return lambda s: simulate(s, config, train, val)
 
     def execute(s: RobustnessSettings) -> RunResult:
+        if keep_logs is not None:  # every peer's log stays for reading afterwards
+            work = Path(tempfile.mkdtemp(prefix=f"{s.attack.value if s.byzantine else 'clean'}-", dir=keep_logs))
+            return run_network(s, work)
         with tempfile.TemporaryDirectory(prefix="dragon-robustness-") as tmp:
             return run_network(s, Path(tmp))
 
     return execute
 
 
-def run(settings: RobustnessSettings, clean_cache: Path | None = None) -> dict:
+def run(settings: RobustnessSettings, clean_cache: Path | None = None, keep_logs: Path | None = None) -> dict:
     """Both runs of one benchmark (attacked, then clean) and the JSON-ready report."""
-    execute = make_executor(settings)
+    execute = make_executor(settings, keep_logs)
     attacked = execute(settings)
     clean = (cached_clean(clean_cache, execute) if clean_cache is not None else execute)(settings.clean())
     ratio = None
@@ -638,6 +641,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[RobustnessSettings, Path 
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: on a busy 2-core machine 2 threads ran ~20x slower)")
     p.add_argument("--clean-cache", type=Path, default=None, help="JSON file that stores clean runs for reuse")
+    p.add_argument("--keep-logs", type=Path, default=None, help="network mode: keep every peer's log under this folder")
     args = p.parse_args(argv)
     try:
         settings = RobustnessSettings(
@@ -661,7 +665,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[RobustnessSettings, Path 
     if args.threads < 1:
         p.error(f"--threads must be >= 1, got {args.threads}")
     torch.set_num_threads(args.threads)
-    return settings, args.clean_cache
+    if args.keep_logs is not None:
+        args.keep_logs.mkdir(parents=True, exist_ok=True)
+    return settings, args.clean_cache, args.keep_logs
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -670,8 +676,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("dragon_swarm.averaging.robust_reducer").setLevel(logging.ERROR)
     # nor is a ban line per attacker (the report lists who was banned)
     logging.getLogger("dragon_swarm.averaging.reputation").setLevel(logging.ERROR)
-    settings, clean_cache = parse_args(argv)
-    print(json.dumps(run(settings, clean_cache)))
+    settings, clean_cache, keep_logs = parse_args(argv)
+    print(json.dumps(run(settings, clean_cache, keep_logs)))
 
 
 if __name__ == "__main__":

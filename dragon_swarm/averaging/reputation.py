@@ -124,6 +124,7 @@ class ReputationBook:
         now: float | None = None,
         unscored: Sequence[str] = (),
         reference: str | None = None,
+        unit: float | None = None,
     ) -> list[str]:
         """Record one observation: ``distances[i]`` is ``peers[i]``'s distance from the robust result.
 
@@ -137,6 +138,8 @@ class ReputationBook:
           median distance. Colluders sending the same vector sit right at the robust result; with many of them
           the median distance shrinks and every honest peer looks far out. A peer's own distance cannot be
           shrunk that way. Falls back to the median when the reference is absent or at distance 0.
+        :param unit: an explicit unit for the distances (wins over ``reference``), e.g. the norm of our own part
+          when the distances are measured from it
         :returns: the peers this observation got banned
         """
         values = torch.as_tensor(distances, dtype=torch.float64).reshape(-1).tolist()
@@ -145,8 +148,9 @@ class ReputationBook:
         if len(set(peers)) != len(peers):
             raise ValueError(f"peers must be distinct, got {list(peers)}")
         now = _now(now)
-        unit = None
-        if reference is not None and reference in peers:
+        if unit is not None and not (math.isfinite(unit) and unit > 0):
+            unit = None
+        if unit is None and reference is not None and reference in peers:
             own = values[list(peers).index(reference)]
             unit = own if math.isfinite(own) and own > 0 else None
         ratios = _normalized(values, self.max_ratio, unit) if len(values) >= self.min_senders else [None] * len(values)

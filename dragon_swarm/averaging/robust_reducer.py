@@ -19,7 +19,9 @@ Weights are self-reported, so only the ``mean`` aggregator looks at them (capped
 When the round ends, each sender's distance from the result over all parts it entered (root of the sum of
 squares) goes into the book once: a whole partition is a far steadier witness than one sparse part. Distances are
 judged in units of the local peer's own distance (it knows itself to be honest), and the local peer is never
-scored.
+scored. If the result lies more than ``CAPTURED_RATIO`` times our own part's norm away from our part, colluders
+outnumbered us in this group and sit at the result; then every sender is judged by its distance from *our* part,
+in units of its norm.
 
 Order matters: validation happens *before* ``num_parts_received`` is incremented. hivemind's ``on_sender_failed``
 uses that counter to decide whether the sender still owes the current part; counting a rejected part would make
@@ -48,6 +50,9 @@ from dragon_swarm.averaging.reputation import ReputationBook
 __all__ = ["PartReport", "RejectedPartError", "RobustTensorPartReducer"]
 
 logger = logging.getLogger(__name__)
+
+# a round whose result lies this many times our own part's norm away from our part was captured by colluders
+CAPTURED_RATIO = 10.0
 
 
 @dataclass(frozen=True)
@@ -100,6 +105,8 @@ class RobustTensorPartReducer(TensorPartReducer):
         self.reports: list[PartReport] = []  # one per aggregated part, in order
         self.local_sender = None if local_sender is None else str(local_sender)
         self._squared_distances: dict[str, float] = {}  # sender -> sum over this round's parts of distance^2
+        self._squared_from_local: dict[str, float] = {}  # sender -> sum of squared distances from our own parts
+        self._local_squared_norm = 0.0
         self._round_recorded = False
         self.weight_claim_limit = weight_claim_limit
         self.weight_liars: set[str] = set()
@@ -209,6 +216,12 @@ class RobustTensorPartReducer(TensorPartReducer):
             elapsed_ms = (time.perf_counter() - started) * 1e3
             for sender, distance in zip(senders, result.distances.tolist()):
                 self._squared_distances[sender] = self._squared_distances.get(sender, 0.0) + float(distance) ** 2
+            if self.local_sender in senders:
+                local = stack[senders.index(self.local_sender)].double()
+                self._local_squared_norm += float(local.pow(2).sum())
+                from_local = (stack.double() - local).pow(2).sum(dim=1).tolist()
+                for sender, squared in zip(senders, from_local):
+                    self._squared_from_local[sender] = self._squared_from_local.get(sender, 0.0) + squared
             self.reports.append(
                 PartReport(part_index, tuple(senders), tuple(result.distances.tolist()), result.iterations)
             )
@@ -234,8 +247,17 @@ class RobustTensorPartReducer(TensorPartReducer):
             return
         self._round_recorded = True
         senders = sorted(self._squared_distances)
-        distances = torch.tensor([math.sqrt(self._squared_distances[s]) for s in senders], dtype=torch.float64)
         unscored = () if self.local_sender is None else (self.local_sender,)
+        own_norm = math.sqrt(self._local_squared_norm)
+        own_distance = math.sqrt(self._squared_distances.get(self.local_sender, 0.0)) if self.local_sender else 0.0
+        if own_norm > 0 and own_distance > CAPTURED_RATIO * own_norm and set(senders) <= set(self._squared_from_local):
+            # the result is far from everything we would call honest: colluders outnumbered us in this group, so
+            # judging by the result would clear them; judge everyone by their distance from our own part instead
+            distances = torch.tensor([math.sqrt(self._squared_from_local[s]) for s in senders], dtype=torch.float64)
+            logger.info(f"round {self.round_name}: result {own_distance / own_norm:.0f}x our norm away from our part; judging senders by their distance from it")
+            self.reputation.record_distances(senders, distances, self.clock(), unscored=unscored, unit=own_norm)
+            return
+        distances = torch.tensor([math.sqrt(self._squared_distances[s]) for s in senders], dtype=torch.float64)
         self.reputation.record_distances(senders, distances, self.clock(), unscored=unscored, reference=self.local_sender)
 
     def _reject(self, sender_index: int, part_index: int, reason: str):

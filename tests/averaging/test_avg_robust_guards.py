@@ -130,3 +130,24 @@ def test_a_weight_nobody_honest_can_have_is_a_strike_once_per_round():
     asyncio.run(round_("r2"))
     assert book.is_banned("liar")
     assert not book.is_banned("a")
+
+
+def test_colluders_who_outnumber_us_are_judged_from_our_own_part():
+    # two x-1000 colluders and us: every aggregate sits among them, so judged by the result they look honest and
+    # we look far; judged from our own part they are 1000x out and get banned after 3 rounds
+    book = ReputationBook(ban_distance_ratio=5.0, min_observations=3, ema_alpha=0.5, min_senders=3)
+    torch.manual_seed(0)
+    own = torch.randn(8)
+
+    async def round_():
+        reducer = RobustTensorPartReducer(
+            [torch.Size([8])], [torch.float32], ["me", "c1", "c2"],
+            aggregator=make_aggregator("median"), reputation=book, local_sender="me",
+        )  # fmt: skip
+        rows = {"me": own, "c1": -1000 * own + 0.1 * torch.randn(8), "c2": -1000 * own + 0.1 * torch.randn(8)}
+        await asyncio.gather(*(reducer.accumulate_part(i, 0, rows[s]) for i, s in enumerate(["me", "c1", "c2"])))
+
+    for _ in range(3):
+        asyncio.run(round_())
+    assert book.is_banned("c1") and book.is_banned("c2")
+    assert book.record("me") is None
