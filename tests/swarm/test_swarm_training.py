@@ -150,9 +150,10 @@ def test_late_joiner_syncs_state_before_contributing(scenario: Scenario):
     assert records, scenario.late.stderr()[-3000:]
     # a fresh peer starts at epoch 0; after downloading state it is at (or right behind) the swarm's epoch
     assert records[0]["epoch"] >= max(1, scenario.epoch_when_late_joined - 2), (records[0], scenario.epoch_when_late_joined)
-    # and its very first micro-batch already ran on the swarm's trained weights, not on a fresh init
-    fresh_loss = read_stats(scenario.stats[0])[0]["loss"]
-    assert records[0]["loss"] < fresh_loss - 0.5, (records[0]["loss"], fresh_loss)
+    # and its very first micro-batch already ran on the swarm's trained weights, not on a fresh init: a fresh
+    # model scores ~ln(vocab) = 9.01 on every batch (spread ~0.05); a few global steps take it well below that
+    fresh_losses = [r["loss"] for r in read_stats(scenario.stats[0])[:2]]
+    assert records[0]["loss"] < min(fresh_losses) - 0.25, (records[0]["loss"], fresh_losses)
     assert "downloading state from peers" in scenario.late.stderr()
 
 
