@@ -26,6 +26,7 @@ With hivemind.Optimizer::
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable, Optional, Sequence
@@ -43,7 +44,7 @@ from hivemind.utils.asyncio import as_aiter, azip
 from dragon_swarm.averaging.aggregators import AGGREGATORS, Aggregator, make_aggregator
 from dragon_swarm.averaging.compression import install_codecs
 from dragon_swarm.averaging.reputation import ReputationBook
-from dragon_swarm.averaging.robust_reducer import RobustTensorPartReducer
+from dragon_swarm.averaging.robust_reducer import CAPTURED_RATIO, RobustTensorPartReducer
 
 __all__ = [
     "RobustAllReduceRunner",
@@ -161,6 +162,8 @@ class RobustAllReduceRunner(AllReduceRunner):
         total_norm = torch.sqrt(sum(t.detach().double().pow(2).sum() for t in container.local_tensors) + 0.0)
         self._norm_per_value = float(total_norm) / max(1, container.total_size) ** 0.5
         self._refused_from: set[int] = set()
+        self._iterate_own_outputs = container.iterate_output_tensors
+        container.iterate_output_tensors = self._outputs_then_finish_serving
         if result_distance_limit is not None:
             self._register_checked_part = container.register_processed_part
             container.register_processed_part = self._check_returned_part
@@ -176,7 +179,23 @@ class RobustAllReduceRunner(AllReduceRunner):
             round_name=self.group_id.hex()[:8],
             local_sender=str(self.peer_id),
             weight_claim_limit=weight_claim_limit,
+            # the unprotected mean baseline (no result check) keeps judging by the result alone
+            captured_ratio=None if result_distance_limit is None else CAPTURED_RATIO,
         )
+
+    async def _outputs_then_finish_serving(self):
+        """Our own results, then wait (bounded) until our reducer has answered every sender.
+
+        hivemind finalizes the runner, reducer included, as soon as this peer's own results are in. A peer whose
+        parts everybody rejected, or whose own part was invalid, has its results at once and would drop the
+        partition it reduces for the others mid-round; they would keep local values for it."""
+        async for delta in self._iterate_own_outputs():
+            yield delta
+        timeout = (self.sender_timeout or 0.0) + (self.reducer_timeout or 0.0) or 30.0
+        try:
+            await asyncio.wait_for(self.tensor_part_reducer.finished.wait(), timeout)
+        except asyncio.TimeoutError:
+            logger.debug(f"{self}: reducer still unfinished after {timeout:.0f} s; finalizing")
 
     def _check_returned_part(self, peer_index: int, part_index: int, part: torch.Tensor) -> None:
         container = self.tensor_part_container

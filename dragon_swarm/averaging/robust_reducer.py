@@ -80,6 +80,7 @@ class RobustTensorPartReducer(TensorPartReducer):
     :param round_name: a short label for log lines, e.g. the group id in hex
     :param clock: time source for the book (monotonic seconds)
     :param local_sender: this peer's own id: measured, never scored in the book
+    :param captured_ratio: see ``CAPTURED_RATIO``; None judges every round by the result (the ``mean`` baseline)
     :param weight_claim_limit: a weight above this is a lie: one invalid strike per round for its sender (the part
       itself still counts; robust aggregators ignore weights anyway)
     """
@@ -96,6 +97,7 @@ class RobustTensorPartReducer(TensorPartReducer):
         clock: Callable[[], float] = time.monotonic,
         local_sender: str | None = None,
         weight_claim_limit: float | None = None,
+        captured_ratio: float | None = CAPTURED_RATIO,
     ):
         # set before super().__init__, which calls our reset_accumulators
         self.part_dtypes, self.sender_ids = tuple(part_dtypes), tuple(map(str, sender_ids))
@@ -108,7 +110,7 @@ class RobustTensorPartReducer(TensorPartReducer):
         self._squared_from_local: dict[str, float] = {}  # sender -> sum of squared distances from our own parts
         self._local_squared_norm = 0.0
         self._round_recorded = False
-        self.weight_claim_limit = weight_claim_limit
+        self.weight_claim_limit, self.captured_ratio = weight_claim_limit, captured_ratio
         self.weight_liars: set[str] = set()
         super().__init__(part_shapes, num_senders=len(self.sender_ids))
         if len(self.part_dtypes) != self.num_parts:
@@ -250,7 +252,8 @@ class RobustTensorPartReducer(TensorPartReducer):
         unscored = () if self.local_sender is None else (self.local_sender,)
         own_norm = math.sqrt(self._local_squared_norm)
         own_distance = math.sqrt(self._squared_distances.get(self.local_sender, 0.0)) if self.local_sender else 0.0
-        if own_norm > 0 and own_distance > CAPTURED_RATIO * own_norm and set(senders) <= set(self._squared_from_local):
+        captured = self.captured_ratio is not None and own_norm > 0 and own_distance > self.captured_ratio * own_norm
+        if captured and set(senders) <= set(self._squared_from_local):
             # the result is far from everything we would call honest: colluders outnumbered us in this group, so
             # judging by the result would clear them; judge everyone by their distance from our own part instead
             distances = torch.tensor([math.sqrt(self._squared_from_local[s]) for s in senders], dtype=torch.float64)
