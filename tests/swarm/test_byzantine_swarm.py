@@ -73,21 +73,28 @@ def honest(trainers: list[Trainer]) -> list[Trainer]:
     return [t for t in trainers if t.attack is None]
 
 
+def drop(trainer: Trainer) -> tuple[float, float]:
+    losses = trainer.losses()
+    return sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+
+
 def test_centered_clip_trains_through_a_sign_flipper(robust_run):
     for trainer in honest(robust_run):
         assert trainer.process.proc.returncode == 0, trainer.process.stderr()[-3000:]
-        losses = trainer.losses()
-        assert len(losses) == STEPS
-        first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
-        assert last < first - 0.5, f"honest loss did not fall under CenteredClip: {first:.3f} -> {last:.3f}"
+        assert len(trainer.losses()) == STEPS
+        first, last = drop(trainer)
+        assert last < first - 0.2, f"honest loss did not fall under CenteredClip: {first:.3f} -> {last:.3f}"
+    # and together they learn: the honest trainers' mean loss falls by more than 0.4 nats in 25 steps
+    # (clean 4-trainer runs: ~1.8; the same swarm under mean: ~0.1, see the next test)
+    drops = [first - last for first, last in map(drop, honest(robust_run))]
+    assert sum(drops) / len(drops) > 0.4, drops
 
 
 def test_mean_does_not_survive_a_sign_flipper(mean_run):
     for trainer in honest(mean_run):
-        losses = trainer.losses()
-        assert losses, trainer.process.stderr()[-3000:]
-        first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
-        assert not last < first - 0.5, f"mean should not train through a x-1000 sign flip: {first:.3f} -> {last:.3f}"
+        assert trainer.losses(), trainer.process.stderr()[-3000:]
+        first, last = drop(trainer)
+        assert not last < first - 0.4, f"mean should not train through a x-1000 sign flip: {first:.3f} -> {last:.3f}"
 
 
 def test_nan_sender_is_rejected_and_banned_while_training_continues(robust_run):
