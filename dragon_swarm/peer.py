@@ -326,6 +326,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 session.counters,
                 on_pause=lambda: (host.pause() if host is not None else None, session.publish_and_save()),
                 on_resume=lambda: host.resume() if host is not None else None,
+                show_contribution=session.show_counters,
             )
             dispatcher, trainer = start_trainer(dht, options, train_stream, host.backends if host is not None else {}, hooks)
             session.banned_peers = lambda: sorted(trainer._reported_bans)

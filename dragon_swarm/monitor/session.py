@@ -84,7 +84,7 @@ class VolunteerSession:
             self._event_handler.setFormatter(logging.Formatter("%(message)s"))
             logging.getLogger().addHandler(self._event_handler)
         if self.counters is not None:
-            self._show_counters()
+            self.show_counters()
 
     # --- once joined ---
 
@@ -123,13 +123,14 @@ class VolunteerSession:
                 now = int(host.stats()["expert_requests"])
                 if now > seen and self.counters is not None:
                     self.counters.add_expert_requests(now - seen)
-                    self._show_counters()
+                    self.show_counters()
                 seen = now
 
         self._counting_host_requests = threading.Thread(target=loop, name="host-request-counter", daemon=True)
         self._counting_host_requests.start()
 
-    def _show_counters(self) -> None:
+    def show_counters(self) -> None:
+        """The contribution counters onto the status board (the trainer calls this after every step)."""
         c = self.counters
         self.status.update_contribution(
             steps=c.batches, tokens=c.tokens, expert_requests=c.expert_requests, uptime_s=c.uptime_s(), badge=badge_for(c.batches)
@@ -184,7 +185,7 @@ class VolunteerSession:
                 except Exception as e:
                     logger.debug(f"{type(part).__name__} shutdown: {e!r}")
         if self.counters is not None and self.publisher is not None:  # joined: otherwise there is nothing to tell
-            self._show_counters()
+            self.show_counters()
             self.publish_and_save()
             logger.info(
                 f"Contribution saved: {self.counters.batches:,} batches, {self.counters.tokens:,} tokens, "

@@ -82,13 +82,6 @@ class ContributionRecord(BaseModel):
             raise ValueError("name must contain printable characters only")
         return value
 
-    @field_validator("uptime_s")
-    @classmethod
-    def _finite(cls, value: float) -> float:
-        if not math.isfinite(value):
-            raise ValueError("uptime_s must be finite")
-        return value
-
 
 def default_public_name(peer_id: str) -> str:
     """A display name for volunteers who did not choose one: `volunteer-` + the last 6 characters of the peer id."""

@@ -27,6 +27,7 @@ from dragon_swarm.averaging.robust_optimizer import RobustOptimizer
 from dragon_swarm.config import AveragingSection, SwarmConfig
 from dragon_swarm.model.dispatch import ExpertDispatcher
 from dragon_swarm.model.hrm_smoe import HRMSMoE
+from dragon_swarm.monitor.status import PeerState, PeerStatus, TrainingSwitch
 from dragon_swarm.state.checkpoint import (
     CheckpointError,
     load_tensors,
@@ -37,7 +38,6 @@ from dragon_swarm.state.checkpoint import (
 from dragon_swarm.training.stats import StatsWriter, StepStats
 
 if TYPE_CHECKING:
-    from dragon_swarm.monitor.status import PeerStatus, TrainingSwitch
     from dragon_swarm.swarm.contributions import ContributionCounters
 
 logger = logging.getLogger(__name__)
@@ -82,6 +82,7 @@ class VolunteerHooks:
     counters: ContributionCounters
     on_pause: Callable[[], None] = field(default=lambda: None)
     on_resume: Callable[[], None] = field(default=lambda: None)
+    show_contribution: Callable[[], None] = field(default=lambda: None)  # counters -> status board
 
 
 class Trainer:
@@ -289,17 +290,13 @@ class Trainer:
 
     def _set_state(self, state: str) -> None:
         if self.hooks is not None:
-            from dragon_swarm.monitor.status import PeerState
-
             self.hooks.status.set_state(PeerState(state))
 
     def _report(self, stats: StepStats) -> None:
         if self.hooks is None:
             return
-        from dragon_swarm.swarm.contributions import badge_for
-
-        status, counters, tracker = self.hooks.status, self.hooks.counters, self.optimizer.tracker
-        counters.set_loss(stats.loss)
+        status, tracker = self.hooks.status, self.optimizer.tracker
+        self.hooks.counters.set_loss(stats.loss)
         status.record_step(stats.step, stats.loss, stats.tokens_per_second, when=stats.time)
         status.update_model(
             global_epoch=int(tracker.global_epoch),
@@ -307,13 +304,7 @@ class Trainer:
             samples_accumulated=int(tracker.global_progress.samples_accumulated),
             target_batch_size=int(tracker.target_batch_size),
         )
-        status.update_contribution(
-            steps=counters.batches,
-            tokens=counters.tokens,
-            expert_requests=counters.expert_requests,
-            uptime_s=counters.uptime_s(),
-            badge=badge_for(counters.batches),
-        )
+        self.hooks.show_contribution()
 
     def _pause_until_resumed(self, stop: threading.Event) -> None:
         """Stop was pressed: the last step is done; save, let the peer take its experts offline, free what can be
