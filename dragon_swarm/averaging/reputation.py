@@ -11,7 +11,11 @@ moving average (EMA) of that ratio per sender.
 
 A sender is banned for ``ban_seconds`` when
 
-* it sent ``max_invalid`` invalid parts (wrong size or dtype, NaN, Inf) since its last ban, or
+* it sent a malformed part (wrong size or dtype, NaN, Inf): that is proof, not noise (no honest dragon peer
+  sends one: trainers skip non-finite steps, fp16 compression clamps to finite values, sizes come from the
+  shared config), so the first one bans; the sooner a peer bans, the fewer groups the faulty peer can spoil,
+* it collected ``max_invalid`` strikes for softer evidence (e.g. claiming more weight than a peer can hold)
+  since its last ban, or
 * its distance EMA stayed above ``ban_distance_ratio`` for ``min_observations`` observations (rounds) in a row.
 
 Both counters restart after a ban, so a returning peer gets a fresh chance but is banned again as quickly if it
@@ -104,15 +108,25 @@ class ReputationBook:
 
     # ------------------------------------------------------------------ writes
 
-    def record_invalid(self, peer: str, reason: str, now: float | None = None) -> bool:
-        """Count one rejected part from ``peer``. :returns: True if this part got the peer banned."""
+    def record_invalid(
+        self, peer: str, reason: str, now: float | None = None, *, conclusive: bool = False, may_ban: bool = True
+    ) -> bool:
+        """Count one strike against ``peer``.
+
+        :param conclusive: the evidence proves the peer faulty (a malformed part): ban at once
+        :param may_ban: False records the strike without banning (a peer's own part: it must never ban itself)
+        :returns: True if this strike got the peer banned
+        """
         now = _now(now)
         with self._lock:
             record = self._record(peer, now)
             record.invalid += 1
             record.invalid_strikes += 1
             record.last_invalid_reason = reason
-            if record.invalid_strikes >= self.max_invalid:
+            if may_ban and conclusive:
+                self._ban(peer, record, now, f"malformed part: {reason}")
+                return True
+            if may_ban and record.invalid_strikes >= self.max_invalid:
                 self._ban(peer, record, now, f"{record.invalid_strikes} invalid part(s), last: {reason}")
                 return True
             return False

@@ -39,7 +39,6 @@ from hivemind.optim.grad_averager import GradientAverager
 from hivemind.p2p import P2PContext, PeerID
 from hivemind.proto import averaging_pb2
 from hivemind.utils import MPFuture, get_dht_time
-from hivemind.utils.asyncio import as_aiter, azip
 
 from dragon_swarm.averaging.aggregators import AGGREGATORS, Aggregator, make_aggregator
 from dragon_swarm.averaging.compression import install_codecs
@@ -188,7 +187,8 @@ class RobustAllReduceRunner(AllReduceRunner):
 
         hivemind finalizes the runner, reducer included, as soon as this peer's own results are in. A peer whose
         parts everybody rejected, or whose own part was invalid, has its results at once and would drop the
-        partition it reduces for the others mid-round; they would keep local values for it."""
+        partition it reduces for the others mid-round; they would keep local values for it. Only works if the
+        caller drains the runner (our averagers' ``_run_allreduce_inplace_`` does; hivemind's stops early)."""
         async for delta in self._iterate_own_outputs():
             yield delta
         timeout = (self.sender_timeout or 0.0) + (self.reducer_timeout or 0.0) or 30.0
@@ -341,8 +341,13 @@ class _RobustAveragerMixin:
         self._running_groups[group_id].set_result(runner)
 
         if runner.modes[group_info.peer_ids.index(self.peer_id)] != AveragingMode.AUX:
-            async for tensor, update in azip(as_aiter(*tensors), runner):
-                tensor.add_(update, alpha=self._averaging_alpha)
+            # drain the runner instead of zipping it with the tensors as hivemind does: azip stops at the last
+            # tensor and returns while the runner still serves its partition to the others (see
+            # RobustAllReduceRunner._outputs_then_finish_serving); the group would be unregistered and senders
+            # still on their way would get BAD_GROUP_ID and keep their own values for our whole partition
+            remaining = iter(tensors)
+            async for update in runner:
+                next(remaining).add_(update, alpha=self._averaging_alpha)
                 self.last_updated = get_dht_time()
                 self._state_updated.set()
         else:

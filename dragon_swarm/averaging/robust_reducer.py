@@ -9,9 +9,10 @@ Before a part may enter the stack:
 * a sender banned in the :class:`~.reputation.ReputationBook` is excluded from the whole round up front, and
   its parts are refused with ``BannedException`` (the runner drops it quietly);
 * the part is checked with :func:`~.aggregators.validate_part` against this reducer's own local part (size,
-  dtype, NaN, Inf). An invalid part excludes its sender from this part and all later parts of the round, is
-  recorded in the book, logged once per (round, peer), and raises :class:`RejectedPartError`; hivemind's runner
-  then bans the sender for the round and answers INTERNAL_ERROR;
+  dtype, NaN, Inf). An invalid part excludes its sender from this part and all later parts of the round, bans
+  it in the book at once (a malformed part is proof of a faulty peer; the local peer's own part is recorded but
+  never bans itself), is logged once per (round, peer), and raises :class:`RejectedPartError`; hivemind's runner
+  then drops the sender for the round and answers INTERNAL_ERROR;
 * a part with weight <= 0 (or NaN) is awaited and answered but not aggregated: hivemind.Optimizer sends real
   tensors with weight 0 when a peer only tags along.
 
@@ -265,7 +266,7 @@ class RobustTensorPartReducer(TensorPartReducer):
 
     def _reject(self, sender_index: int, part_index: int, reason: str):
         sender = self.sender_ids[sender_index]
-        self.reputation.record_invalid(sender, reason, self.clock())
+        self.reputation.record_invalid(sender, reason, self.clock(), conclusive=True, may_ban=sender != self.local_sender)
         if sender not in self.rejected:  # log once per (round, peer)
             self.rejected[sender] = reason
             logger.warning(

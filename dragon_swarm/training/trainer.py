@@ -54,7 +54,7 @@ def warmup_schedule(warmup_steps: int):
 
 def robust_settings(averaging: AveragingSection, target_batch_size: int | None = None) -> RobustAveragingSettings:
     # a sender 5x farther from the robust result than the median sender, over a whole round's partition, 3
-    # rounds in a row, or with 2 invalid parts, is banned. Judged per round, not per part: in parts holding
+    # rounds in a row, with one malformed part (NaN/Inf, wrong size) or 2 impossible weight claims, is banned. Judged per round, not per part: in parts holding
     # rare-token embedding rows an honest peer's gradient is large only on its own batch's tokens (16-44x the
     # median per part in the robustness benchmark's clean runs), while over a partition honest peers stay ~1-2x.
     return RobustAveragingSettings(
@@ -331,8 +331,8 @@ class Trainer:
             if peer not in self._reported_bans:
                 record = snapshot.get("peers", {}).get(peer, {})
                 logger.warning(
-                    f"Banned trainer {peer} for {seconds_left:.0f} s: {record.get('invalid', 0)} invalid part(s), "
-                    f"distance {record.get('distance_ema') or 0:.1f}x the median"
+                    f"Banned trainer {peer} for {seconds_left:.0f} s: {record.get('ban_reason') or 'no reason kept'} "
+                    f"({record.get('invalid', 0)} invalid part(s), distance {record.get('distance_ema') or 0:.1f}x)"
                 )
         self._reported_bans = set(snapshot.get("banned", {}))
         # a banned trainer's rounds fail, so it steps alone and runs ahead: its progress must not move our epoch

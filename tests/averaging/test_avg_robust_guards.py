@@ -11,7 +11,7 @@ from dragon_swarm.averaging.aggregators import make_aggregator
 from dragon_swarm.averaging.reputation import ReputationBook
 from dragon_swarm.averaging.robust_allreduce import refused_result_reason
 from dragon_swarm.averaging.robust_progress import supported_epoch
-from dragon_swarm.averaging.robust_reducer import RobustTensorPartReducer
+from dragon_swarm.averaging.robust_reducer import RejectedPartError, RobustTensorPartReducer
 
 
 @pytest.mark.parametrize(
@@ -151,3 +151,23 @@ def test_colluders_who_outnumber_us_are_judged_from_our_own_part():
         asyncio.run(round_())
     assert book.is_banned("c1") and book.is_banned("c2")
     assert book.record("me") is None
+
+
+def test_a_peer_never_bans_itself_for_its_own_malformed_part():
+    book = ReputationBook()
+
+    async def round_():
+        reducer = RobustTensorPartReducer(
+            [torch.Size((4,))], [torch.float32], ["me", "a", "b"],
+            aggregator=make_aggregator("mean"), reputation=book, local_sender="me", round_name="own",
+        )  # fmt: skip
+        bad = torch.tensor([0.0, float("nan"), 0.0, 0.0])
+        sends = [reducer.accumulate_part(0, 0, bad), reducer.accumulate_part(1, 0, torch.ones(4))]
+        sends.append(reducer.accumulate_part(2, 0, torch.full((4,), 3.0)))
+        return await asyncio.gather(*sends, return_exceptions=True)
+
+    own, a, b = asyncio.run(round_())
+
+    assert isinstance(own, RejectedPartError)
+    torch.testing.assert_close(a, torch.full((4,), 2.0))  # the others still average
+    assert book.record("me").invalid == 1 and not book.is_banned("me")

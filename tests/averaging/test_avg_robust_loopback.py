@@ -101,7 +101,7 @@ def test_sign_flipped_peer_does_not_move_centered_clip():
             assert str(averagers[index].peer_id) not in peers  # a peer measures itself but never scores itself
 
 
-def test_nan_peer_is_rejected_then_banned():
+def test_nan_peer_is_rejected_banned_and_then_refused():
     # Prepare: peer 3 has NaN scattered through its tensor, so every partition of it is invalid
     honest = _honest_tensors(3, seed=1)
     honest_mean = torch.stack(honest).mean(dim=0)
@@ -110,32 +110,37 @@ def test_nan_peer_is_rejected_then_banned():
     tensors = [[t.clone()] for t in honest] + [[poisoned]]
     settings = RobustAveragingSettings(aggregator="centered_clip", tau=100.0, max_invalid=2, ban_seconds=120.0)
 
-    with _swarm(tensors, settings, prefix="robust_nan") as averagers:
+    # groups of 3 may form, so that the honest peers can go on once they refuse the NaN peer
+    with _swarm(tensors, settings, prefix="robust_nan", min_group_size=3) as averagers:
         nan_id = str(averagers[3].peer_id)
 
         # Execute: round one
         first = _step_all(averagers)
 
-        # Assert: the honest peers got the honest mean; each of them recorded one invalid part from the NaN peer
+        # Assert: the honest peers got the honest mean; a malformed part is proof, so each of them banned the
+        # NaN peer at its first part (max_invalid counts softer strikes only)
         assert all(isinstance(group, dict) and len(group) == 4 for group in first), first  # the NaN peer too
         for index in range(3):
             torch.testing.assert_close(_tensor(averagers[index]), honest_mean, atol=1e-4, rtol=0)
             snapshot = averagers[index].get_reputation()
             record = snapshot["peers"][nan_id]
             assert record["invalid"] == 1 and "NaN" in record["last_invalid_reason"]
-            assert nan_id not in snapshot["banned"]
-        # the NaN peer's own reducer rejected its own part too, and still averaged the honest ones
-        assert averagers[3].get_reputation()["peers"][nan_id]["invalid"] == 1
-
-        # Execute: round two reaches max_invalid
-        second = _step_all(averagers)
-
-        # Assert
-        assert all(isinstance(group, dict) for group in second[:3]), second
-        for index in range(3):
-            snapshot = averagers[index].get_reputation()
-            assert snapshot["peers"][nan_id]["invalid"] == 2
             assert 0 < snapshot["banned"][nan_id] <= settings.ban_seconds
+        # the NaN peer's own reducer rejected its own part too, and still averaged the honest ones, but a peer
+        # never bans itself
+        own = averagers[3].get_reputation()
+        assert own["peers"][nan_id]["invalid"] == 1 and nan_id not in own["banned"]
+
+        # Execute: round two
+        second = _step_all(averagers, timeouts=[STEP_TIMEOUT] * 3 + [6.0])
+
+        # Assert: the honest peers averaged without it (refused in matchmaking); it found nobody
+        honest_ids = {str(averager.peer_id) for averager in averagers[:3]}
+        for outcome in second[:3]:
+            assert isinstance(outcome, dict) and {str(peer_id) for peer_id in outcome} == honest_ids, second
+        assert not isinstance(second[3], dict), second[3]
+        for index in range(3):
+            assert averagers[index].get_reputation()["peers"][nan_id]["invalid"] == 1  # nothing new was sent
             torch.testing.assert_close(_tensor(averagers[index]), honest_mean, atol=1e-4, rtol=0)
 
 

@@ -207,9 +207,13 @@ def test_invalid_part_is_rejected_recorded_and_excluded(bad_part, reason_fragmen
     assert record.invalid == 1 and reason_fragment in record.last_invalid_reason and record.parts == 0
     assert reason_fragment in reducer.rejected["peer2"]
     assert "peer2" not in reducer.reports[0].senders
-    assert [r.getMessage() for r in caplog.records if "peer2" in r.getMessage()] == [
+    reducer_lines = [r.getMessage() for r in caplog.records if r.name.endswith("robust_reducer") and "peer2" in r.getMessage()]
+    assert reducer_lines == [
         f"round test: rejected part 0 from peer2 ({record.last_invalid_reason}); excluded from the rest of the round"
     ]
+    # a malformed part is proof: banned at the first one, the reason kept
+    assert book.is_banned("peer2") and record.ban_reason == f"malformed part: {record.last_invalid_reason}"
+    assert book.banned().keys() == {"peer2"}
 
 
 def test_rejected_sender_is_excluded_from_later_parts_and_logged_once(caplog):
@@ -240,7 +244,7 @@ def test_rejected_sender_is_excluded_from_later_parts_and_logged_once(caplog):
     torch.testing.assert_close(outputs[0][2], torch.full((8,), 1.0))
     assert isinstance(late, BannedException)
     assert book.record("peer1").invalid == 1
-    assert len([r for r in caplog.records if "peer1" in r.getMessage()]) == 1
+    assert len([r for r in caplog.records if r.name.endswith("robust_reducer") and "peer1" in r.getMessage()]) == 1
     assert reducer.finished.is_set()
 
 

@@ -106,6 +106,28 @@ def test_strikes_restart_after_a_ban_but_totals_do_not():
     assert book.is_banned(A, now=30.0) and not book.is_banned(A, now=31.0)
 
 
+def test_conclusive_evidence_bans_at_once_and_restarts_strikes():
+    book = _book(max_invalid=3, ban_seconds=100.0)
+    book.record_invalid(A, "claimed weight 9e9", now=0.0)  # a soft strike first
+
+    banned = book.record_invalid(A, "contains 1 NaN value(s)", now=1.0, conclusive=True)
+
+    record = book.record(A)
+    assert banned and book.is_banned(A, now=100.9) and not book.is_banned(A, now=101.0)
+    assert record.invalid == 2 and record.invalid_strikes == 0 and record.bans == 1
+    assert record.ban_reason == "malformed part: contains 1 NaN value(s)"
+
+
+def test_a_strike_that_may_not_ban_is_still_counted():
+    book = _book(max_invalid=1)
+
+    results = [book.record_invalid(A, "NaN", now=float(i), conclusive=True, may_ban=False) for i in range(3)]
+
+    assert results == [False, False, False]
+    assert not book.is_banned(A, now=3.0)
+    assert book.record(A).invalid == 3
+
+
 # ---------------------------------------------------------------- distances
 
 
