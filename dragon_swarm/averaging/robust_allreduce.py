@@ -76,6 +76,8 @@ class RobustAveragingSettings:
     :param ban_seconds, max_invalid, ban_distance_ratio, min_observations, ema_alpha: the ban policy, see
       :class:`~.reputation.ReputationBook`
     :param refuse_banned_peers: refuse banned peers in matchmaking (as leader and as follower)
+    :param ignore_banned_reducers: keep local values for the partition of a banned peer that is in our group
+      anyway (let in by a leader that has not banned it) instead of taking its aggregate
     :param result_distance_limit: refuse aggregates returned farther than this from our own part, in units of our
       scale (see :class:`RobustAllReduceRunner`); None turns the check off. By default on for the robust
       aggregators and off for ``mean``, which stays the unprotected baseline that benchmarks compare against.
@@ -96,6 +98,7 @@ class RobustAveragingSettings:
     min_observations: int = 10
     ema_alpha: float = 0.2
     refuse_banned_peers: bool = True
+    ignore_banned_reducers: bool = True
     result_distance_limit: float | None | str = "auto"
     weight_claim_limit: float | None = None
 
@@ -143,7 +146,9 @@ class RobustAllReduceRunner(AllReduceRunner):
     part's norm and our tensors' norm spread evenly over the part (:func:`refused_result_reason`) is refused, and
     we keep our own values for that part. This covers what the reducer itself cannot: a 2-peer group, where
     one x-1000 attacker moves any aggregate of two parts, and a Byzantine reducer that returns garbage for the
-    partition it owns. An honest aggregate stays within a few times our own scale.
+    partition it owns. An honest aggregate stays within a few times our own scale. The aggregates of a reducer
+    this peer has banned are ignored whatever they look like (``refuse_banned_reducers``): a leader that has not
+    banned it may still put it in our group.
     """
 
     def __init__(
@@ -153,17 +158,23 @@ class RobustAllReduceRunner(AllReduceRunner):
         reputation: ReputationBook,
         result_distance_limit: float | None = RESULT_DISTANCE_LIMIT,
         weight_claim_limit: float | None = None,
+        refuse_banned_reducers: bool = True,
         **kwargs,
     ):
         super().__init__(**kwargs)
         self.reputation, self.result_distance_limit = reputation, result_distance_limit
+        # judged once, when the round starts: a ban that lands mid-round (our reducer just rejected the peer's
+        # part) takes effect from the next round, so that one round is handled by one consistent rule
+        self._banned_reducers = set() if not refuse_banned_reducers else {
+            str(peer) for peer in self.ordered_peer_ids if peer != self.peer_id and reputation.is_banned(str(peer))
+        }
         container = self.tensor_part_container
         total_norm = torch.sqrt(sum(t.detach().double().pow(2).sum() for t in container.local_tensors) + 0.0)
         self._norm_per_value = float(total_norm) / max(1, container.total_size) ** 0.5
         self._refused_from: set[int] = set()
         self._iterate_own_outputs = container.iterate_output_tensors
         container.iterate_output_tensors = self._outputs_then_finish_serving
-        if result_distance_limit is not None:
+        if result_distance_limit is not None or refuse_banned_reducers:
             self._register_checked_part = container.register_processed_part
             container.register_processed_part = self._check_returned_part
         # retire the stock reducer quietly: nobody will feed it, and its finalize() would warn "received 0.0%"
@@ -200,15 +211,24 @@ class RobustAllReduceRunner(AllReduceRunner):
     def _check_returned_part(self, peer_index: int, part_index: int, part: torch.Tensor) -> None:
         container = self.tensor_part_container
         own = container._input_parts_by_peer[peer_index][part_index][0]
-        delta = part if container.return_deltas else part - own
-        reason = refused_result_reason(delta, own, self._norm_per_value, self.result_distance_limit)
-        if reason is not None:
-            reducer = str(self.ordered_peer_ids[peer_index])
-            if peer_index not in self._refused_from:  # one line per (round, reducer)
+        reducer = str(self.ordered_peer_ids[peer_index])
+        if reducer in self._banned_reducers:
+            # a group led by a peer that has not banned it yet may still contain a peer we ban: we ignore its
+            # parts as a sender (our reducer), and must not take its word as a reducer either. We still send it
+            # our parts, so that the honest members who wait on its partition are not stalled
+            if peer_index not in self._refused_from:
                 self._refused_from.add(peer_index)
-                self.reputation.record_refused_result(reducer)
-                logger.warning(f"{self}: refused the aggregate of part {part_index} from reducer {reducer} ({reason}); keeping local values")
+                logger.info(f"{self}: ignoring the aggregates of banned reducer {reducer}; keeping local values for its partition")
             part = torch.zeros_like(own) if container.return_deltas else own
+        elif self.result_distance_limit is not None:
+            delta = part if container.return_deltas else part - own
+            reason = refused_result_reason(delta, own, self._norm_per_value, self.result_distance_limit)
+            if reason is not None:
+                if peer_index not in self._refused_from:  # one line per (round, reducer)
+                    self._refused_from.add(peer_index)
+                    self.reputation.record_refused_result(reducer)
+                    logger.warning(f"{self}: refused the aggregate of part {part_index} from reducer {reducer} ({reason}); keeping local values")
+                part = torch.zeros_like(own) if container.return_deltas else own
         self._register_checked_part(peer_index, part_index, part)
 
     async def _communicate_with_peer(self, peer_id: PeerID):
@@ -329,6 +349,7 @@ class _RobustAveragerMixin:
             reputation=self.reputation,
             result_distance_limit=self.robust_settings.result_distance_limit,
             weight_claim_limit=self.robust_settings.weight_claim_limit,
+            refuse_banned_reducers=self.robust_settings.ignore_banned_reducers,
             p2p=self._p2p,
             servicer_type=type(self),
             prefix=self.prefix,

@@ -39,9 +39,10 @@ def _swarm(tensors_by_peer, settings, prefix, **averager_kwargs):
     dhts, averagers = [], []
     try:
         start_loopback_dhts(num_peers, into=dhts)
-        for dht, tensors in zip(dhts, tensors_by_peer):
+        settings_by_peer = settings if isinstance(settings, list) else [settings] * num_peers
+        for dht, tensors, peer_settings in zip(dhts, tensors_by_peer, settings_by_peer):
             averagers.append(
-                RobustDecentralizedAverager(tensors, dht, settings=settings, prefix=prefix, start=True, **kwargs)
+                RobustDecentralizedAverager(tensors, dht, settings=peer_settings, prefix=prefix, start=True, **kwargs)
             )
         yield averagers
     finally:
@@ -166,3 +167,33 @@ def test_banned_peer_is_refused_in_matchmaking():
             torch.testing.assert_close(_tensor(averagers[index]), torch.full((SIZE,), 0.5))
         torch.testing.assert_close(_tensor(averagers[2]), torch.full((SIZE,), 1000.0))
         assert averagers[0].get_reputation()["banned"].keys() == {banned_id}
+
+
+def test_aggregates_of_a_banned_reducer_are_ignored():
+    # Prepare: A bans C but lets it into groups (as if a leader that does not ban C had put them together);
+    # three peers, one 1024-value part each, plain mean, values small enough to pass the result check
+    size = 3 * 1024
+    tensors = [[torch.zeros(size)], [torch.ones(size)], [torch.full((size,), 2.0)]]
+    lenient = RobustAveragingSettings(aggregator="mean", refuse_banned_peers=False)
+    settings = [lenient, RobustAveragingSettings(aggregator="mean"), RobustAveragingSettings(aggregator="mean")]
+
+    with _swarm(tensors, settings, prefix="robust_banned_reducer") as averagers:
+        a, b, c = (str(averager.peer_id) for averager in averagers)
+        averagers[0].ban_peer(c, "test")
+
+        # Execute
+        outcomes = _step_all(averagers)
+
+        # Assert: one group of three; partitions in group order
+        assert all(isinstance(outcome, dict) and len(outcome) == 3 for outcome in outcomes), outcomes
+        order = [str(peer_id) for peer_id in outcomes[0]]
+        # what A gets back from each reducer: its own reducer ignores C's part (mean of 0 and 1), B's reducer
+        # averages all three, and C's aggregate is ignored: A keeps its own zeros there
+        expected_a = {a: 0.5, b: 1.0, c: 0.0}
+        # B trusts C as a reducer and as a sender; only A's reducer left C out
+        expected_b = {a: 0.5, b: 1.0, c: 1.0}
+        for averager, expected in [(averagers[0], expected_a), (averagers[1], expected_b)]:
+            values = _tensor(averager)
+            for index, reducer in enumerate(order):
+                part = values[index * 1024 : (index + 1) * 1024]
+                torch.testing.assert_close(part, torch.full((1024,), expected[reducer]), msg=f"partition of {reducer}")
