@@ -27,6 +27,7 @@ With hivemind.Optimizer::
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable, Optional, Sequence
@@ -310,7 +311,17 @@ class _RobustAveragerMixin:
 
     async def _step(self, **kwargs):
         self._skip_banned_leaders()
-        return await super()._step(**kwargs)
+        try:
+            return await super()._step(**kwargs)
+        except concurrent.futures.InvalidStateError:
+            # hivemind.Optimizer may cancel a step (e.g. to download state) while its all-reduce is still
+            # serving the group; hivemind then sets the result of the cancelled future and the error escapes as
+            # "Task exception was never retrieved". The caller has given up on this step: nothing to report
+            step = kwargs.get("step")
+            if step is not None and step.cancelled():
+                logger.debug("averaging step was cancelled while its all-reduce finished; result dropped")
+                return None
+            raise
 
     def _skip_banned_leaders(self) -> None:
         """Wrap this process's Matchmaking so that joining a banned leader fails as if it had rejected us."""
