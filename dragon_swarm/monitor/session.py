@@ -119,12 +119,15 @@ class VolunteerSession:
 
         def loop() -> None:
             seen = int(host.stats()["expert_requests"])
-            while not self._stop.wait(5.0):
+            while True:
+                leaving = self._stop.wait(5.0)
                 now = int(host.stats()["expert_requests"])
                 if now > seen and self.counters is not None:
                     self.counters.add_expert_requests(now - seen)
                     self.show_counters()
                 seen = now
+                if leaving:  # one last count, so that what was served since the previous one is saved too
+                    return
 
         self._counting_host_requests = threading.Thread(target=loop, name="host-request-counter", daemon=True)
         self._counting_host_requests.start()
@@ -177,6 +180,8 @@ class VolunteerSession:
             return
         self._published_on_leaving = True
         self._stop.set()
+        if self._counting_host_requests is not None:
+            self._counting_host_requests.join(timeout=10.0)
         self.status.set_state(PeerState.STOPPING)
         for part in (self.publisher, self.watcher):  # no periodic DHT calls from here on
             if part is not None:
