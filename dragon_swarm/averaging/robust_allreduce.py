@@ -148,7 +148,7 @@ class RobustAllReduceRunner(AllReduceRunner):
     we keep our own values for that part. This covers what the reducer itself cannot: a 2-peer group, where
     one x-1000 attacker moves any aggregate of two parts, and a Byzantine reducer that returns garbage for the
     partition it owns. An honest aggregate stays within a few times our own scale. The aggregates of a reducer
-    this peer has banned are ignored whatever they look like (``refuse_banned_reducers``): a leader that has not
+    this peer has banned are ignored whatever they look like (``ignore_banned_reducers``): a leader that has not
     banned it may still put it in our group.
     """
 
@@ -159,14 +159,14 @@ class RobustAllReduceRunner(AllReduceRunner):
         reputation: ReputationBook,
         result_distance_limit: float | None = RESULT_DISTANCE_LIMIT,
         weight_claim_limit: float | None = None,
-        refuse_banned_reducers: bool = True,
+        ignore_banned_reducers: bool = True,
         **kwargs,
     ):
         super().__init__(**kwargs)
         self.reputation, self.result_distance_limit = reputation, result_distance_limit
         # judged once, when the round starts: a ban that lands mid-round (our reducer just rejected the peer's
         # part) takes effect from the next round, so that one round is handled by one consistent rule
-        self._banned_reducers = set() if not refuse_banned_reducers else {
+        self._banned_reducers = set() if not ignore_banned_reducers else {
             str(peer) for peer in self.ordered_peer_ids if peer != self.peer_id and reputation.is_banned(str(peer))
         }
         container = self.tensor_part_container
@@ -175,7 +175,7 @@ class RobustAllReduceRunner(AllReduceRunner):
         self._refused_from: set[int] = set()
         self._iterate_own_outputs = container.iterate_output_tensors
         container.iterate_output_tensors = self._outputs_then_finish_serving
-        if result_distance_limit is not None or refuse_banned_reducers:
+        if result_distance_limit is not None or ignore_banned_reducers:
             self._register_checked_part = container.register_processed_part
             container.register_processed_part = self._check_returned_part
         # retire the stock reducer quietly: nobody will feed it, and its finalize() would warn "received 0.0%"
@@ -220,7 +220,7 @@ class RobustAllReduceRunner(AllReduceRunner):
             if peer_index not in self._refused_from:
                 self._refused_from.add(peer_index)
                 logger.info(f"{self}: ignoring the aggregates of banned reducer {reducer}; keeping local values for its partition")
-            part = torch.zeros_like(own) if container.return_deltas else own
+            part = self._local_result(own)
         elif self.result_distance_limit is not None:
             delta = part if container.return_deltas else part - own
             reason = refused_result_reason(delta, own, self._norm_per_value, self.result_distance_limit)
@@ -229,8 +229,12 @@ class RobustAllReduceRunner(AllReduceRunner):
                     self._refused_from.add(peer_index)
                     self.reputation.record_refused_result(reducer)
                     logger.warning(f"{self}: refused the aggregate of part {part_index} from reducer {reducer} ({reason}); keeping local values")
-                part = torch.zeros_like(own) if container.return_deltas else own
+                part = self._local_result(own)
         self._register_checked_part(peer_index, part_index, part)
+
+    def _local_result(self, own: torch.Tensor) -> torch.Tensor:
+        """What to register instead of a reducer's answer: our own values (as a zero delta if deltas are returned)."""
+        return torch.zeros_like(own) if self.tensor_part_container.return_deltas else own
 
     async def _communicate_with_peer(self, peer_id: PeerID):
         if peer_id != self.peer_id:
@@ -360,7 +364,7 @@ class _RobustAveragerMixin:
             reputation=self.reputation,
             result_distance_limit=self.robust_settings.result_distance_limit,
             weight_claim_limit=self.robust_settings.weight_claim_limit,
-            refuse_banned_reducers=self.robust_settings.ignore_banned_reducers,
+            ignore_banned_reducers=self.robust_settings.ignore_banned_reducers,
             p2p=self._p2p,
             servicer_type=type(self),
             prefix=self.prefix,

@@ -54,8 +54,8 @@ def warmup_schedule(warmup_steps: int):
 
 def robust_settings(averaging: AveragingSection, target_batch_size: int | None = None) -> RobustAveragingSettings:
     # a sender 5x farther from the robust result than the median sender, over a whole round's partition, 3
-    # rounds in a row, with one malformed part (NaN/Inf, wrong size) or 2 impossible weight claims, is banned. Judged per round, not per part: in parts holding
-    # rare-token embedding rows an honest peer's gradient is large only on its own batch's tokens (16-44x the
+    # rounds in a row, with one malformed part (NaN/Inf, wrong size) or 2 impossible weight claims, is banned.
+    # Judged per round, not per part: in parts holding rare-token embedding rows an honest peer's gradient is large only on its own batch's tokens (16-44x the
     # median per part in the robustness benchmark's clean runs), while over a partition honest peers stay ~1-2x.
     return RobustAveragingSettings(
         aggregator=averaging.aggregator,
