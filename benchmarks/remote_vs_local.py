@@ -24,7 +24,7 @@ from dragon_swarm.data.corpus import default_data_dir
 from dragon_swarm.data.dataset import build_token_stream
 from dragon_swarm.model.dispatch import LocalExperts
 from dragon_swarm.model.hrm_smoe import HRMSMoE
-from dragon_swarm.swarm.local_peers import PeerLauncher, read_stats
+from benchmarks.local_peers import PeerLauncher, read_stats
 
 WARMUP_STEPS = 3
 

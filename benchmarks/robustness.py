@@ -34,10 +34,10 @@ HRM-sMoE with ``LocalExperts``, so trunk and experts are one model and all of it
    weights. Attackers' spans are reduced honestly (attackers only send poisoned parts);
 4. one AdamW step (the config's lr, betas, weight decay and warmup) on the shared model.
 
-The averaging settings are the trainer's (``dragon_swarm.training.trainer.robust_settings``: CenteredClip's
-``tau`` relative to each part's median distance, the ban policy), with this run's aggregator, ``--tau``, trim
-ratio and weight cap. ``--absolute-tau`` reads tau in the parts' own units instead (measured worse against
-sign_flip and inflated_weight). Bans: every honest peer keeps its own
+The averaging settings are the trainer's (``RobustAveragingSettings.from_config`` of the config's ``averaging:``
+section: CenteredClip's ``tau`` relative to each part's median distance, the ban policy), with this run's
+aggregator, ``--tau``, trim ratio and weight cap. ``--absolute-tau`` reads tau in the parts' own units instead
+(measured worse against sign_flip and inflated_weight). Bans: every honest peer keeps its own
 :class:`~dragon_swarm.averaging.reputation.ReputationBook` for the whole run, as a long-lived peer does, and
 bans from the parts of its own span only (so a ban takes as many rounds as on the network). A sender that more
 than half of the honest peers ban is left out of the next rounds, as their matchmaking refuses it. The books'
@@ -84,15 +84,14 @@ import yaml
 from dragon_swarm.attacks import Attack, byzantine_gradient, claimed_weight, corrupt_targets, parse_attack
 from dragon_swarm.averaging.aggregators import AGGREGATORS, Aggregator
 from dragon_swarm.averaging.reputation import ReputationBook
-from dragon_swarm.averaging.robust_allreduce import RobustAveragingSettings
+from dragon_swarm.averaging.settings import RobustAveragingSettings
 from dragon_swarm.averaging.robust_reducer import RobustTensorPartReducer
 from dragon_swarm.config import SwarmConfig, load_config, resolve_config_path
 from dragon_swarm.data.corpus import default_data_dir
 from dragon_swarm.data.dataset import TokenStream, build_token_stream
 from dragon_swarm.model.dispatch import LocalExperts
 from dragon_swarm.model.hrm_smoe import HRMSMoE
-from dragon_swarm.swarm.local_peers import PeerLauncher, read_stats
-from dragon_swarm.training.trainer import robust_settings
+from benchmarks.local_peers import PeerLauncher, read_stats
 
 logger = logging.getLogger(__name__)
 
@@ -171,8 +170,8 @@ class RobustnessSettings:
         return dataclasses.replace(self, peers=self.honest, byzantine=0, trim_ratio=trim_ratio)
 
     def averaging(self, config: SwarmConfig) -> RobustAveragingSettings:
-        """What a trainer builds from ``config`` (``trainer.robust_settings``: relative tau, ban policy), with
-        this run's aggregator, tau, trim ratio and weight cap (and ban streak, if set)."""
+        """What a trainer builds from ``config`` (``RobustAveragingSettings.from_config``: relative tau, ban
+        policy), with this run's aggregator, tau, trim ratio and weight cap (and ban streak, if set)."""
         a = config.averaging
         trim_ratio = self.trim_ratio
         if trim_ratio is None:
@@ -181,7 +180,7 @@ class RobustnessSettings:
         extra = {} if self.min_observations is None else {"min_observations": self.min_observations}
         if self.ban_distance_ratio is not None:
             extra["ban_distance_ratio"] = self.ban_distance_ratio
-        trainer = robust_settings(a, config.training.target_batch_size)
+        trainer = RobustAveragingSettings.from_config(a, config.training.target_batch_size)
         return dataclasses.replace(
             trainer,
             aggregator=self.aggregator,

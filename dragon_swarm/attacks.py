@@ -1,7 +1,8 @@
 """Byzantine attacks on gradient averaging. TEST/BENCHMARK ONLY.
 
-Nothing in the production path imports this module on its own: a trainer turns Byzantine only when started with
-the hidden ``--attack NAME`` flag (``dragon_swarm.training.trainer.ByzantineBehaviour``), and
+Nothing in the production path imports this module on its own: a trainer turns Byzantine only when a test or a
+benchmark injects :class:`ByzantineContribution` (the hidden ``--attack NAME`` flag of the peer selects it for
+real-network benchmarks: it replaces the trainer's ``HonestContribution``, no branch in the training loop), and
 ``benchmarks.robustness`` uses it to measure how much each aggregator loses to each attack. Attacks are named
 modes (:class:`Attack`), never free-form callables, so a test or a benchmark says exactly which one it runs.
 
@@ -41,6 +42,7 @@ that seed their generators alike (the trainer seeds with the swarm seed) draw th
 
 from __future__ import annotations
 
+import logging
 import math
 from enum import Enum
 from statistics import NormalDist
@@ -49,6 +51,7 @@ import torch
 
 __all__ = [
     "Attack",
+    "ByzantineContribution",
     "CONSTANT_DIRECTION_SEED",
     "CONSTANT_SCALE",
     "INFLATED_WEIGHT_FACTOR",
@@ -61,6 +64,8 @@ __all__ = [
     "corrupt_targets",
     "parse_attack",
 ]
+
+logger = logging.getLogger(__name__)
 
 SIGN_FLIP_SCALE = 1000.0  # sign_flip sends -SIGN_FLIP_SCALE * g
 NOISE_SCALE = 100.0  # noise std, in units of the own gradient's RMS
@@ -209,3 +214,49 @@ def _honest_stack(honest: torch.Tensor | None, own: torch.Tensor) -> torch.Tenso
             f"honest gradients ({tuple(honest.shape)}) are not a stack of rows of the own gradient's {d} values"
         )
     return honest.detach().to(torch.float32).reshape(-1, d)
+
+
+class ByzantineContribution:
+    """A trainer's `GradientContribution` (see `dragon_swarm.training.contribution`) that runs `attack` instead
+    of contributing honestly. It neither clips nor filters what it sends.
+
+    The attacker does not see honest peers' gradients, so attacks that need their statistics (ALIE, IPM)
+    estimate them from this peer's own recent honest gradients.
+    """
+
+    HISTORY = 8
+
+    def __init__(self, attack: Attack | str, seed: int):
+        self.attack = parse_attack(attack)
+        self.rng = torch.Generator().manual_seed(seed)  # colluding attackers share the swarm seed
+        self.history: list[torch.Tensor] = []
+        logger.warning(f"BYZANTINE TEST MODE: this trainer runs the '{self.attack.value}' attack")
+
+    def targets(self, targets: torch.Tensor) -> torch.Tensor:
+        if self.attack is Attack.LABEL_SHUFFLE:
+            return corrupt_targets(targets, self.rng)
+        return targets
+
+    def prepare(self, named_params, loss: torch.Tensor, batch_size: int, num_peers: int) -> int:
+        if self.attack is not Attack.LABEL_SHUFFLE:
+            self._corrupt_gradients([p for _, p in named_params], num_peers)
+        return int(claimed_weight(self.attack, batch_size))
+
+    def _corrupt_gradients(self, params: list[torch.nn.Parameter], num_peers: int) -> None:
+        for p in params:  # a parameter without a gradient this step still gets one sent (zeros), as hivemind does
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        flat = torch.cat([p.grad.reshape(-1) for p in params])
+        self.history = (self.history + [flat.clone()])[-self.HISTORY :]
+        num_peers = max(num_peers, 2)
+        bad = byzantine_gradient(self.attack, flat, torch.stack(self.history), self.rng, num_peers, max(1, (num_peers - 1) // 2))
+        offset = 0
+        for p in params:
+            p.grad.copy_(bad[offset : offset + p.numel()].view_as(p.grad))
+            offset += p.numel()
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        pass

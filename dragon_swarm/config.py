@@ -1,154 +1,164 @@
-"""Swarm-wide configuration: typed sections built from one YAML file plus overrides.
+"""Swarm-wide configuration: one strict schema per YAML section, built from one file plus overrides.
 
 Every peer of one swarm loads the same YAML. The parts that must agree across peers (model shape, data,
-optimizer, averaging, expert timeouts) are hashed into the swarm's DHT prefix, so peers started with
-incompatible configs never mix. Peer-local knobs (micro-batch size) are excluded from the hash.
+optimizer, averaging and its ban policy, expert timeouts) are hashed into the swarm's DHT prefix, so peers
+started with incompatible configs never mix. Peer-local knobs (micro-batch size) are excluded from the hash.
+
+Each section is a frozen pydantic model (`dragon_swarm.schema.Schema`): unknown keys are errors, `true` is not an
+int, `'3'` is not a number, ints given for floats are stored as floats (so `lr: 1` and `lr: 1.0` hash alike).
+A config that cannot be used raises `ConfigError`, one line naming the file and the key path:
+
+    configs/mine.yaml: training.lr must be a number, got 'fast'
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Annotated, Any, ClassVar, Mapping
 
-import yaml
+from pydantic import Field, ValidationError, field_validator, model_validator
 
+from dragon_swarm import paths
 from dragon_swarm.model.config import ModelConfig
+from dragon_swarm.schema import Schema, interval, load_yaml_mapping, one_line
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-CONFIG_DIR = REPO_ROOT / "configs"
 DEFAULT_CONFIG_NAME = "dragon-tiny"
+
+Positive = Annotated[float, Field(gt=0)]
+PositiveInt = Annotated[int, Field(gt=0)]
 
 
 class ConfigError(ValueError):
     """A config that cannot be used; the message is one line meant for the user."""
 
 
-@dataclass(frozen=True)
-class SwarmSection:
-    name: str = "dragon"
+class SwarmSection(Schema):
+    name: str = "dragon"  # letters, digits, '-' and '_': it starts the swarm's DHT prefix
     seed: int = 0
 
+    @field_validator("name")
+    @classmethod
+    def _valid_name(cls, name: str) -> str:
+        if not (name and all(c.isalnum() or c in "-_" for c in name)):
+            raise ValueError(f"must contain only letters, digits, '-' and '_', got {name!r}")
+        return name
 
-@dataclass(frozen=True)
-class DataSection:
+
+class DataSection(Schema):
     source: str = "shakespeare"
     tokenizer: str = "dragon-bpe-8k"
-    val_fraction: float = 0.02
+    val_fraction: Annotated[float, interval(0.0, 0.5, "()")] = 0.02
 
 
-@dataclass(frozen=True)
-class TrainingSection:
-    batch_size: int = 16  # per-peer micro-batch; not part of the swarm hash
+class TrainingSection(Schema):
+    batch_size: PositiveInt = 16  # per-peer micro-batch; not part of the swarm hash
     target_batch_size: int = 64  # samples the whole swarm accumulates per global optimizer step
-    lr: float = 3e-3
+    lr: Positive = 3e-3
     weight_decay: float = 0.01
-    betas: tuple[float, float] = (0.9, 0.95)
+    betas: tuple[float, float] = Field((0.9, 0.95), strict=False)  # a YAML list; items stay strict numbers
     warmup_steps: int = 20
     clip_grad_norm: float = 1.0
     # each trainer sends m <- b*m + (1-b)*g instead of its raw gradient g (Karimireddy, He, Jaggi 2021): honest
     # vectors get b-times less noisy, so colluders can no longer hide inside the honest spread (ipm, -g attacks)
-    worker_momentum: float = 0.0
+    worker_momentum: Annotated[float, interval(0.0, 1.0, "[)")] = 0.0
     expert_lr: float = 1e-3
     expert_clip_grad_norm: float = 1.0
 
+    @model_validator(mode="after")
+    def _target_holds_a_batch(self) -> "TrainingSection":
+        if self.target_batch_size < self.batch_size:
+            raise ValueError(f"target_batch_size ({self.target_batch_size}) must be >= batch_size ({self.batch_size})")
+        return self
 
-@dataclass(frozen=True)
-class AveragingSection:
-    matchmaking_time: float = 3.0
+
+class AveragingSection(Schema):
+    """How trainers average and whom they ban (`RobustAveragingSettings.from_config` turns this into the
+    averagers' settings; the ban policy is explained in `dragon_swarm.averaging.reputation`)."""
+
+    matchmaking_time: Positive = 3.0
     averaging_timeout: float = 30.0
     load_state_timeout: float = 120.0
-    compression: str = "none"
-    aggregator: str = "centered_clip"  # per-partition reducer: mean | median | trimmed_mean | centered_clip
-    tau: float = 1.0  # centered_clip's radius, in units of each part's median distance to the median (scale-free)
-    trim_ratio: float = 0.2  # trimmed_mean drops this fraction at each end
+    compression: str = "none"  # a codec of dragon_swarm.averaging.compression.CODECS
+    aggregator: str = "centered_clip"  # per-partition reducer of dragon_swarm.averaging.aggregators.AGGREGATORS
+    tau: Positive = 1.0  # centered_clip's radius; with relative_tau, in units of each part's median distance
+    relative_tau: bool = True  # read tau as a multiple of the median distance (scale-free), not in gradient units
+    trim_ratio: Annotated[float, interval(0.0, 0.5, "[)")] = 0.2  # trimmed_mean drops this fraction at each end
+    # ban policy: a sender ban_distance_ratio times farther from the robust result than this peer (over a whole
+    # round's partition) for ban_rounds rounds in a row, or with ban_strikes impossible weight claims, is banned
+    # for ban_seconds; one malformed part (NaN/Inf, wrong size) bans at once
+    ban_distance_ratio: Positive = 5.0
+    ban_rounds: PositiveInt = 3
+    ban_strikes: PositiveInt = 2
+    ban_seconds: Annotated[float, Field(ge=0)] = 300.0
+    # a sender claiming more than this many times training.target_batch_size samples in one round is lying (an
+    # honest peer holds the target plus a few micro-batches of overshoot); null turns the check off
+    weight_claim_factor: Positive | None = 4.0
+
+    @field_validator("compression")
+    @classmethod
+    def _known_codec(cls, name: str) -> str:
+        from dragon_swarm.averaging.compression import CODECS
+
+        return _registered(name, CODECS)
+
+    @field_validator("aggregator")
+    @classmethod
+    def _known_aggregator(cls, name: str) -> str:
+        from dragon_swarm.averaging.aggregators import AGGREGATORS
+
+        return _registered(name, AGGREGATORS)
 
 
-@dataclass(frozen=True)
-class ExpertsSection:
-    forward_timeout: float = 10.0
-    backward_timeout: float = 10.0
+def _registered(name: str, registry: Mapping[str, Any]) -> str:
+    if name not in registry:
+        raise ValueError(f"must be one of {', '.join(registry)}, got {name!r}")
+    return name
+
+
+class ExpertsSection(Schema):
+    forward_timeout: Positive = 10.0
+    backward_timeout: Positive = 10.0
     update_period: float = 5.0  # how often hosts re-announce their experts, seconds
     expiration: float = 20.0  # announcements vanish this long after a host stops refreshing them
     max_batch_size: int = 16384  # tokens per expert request; larger requests are rejected
 
+    @model_validator(mode="after")
+    def _expire_after_refresh(self) -> "ExpertsSection":
+        if not self.expiration > self.update_period:
+            raise ValueError(f"expiration ({self.expiration:g}) must exceed update_period ({self.update_period:g})")
+        return self
 
-@dataclass(frozen=True)
-class SwarmConfig:
-    swarm: SwarmSection = field(default_factory=SwarmSection)
-    model: ModelConfig = None  # type: ignore[assignment]  # always set by from_dict
-    data: DataSection = field(default_factory=DataSection)
-    training: TrainingSection = field(default_factory=TrainingSection)
-    averaging: AveragingSection = field(default_factory=AveragingSection)
-    experts: ExpertsSection = field(default_factory=ExpertsSection)
+
+class SwarmConfig(Schema):
+    swarm: SwarmSection = SwarmSection()
+    model: ModelConfig
+    data: DataSection = DataSection()
+    training: TrainingSection = TrainingSection()
+    averaging: AveragingSection = AveragingSection()
+    experts: ExpertsSection = ExpertsSection()
 
     # keys that each peer may choose for itself; everything else must match swarm-wide
-    PEER_LOCAL_KEYS = (("training", "batch_size"),)
+    PEER_LOCAL_KEYS: ClassVar[tuple[tuple[str, str], ...]] = (("training", "batch_size"),)
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> "SwarmConfig":
+        """Validate a mapping of sections; ConfigError (one line) for anything unusable."""
         if not isinstance(raw, Mapping):
-            raise ConfigError("config must be a mapping of sections (swarm, model, data, training, ...)")
-        sections = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(raw) - set(sections))
-        if unknown:
-            raise ConfigError(f"unknown config section(s): {', '.join(unknown)}; known: {', '.join(sections)}")
+            raise ConfigError(f"config must be a mapping of sections ({', '.join(cls.model_fields)})")
         if "model" not in raw:
             raise ConfigError("config has no 'model' section")
-        built: dict[str, Any] = {}
-        for name, value in raw.items():
-            if not isinstance(value, Mapping):
-                raise ConfigError(f"config section '{name}' must be a mapping, got {type(value).__name__}")
-            if name == "model":
-                try:
-                    built[name] = ModelConfig.from_dict(dict(value))
-                except (ValueError, TypeError) as e:
-                    raise ConfigError(f"model: {e}") from None
-            else:
-                section_cls = {
-                    "swarm": SwarmSection,
-                    "data": DataSection,
-                    "training": TrainingSection,
-                    "averaging": AveragingSection,
-                    "experts": ExpertsSection,
-                }[name]
-                built[name] = _build_section(name, section_cls, value)
-        config = cls(**built)
-        config.validate()
-        return config
-
-    def validate(self) -> None:
-        t, a, e = self.training, self.averaging, self.experts
-        checks = [
-            (t.batch_size > 0, "training.batch_size must be positive"),
-            (t.target_batch_size >= t.batch_size, "training.target_batch_size must be >= training.batch_size"),
-            (t.lr > 0, "training.lr must be positive"),
-            (0 <= t.worker_momentum < 1, "training.worker_momentum must be in [0, 1)"),
-            (a.matchmaking_time > 0, "averaging.matchmaking_time must be positive"),
-            (a.compression in ("none", "fp16", "blockwise8bit"), "averaging.compression must be none|fp16|blockwise8bit"),
-            (
-                a.aggregator in ("mean", "median", "trimmed_mean", "centered_clip"),
-                "averaging.aggregator must be mean|median|trimmed_mean|centered_clip",
-            ),
-            (a.tau > 0, "averaging.tau must be positive"),
-            (0 <= a.trim_ratio < 0.5, "averaging.trim_ratio must be in [0, 0.5)"),
-            (e.forward_timeout > 0 and e.backward_timeout > 0, "experts timeouts must be positive"),
-            (e.expiration > e.update_period, "experts.expiration must exceed experts.update_period"),
-            (0 < self.data.val_fraction < 0.5, "data.val_fraction must be in (0, 0.5)"),
-            (_valid_swarm_name(self.swarm.name), "swarm.name may contain only letters, digits, '-' and '_'"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
+        unknown = sorted(map(str, set(raw) - set(cls.model_fields)))
+        if unknown:
+            raise ConfigError(f"unknown config section(s): {', '.join(unknown)}; known: {', '.join(cls.model_fields)}")
+        try:
+            return cls.model_validate(dict(raw))
+        except ValidationError as e:
+            raise ConfigError(one_line(e, cls)) from None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            f.name: (getattr(self, f.name).to_dict() if f.name == "model" else dataclasses.asdict(getattr(self, f.name)))
-            for f in dataclasses.fields(self)
-        }
+        return self.model_dump()
 
     def swarm_hash(self) -> str:
         """Hash of everything peers must agree on (8 hex chars)."""
@@ -169,71 +179,29 @@ class SwarmConfig:
         return f"{self.run_prefix}_ffn"
 
     def replace(self, **sections: Any) -> "SwarmConfig":
-        return dataclasses.replace(self, **sections)
-
-
-def _valid_swarm_name(name: str) -> bool:
-    return bool(name) and all(c.isalnum() or c in "-_" for c in name)
-
-
-def _build_section(name: str, section_cls: type, values: Mapping[str, Any]) -> Any:
-    fields = {f.name: f for f in dataclasses.fields(section_cls)}
-    unknown = sorted(set(values) - set(fields))
-    if unknown:
-        raise ConfigError(f"unknown key(s) in '{name}': {', '.join(unknown)}; known: {', '.join(fields)}")
-    defaults = section_cls()
-    kwargs = {}
-    for key, value in values.items():
-        expected = type(getattr(defaults, key))
-        kwargs[key] = _coerce(f"{name}.{key}", value, expected)
-    return section_cls(**kwargs)
-
-
-def _coerce(path: str, value: Any, expected: type) -> Any:
-    if expected is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{path} must be true or false, got {value!r}")
-        return value
-    if expected is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if expected is tuple and isinstance(value, (list, tuple)):
-        return tuple(float(v) for v in value)
-    if expected is int and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if expected is str and isinstance(value, str):
-        return value
-    raise ConfigError(f"{path} must be {expected.__name__}, got {value!r}")
+        """A validated copy with whole sections replaced (section objects or plain mappings)."""
+        current = {name: getattr(self, name) for name in type(self).model_fields}
+        try:
+            return type(self).model_validate({**current, **sections})
+        except ValidationError as e:
+            raise ConfigError(one_line(e, type(self))) from None
 
 
 def resolve_config_path(name_or_path: str | None) -> Path:
-    """A config is a YAML path or the name of one in configs/ (e.g. 'dragon-tiny')."""
-    if name_or_path is None:
-        name_or_path = DEFAULT_CONFIG_NAME
-    path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.exists():
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        return path
-    candidate = CONFIG_DIR / f"{name_or_path}.yaml"
-    if not candidate.is_file():
-        known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
-        raise ConfigError(f"no config named '{name_or_path}' (known: {known}) and no such file")
-    return candidate
+    """A config is a YAML path or the name of one shipped in configs/ (e.g. 'dragon-tiny')."""
+    try:
+        return paths.resolve_name_or_path(name_or_path or DEFAULT_CONFIG_NAME, paths.config_dir(), "config")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def load_config(name_or_path: str | None = None, overrides: Mapping[str, Any] | None = None) -> SwarmConfig:
     """Load YAML, apply dotted overrides such as {'training.batch_size': 8}, validate."""
     path = resolve_config_path(name_or_path)
     try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}: not valid YAML{where}") from None
-    if raw is None:
-        raise ConfigError(f"{path}: config is empty")
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: config must be a mapping of sections")
+        raw = load_yaml_mapping(path, "config")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     for dotted, value in (overrides or {}).items():
         section, _, key = dotted.partition(".")
         raw.setdefault(section, {})

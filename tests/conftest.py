@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from dragon_swarm.swarm.local_peers import PeerLauncher
+from benchmarks.local_peers import PeerLauncher
 
 
 @pytest.fixture

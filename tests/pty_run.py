@@ -11,7 +11,7 @@ import subprocess
 import time
 from typing import Sequence
 
-from dragon_swarm.swarm.local_peers import REPO_ROOT
+from benchmarks.local_peers import REPO_ROOT
 
 ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[()][0-9A-Za-z]|\x1b[=>78]")
 

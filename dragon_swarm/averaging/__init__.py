@@ -5,6 +5,8 @@
 * :mod:`.compression` — fp16 and 8-bit codecs in hivemind's wire format; call :func:`install_codecs` in
   every peer before starting averagers.
 * :mod:`.reputation` — per-sender records (invalid parts, distance from the robust result) and local bans; pure.
+* :mod:`.settings` — :class:`RobustAveragingSettings`, the aggregation and ban policy (built from a config's
+  ``averaging:`` section by ``RobustAveragingSettings.from_config``).
 * :mod:`.robust_reducer` — hivemind ``TensorPartReducer`` that validates parts and aggregates them robustly.
 * :mod:`.robust_allreduce` — averagers (plain and gradient, for hivemind.Optimizer) that use that reducer and
   refuse banned peers in matchmaking.
@@ -32,9 +34,9 @@ from dragon_swarm.averaging.compression import (
 from dragon_swarm.averaging.reputation import ReputationBook, SenderRecord
 from dragon_swarm.averaging.robust_allreduce import (
     RobustAllReduceRunner,
-    RobustAveragingSettings,
     RobustDecentralizedAverager,
     RobustGradientAverager,
     make_grad_averager_factory,
 )
 from dragon_swarm.averaging.robust_reducer import PartReport, RejectedPartError, RobustTensorPartReducer
+from dragon_swarm.averaging.settings import RobustAveragingSettings

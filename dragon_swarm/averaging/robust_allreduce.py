@@ -19,7 +19,7 @@ snapshot from the averager process over hivemind's control pipe (the same way as
 
 With hivemind.Optimizer::
 
-    settings = RobustAveragingSettings(aggregator="centered_clip", tau=1.0)
+    settings = RobustAveragingSettings.from_config(config.averaging, config.training.target_batch_size)
     opt = hivemind.Optimizer(..., grad_averager_factory=make_grad_averager_factory(settings))
     opt.grad_averager.get_reputation()  # {"now": ..., "banned": {...}, "peers": {...}}
 """
@@ -29,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-from dataclasses import dataclass
 from typing import AsyncIterator, Callable, Optional, Sequence
 
 import torch
@@ -41,10 +40,11 @@ from hivemind.p2p import P2PContext, PeerID
 from hivemind.proto import averaging_pb2
 from hivemind.utils import MPFuture, get_dht_time
 
-from dragon_swarm.averaging.aggregators import AGGREGATORS, Aggregator, make_aggregator
+from dragon_swarm.averaging.aggregators import Aggregator
 from dragon_swarm.averaging.compression import install_codecs
 from dragon_swarm.averaging.reputation import ReputationBook
 from dragon_swarm.averaging.robust_reducer import CAPTURED_RATIO, RobustTensorPartReducer
+from dragon_swarm.averaging.settings import RESULT_DISTANCE_LIMIT, RobustAveragingSettings
 
 __all__ = [
     "RobustAllReduceRunner",
@@ -55,84 +55,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-RESULT_DISTANCE_LIMIT = 20.0  # see RobustAllReduceRunner
-
-
-@dataclass(frozen=True)
-class RobustAveragingSettings:
-    """How robust averaging aggregates and when it bans. Checked on construction.
-
-    :param aggregator: one of ``mean``, ``median``, ``trimmed_mean``, ``centered_clip``
-    :param tau: CenteredClip radius, in the units of the averaged tensors (L2 norm over one part); see
-      ``aggregators.centered_clip`` for tuning. Parts are ``part_size_bytes`` long, so tau scales with them.
-    :param relative_tau: read tau as a multiple of each part's median distance to the coordinate-wise median
-      (scale-free; the default in dragon_swarm configs)
-    :param trim_ratio: fraction trimmed from each end by ``trimmed_mean``
-    :param max_iters: CenteredClip iteration cap per part
-    :param tol: CenteredClip stops when an update is shorter than this (absolute)
-    :param max_weight: the ``mean`` aggregator caps each sender's self-reported weight here (hivemind's
-      GradientAverager sends its accumulated sample count: set this to the samples an honest peer gathers
-      per round, or leave 1 to weigh everyone equally). Robust aggregators ignore weights.
-    :param ban_seconds, max_invalid, ban_distance_ratio, min_observations, ema_alpha: the ban policy, see
-      :class:`~.reputation.ReputationBook`
-    :param refuse_banned_peers: refuse banned peers in matchmaking (as leader and as follower)
-    :param ignore_banned_reducers: keep local values for the partition of a banned peer that is in our group
-      anyway (let in by a leader that has not banned it) instead of taking its aggregate
-    :param result_distance_limit: refuse aggregates returned farther than this from our own part, in units of our
-      scale (see :class:`RobustAllReduceRunner`); None turns the check off. By default on for the robust
-      aggregators and off for ``mean``, which stays the unprotected baseline that benchmarks compare against.
-    :param weight_claim_limit: a sender claiming a weight above this (e.g. more samples than an honest peer can
-      gather in one round) is lying; each round it does so counts as an invalid part toward a ban. None: off
-    """
-
-    aggregator: str = "centered_clip"
-    tau: float = 1.0
-    relative_tau: bool = False
-    trim_ratio: float = 0.2
-    max_iters: int = 50
-    tol: float = 1e-6
-    max_weight: float = 1.0
-    ban_seconds: float = 300.0
-    max_invalid: int = 3
-    ban_distance_ratio: float = 4.0
-    min_observations: int = 10
-    ema_alpha: float = 0.2
-    refuse_banned_peers: bool = True
-    ignore_banned_reducers: bool = True
-    result_distance_limit: float | None | str = "auto"
-    weight_claim_limit: float | None = None
-
-    def __post_init__(self):
-        if self.result_distance_limit == "auto":
-            limit = None if self.aggregator == "mean" else RESULT_DISTANCE_LIMIT
-            object.__setattr__(self, "result_distance_limit", limit)
-        if self.weight_claim_limit is not None and not self.weight_claim_limit > 0:
-            raise ValueError(f"weight_claim_limit must be > 0 or None, got {self.weight_claim_limit!r}")
-        if self.result_distance_limit is not None and not self.result_distance_limit > 0:
-            raise ValueError(f"result_distance_limit must be > 0 or None, got {self.result_distance_limit!r}")
-        if self.aggregator not in AGGREGATORS:
-            raise ValueError(f"unknown aggregator {self.aggregator!r}; known: {', '.join(sorted(AGGREGATORS))}")
-        self.make_aggregator()
-        self.make_reputation_book()
-
-    def make_aggregator(self) -> Aggregator:
-        params = {
-            "mean": dict(max_weight=self.max_weight),
-            "median": {},
-            "trimmed_mean": dict(trim_ratio=self.trim_ratio),
-            "centered_clip": dict(tau=self.tau, max_iters=self.max_iters, tol=self.tol, relative_tau=self.relative_tau),
-        }[self.aggregator]
-        return make_aggregator(self.aggregator, **params)
-
-    def make_reputation_book(self) -> ReputationBook:
-        return ReputationBook(
-            ban_seconds=self.ban_seconds,
-            max_invalid=self.max_invalid,
-            ban_distance_ratio=self.ban_distance_ratio,
-            min_observations=self.min_observations,
-            ema_alpha=self.ema_alpha,
-        )
 
 
 class RobustAllReduceRunner(AllReduceRunner):

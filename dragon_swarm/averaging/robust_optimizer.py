@@ -73,7 +73,8 @@ class RobustOptimizer(hivemind.Optimizer):
 
     def __init__(self, *, robust: RobustAveragingSettings, **kwargs):
         self._robust_settings = robust  # read by _make_state_averager, which the base __init__ calls
-        kwargs.setdefault("grad_averager_factory", make_grad_averager_factory(robust))
+        # hivemind documents averager_opts as going to both averagers but gives them to the state averager only
+        kwargs.setdefault("grad_averager_factory", make_grad_averager_factory(robust, **(kwargs.get("averager_opts") or {})))
         super().__init__(**kwargs)
 
     def _make_state_averager(self, **kwargs) -> TrainingStateAverager:

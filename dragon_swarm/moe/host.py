@@ -21,10 +21,13 @@ from hivemind.moe.server.runtime import Runtime
 from hivemind.utils import get_dht_time
 from hivemind.utils.tensor_descr import BatchTensorDescriptor
 
+from dragon_swarm.background import PeriodicThread
 from dragon_swarm.config import ExpertsSection, TrainingSection
+from dragon_swarm.events import EventBus, HostReport
 from dragon_swarm.model.expert import ExpertFFN
 from dragon_swarm.moe.registry import ExpertHostRecord, declare_hosted_experts
 from dragon_swarm.state.checkpoint import CheckpointError, load_module_checkpoint, save_module_checkpoint
+from dragon_swarm.training.optim import make_adamw
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +132,7 @@ def build_expert_backends(
         with torch.random.fork_rng():
             torch.manual_seed(generator_seed)
             module = ExpertFFN(d_model, expert_hidden)
-        optimizer = torch.optim.AdamW(module.parameters(), lr=training.expert_lr, weight_decay=training.weight_decay, betas=training.betas)
+        optimizer = make_adamw(module.named_parameters(), training.expert_lr, training.betas, training.weight_decay)
         backends[uid] = ExpertBackend(
             uid,
             module,
@@ -158,10 +161,48 @@ def measure_throughput(d_model: int, expert_hidden: int, tokens: int = 512, repe
     return tokens * repeats / (time.perf_counter() - start)
 
 
-class ExpertHost:
-    """Owns the runtime, connection handlers, the announcer and checkpoint threads of the experts it serves.
+class ExpertAnnouncer(PeriodicThread):
+    """Re-announces the host's experts (online, or offline while paused) before their records expire."""
 
-    Construct, then `start()`, then `shutdown()`; nothing starts in the constructor.
+    def __init__(self, host: "ExpertHost"):
+        super().__init__("expert-announcer", host.settings.update_period)
+        self.host = host
+
+    def tick(self) -> None:
+        self.host.announce("offline" if self.host.paused else "online")
+
+
+class CheckpointSaver(PeriodicThread):
+    """Saves every hosted expert (weights, optimizer state, update count) every `period_s` seconds."""
+
+    def __init__(self, host: "ExpertHost", period_s: float):
+        super().__init__("expert-checkpointer", period_s)
+        self.host = host
+
+    def tick(self) -> None:
+        try:
+            self.host.save_checkpoints()
+        except OSError as e:
+            logger.error(f"Saving expert checkpoints failed: {e}")
+
+
+class HostReporter(PeriodicThread):
+    """Publishes the host's counters as a `HostReport` every few seconds, and once more when stopped, so that
+    what was served right before leaving is counted too."""
+
+    def __init__(self, host: "ExpertHost", bus: EventBus, period_s: float = 5.0):
+        super().__init__("expert-host-reporter", period_s, final_tick=True)
+        self.host, self.bus = host, bus
+
+    def tick(self) -> None:
+        self.bus.publish(self.host.report())
+
+
+class ExpertHost:
+    """Owns the runtime, connection handlers, the announcer, checkpoint and report threads of the experts it serves.
+
+    Construct, then `start()`, then `shutdown()`; nothing starts in the constructor. Counters go out as
+    `HostReport` events on `bus`.
     """
 
     def __init__(
@@ -175,18 +216,19 @@ class ExpertHost:
         num_handlers: int = 2,
         checkpoint_period: float = 60.0,
         device: str = "cpu",
+        bus: EventBus | None = None,
     ):
         self.dht, self.backends, self.settings = dht, backends, settings
         self.checkpoint_dir, self.throughput, self.checkpoint_period = checkpoint_dir, throughput, checkpoint_period
+        self.bus = bus if bus is not None else EventBus()
         max_tokens = min(backend.forward_pool.max_batch_size for backend in backends.values())
         self.handlers = [
             ValidatingConnectionHandler(dht, backends, hidden_dim=hidden_dim, max_tokens=max_tokens)
             for _ in range(num_handlers)
         ]
         self.runtime = Runtime(backends, prefetch_batches=1, device=torch.device(device))
-        self._stop = threading.Event()
         self._paused = threading.Event()
-        self._threads: list[threading.Thread] = []
+        self._duties: list[PeriodicThread] = []
 
     @property
     def uids(self) -> list[str]:
@@ -231,12 +273,9 @@ class ExpertHost:
         if not self.runtime.ready.wait(timeout=60):
             raise RuntimeError("expert runtime did not start within 60 s")
         self.announce("online")
-        self._threads = [
-            threading.Thread(target=self._announce_loop, name="expert-announcer", daemon=True),
-            threading.Thread(target=self._checkpoint_loop, name="expert-checkpointer", daemon=True),
-        ]
-        for thread in self._threads:
-            thread.start()
+        self._duties = [ExpertAnnouncer(self), CheckpointSaver(self, self.checkpoint_period), HostReporter(self, self.bus)]
+        for duty in self._duties:
+            duty.start()
         logger.info(f"Serving {len(self.backends)} expert(s): {', '.join(self.uids)} ({self.throughput:.0f} tokens/s each)")
 
     def announce(self, state: str) -> None:
@@ -250,10 +289,6 @@ class ExpertHost:
             declare_hosted_experts(self.dht, records, expiration_time=get_dht_time() + self.settings.expiration)
         except Exception as e:  # a flaky DHT must not kill the host; the next period retries
             logger.warning(f"Announcing experts failed, will retry in {self.settings.update_period:.0f} s: {e}")
-
-    def _announce_loop(self) -> None:
-        while not self._stop.wait(self.settings.update_period):
-            self.announce("offline" if self._paused.is_set() else "online")
 
     @property
     def paused(self) -> bool:
@@ -276,25 +311,23 @@ class ExpertHost:
         self.announce("online")
         logger.info(f"Resumed hosting {len(self.backends)} expert(s)")
 
-    def _checkpoint_loop(self) -> None:
-        while not self._stop.wait(self.checkpoint_period):
-            try:
-                self.save_checkpoints()
-            except OSError as e:
-                logger.error(f"Saving expert checkpoints failed: {e}")
+    def report(self) -> HostReport:
+        backends = list(self.backends.values())
+        return HostReport(
+            experts_served=len(backends),
+            tokens_processed=sum(b.tokens_processed for b in backends),
+            requests_served=sum(b.requests_served for b in backends),
+            updates=sum(b.version for b in backends),
+        )
 
-    def stats(self) -> dict[str, int]:
-        return {
-            "experts_served": len(self.backends),
-            "expert_tokens_processed": sum(b.tokens_processed for b in self.backends.values()),
-            "expert_updates": sum(b.version for b in self.backends.values()),
-            "expert_requests": sum(b.requests_served for b in self.backends.values()),
-        }
+    def stop_reporting(self) -> None:
+        """Stop the background duties; the reporter publishes its final `HostReport` on the way out. The owner calls
+        this before it publishes the peer's final contribution record."""
+        for duty in self._duties:
+            duty.stop()
 
     def shutdown(self) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(timeout=10)
+        self.stop_reporting()
         self.save_checkpoints()  # first: nothing after this may lose the experts' progress
         if self.dht.is_alive():
             self.announce("offline")

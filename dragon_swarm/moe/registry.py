@@ -1,8 +1,8 @@
 """Replica-safe expert registry.
 
 hivemind's `declare_experts` keeps one peer per expert uid, so a second host overwrites the first. We keep
-our own record: key `<uid>:hosts`, one subkey per host, signed with the host's RSA key (hivemind's
-RSASignatureValidator), so a host can only write its own entry and replicas never overwrite each other.
+our own record: key `<uid>:hosts`, one subkey per host, signed with the host's RSA key
+(`dragon_swarm.swarm.signed_records`), so a host can only write its own entry and replicas never overwrite each other.
 Online hosts also refresh hivemind's stock `uid -> peer` records, so stock clients (`get_experts`,
 `RemoteExpert`) still find every hosted expert.
 """
@@ -12,14 +12,13 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from functools import partial
 from typing import Literal, Sequence
 
 import hivemind
-from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.moe.server.dht_handler import declare_experts
-from hivemind.utils import get_dht_time
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from dragon_swarm.swarm.signed_records import SignedRecordStore
 
 logger = logging.getLogger(__name__)
 
@@ -51,13 +50,11 @@ class Replica:
     expiration_time: float
 
 
+HOST_RECORDS = SignedRecordStore(ExpertHostRecord, "expert host record")
+
+
 def hosts_key(uid: str) -> str:
     return f"{uid}:hosts"
-
-
-def _local_subkey(dht: hivemind.DHT) -> bytes:
-    # the owner marker makes the validator demand our signature on this subkey
-    return dht.peer_id.to_base58().encode() + RSASignatureValidator().local_public_key
 
 
 def declare_hosted_experts(
@@ -68,24 +65,12 @@ def declare_hosted_experts(
     """Publish this host's record for each expert; online ones also refresh hivemind's stock records."""
     if not records:
         return {}
-    subkey = _local_subkey(dht)
-    values = {hosts_key(uid): record.model_dump() for uid, record in records.items()}
-    stored = dht.run_coroutine(partial(_store_records, values=values, subkey=subkey, expiration_time=expiration_time))
-    result = {uid: bool(stored.get((hosts_key(uid), subkey))) for uid in records}
+    stored = HOST_RECORDS.store_many(dht, {hosts_key(uid): record for uid, record in records.items()}, expiration_time)
+    result = {uid: stored[hosts_key(uid)] for uid in records}
     online = [uid for uid, record in records.items() if record.state == "online"]
     if online:
         declare_experts(dht, online, expiration_time=expiration_time)
     return result
-
-
-# module-level coroutines: run_coroutine pickles them into the DHT process
-async def _store_records(_dht, node, values: dict, subkey: bytes, expiration_time: float) -> dict:
-    keys = list(values)
-    return await node.store_many(keys, [values[k] for k in keys], expiration_time, subkeys=[subkey] * len(keys))
-
-
-async def _get_records(_dht, node, keys: list[str]) -> dict:
-    return await node.get_many(keys, get_dht_time())
 
 
 def find_replicas(dht: hivemind.DHT, uids: Sequence[str], only_online: bool = True) -> dict[str, list[Replica]]:
@@ -93,32 +78,18 @@ def find_replicas(dht: hivemind.DHT, uids: Sequence[str], only_online: bool = Tr
     uids = list(uids)
     if not uids:
         return {}
-
-    found = dht.run_coroutine(partial(_get_records, keys=[hosts_key(uid) for uid in uids]))
-    replicas: dict[str, list[Replica]] = {uid: [] for uid in uids}
+    found = HOST_RECORDS.fetch_many(dht, [hosts_key(uid) for uid in uids])
+    replicas: dict[str, list[Replica]] = {}
     for uid in uids:
-        entry = found.get(hosts_key(uid))
-        if entry is None or not isinstance(entry.value, dict):
-            continue
-        for subkey, item in entry.value.items():
-            record = _parse_record(subkey, item.value)
-            if record is None or (only_online and record.state != "online"):
-                continue
-            replicas[uid].append(Replica(uid, record, item.expiration_time))
-        replicas[uid].sort(key=lambda r: r.record.peer_id)
+        replicas[uid] = sorted(
+            (
+                Replica(uid, entry.record, entry.expiration_time)
+                for entry in found[hosts_key(uid)]
+                if not only_online or entry.record.state == "online"
+            ),
+            key=lambda r: r.record.peer_id,
+        )
     return replicas
-
-
-def _parse_record(subkey: object, value: object) -> ExpertHostRecord | None:
-    try:
-        record = ExpertHostRecord.model_validate(value)
-    except ValidationError:
-        logger.debug("dropped a malformed expert host record")
-        return None
-    # the subkey is signed by its owner; a record naming another peer than its subkey is a forgery
-    if not isinstance(subkey, bytes) or not subkey.startswith(record.peer_id.encode() + b"[owner:"):
-        return None
-    return record
 
 
 def served_throughput(replicas: dict[str, list[Replica]]) -> dict[str, float]:

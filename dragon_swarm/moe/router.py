@@ -25,8 +25,9 @@ from hivemind.p2p import PeerID
 from hivemind.proto import runtime_pb2
 from torch.autograd.function import once_differentiable
 
+from dragon_swarm.background import PeriodicThread
 from dragon_swarm.config import ExpertsSection
-from dragon_swarm.moe.expert_uids import expert_uid
+from dragon_swarm.moe.expert_uids import all_expert_uids, expert_uid
 from dragon_swarm.moe.registry import Replica, find_replicas
 
 logger = logging.getLogger(__name__)
@@ -36,7 +37,11 @@ NO_COMPRESSION = runtime_pb2.CompressionType.NONE
 
 @dataclass
 class ReplicaTable:
-    """Pure bookkeeping of replicas, latency EMAs and bans; no network here."""
+    """Pure bookkeeping of replicas, latency EMAs and bans; no network here.
+
+    `latency` is each replica's own answer time (one RPC, measured by the router per call), so replicas called
+    together in one layer round can still be told apart.
+    """
 
     ban_seconds: float
     latency_alpha: float = 0.3
@@ -89,25 +94,24 @@ class RemoteExpertDispatcher:
         self.table = ReplicaTable(ban_seconds=settings.expiration)
         self._lock = threading.Lock()
         self._rng = random.Random(seed)
-        self._stop = threading.Event()
-        self._refresher: threading.Thread | None = None
+        self._uids = all_expert_uids(prefix, num_layers, num_experts)
+        self._refresher: _Refresher | None = None
         self._p2p = None
         self.failures = 0
         self.calls = 0
 
     def uids(self) -> list[str]:
-        return [expert_uid(self.prefix, layer, index) for layer in range(self.num_layers) for index in range(self.num_experts)]
+        return list(self._uids)
 
     def start(self) -> None:
         self._p2p = RemoteExpertWorker.run_coroutine(self.dht.replicate_p2p())
         self.refresh()
-        self._refresher = threading.Thread(target=self._refresh_loop, name="expert-refresh", daemon=True)
+        self._refresher = _Refresher(self)
         self._refresher.start()
 
     def shutdown(self) -> None:
-        self._stop.set()
         if self._refresher is not None:
-            self._refresher.join(timeout=10)
+            self._refresher.stop()
 
     def refresh(self) -> None:
         try:
@@ -117,10 +121,6 @@ class RemoteExpertDispatcher:
             return
         with self._lock:
             self.table.update(found)
-
-    def _refresh_loop(self) -> None:
-        while not self._stop.wait(self.settings.update_period):
-            self.refresh()
 
     def wait_for_experts(self, timeout: float) -> bool:
         """Block until every layer has at least one live expert, or timeout."""
@@ -135,7 +135,7 @@ class RemoteExpertDispatcher:
     def online_experts(self) -> int:
         now = time.time()
         with self._lock:
-            return sum(1 for uid in self.uids() if self.table.usable(uid, now))
+            return sum(1 for uid in self._uids if self.table.usable(uid, now))
 
     # --- ExpertDispatcher protocol ---
 
@@ -167,7 +167,7 @@ class RemoteExpertDispatcher:
     # --- RPC plumbing ---
 
     def _run_calls(self, kind: str, uids: Sequence[str], peers: Sequence[str], payloads: Sequence[Sequence[torch.Tensor]], timeout: float) -> list[torch.Tensor | None]:
-        async def _one(uid: str, peer: str, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        async def _call(uid: str, peer: str, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
             if peer == self.own_peer_id and uid in self.local_backends:
                 backend = self.local_backends[uid]
                 pool = backend.forward_pool if kind == "forward" else backend.backward_pool
@@ -179,31 +179,46 @@ class RemoteExpertDispatcher:
             response = await asyncio.wait_for(rpc(request), timeout=timeout)
             return deserialize_torch_tensor(response.tensors[0])
 
-        async def _all():
-            return await asyncio.gather(*[_one(u, p, t) for u, p, t in zip(uids, peers, payloads)], return_exceptions=True)
+        async def _timed(uid: str, peer: str, tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, float]:
+            # this call's own time: the layer's calls run concurrently, and the round lasts as long as the slowest
+            started = time.perf_counter()
+            output = await _call(uid, peer, tensors)
+            return output, time.perf_counter() - started
 
-        started = time.perf_counter()
+        async def _all():
+            return await asyncio.gather(*[_timed(u, p, t) for u, p, t in zip(uids, peers, payloads)], return_exceptions=True)
+
         try:
             results = RemoteExpertWorker.run_coroutine(_all())
         except Exception as e:
             results = [e] * len(uids)
-        elapsed = time.perf_counter() - started
         outputs: list[torch.Tensor | None] = []
         now = time.time()
         with self._lock:
             for uid, peer, payload, result in zip(uids, peers, payloads, results):
                 self.calls += 1
-                expected_shape = payload[0].shape
-                problem = _check_output(result, expected_shape)
+                output, seconds = result if isinstance(result, tuple) else (result, None)
+                problem = _check_output(output, payload[0].shape)
                 if problem is None:
-                    self.table.record_success(peer, elapsed)
-                    outputs.append(result)
+                    self.table.record_success(peer, seconds)
+                    outputs.append(output)
                 else:
                     self.failures += 1
                     self.table.record_failure(peer, now)
                     logger.warning(f"Expert {uid} on {peer[-8:]} {kind} failed ({problem}); skipping it, host banned for {self.table.ban_seconds:.0f} s")
                     outputs.append(None)
         return outputs
+
+
+class _Refresher(PeriodicThread):
+    """Looks the experts up again every `update_period` seconds (the first lookup is `start()`'s own)."""
+
+    def __init__(self, dispatcher: RemoteExpertDispatcher):
+        super().__init__("expert-refresh", dispatcher.settings.update_period)
+        self.dispatcher = dispatcher
+
+    def tick(self) -> None:
+        self.dispatcher.refresh()
 
 
 def _check_output(result: object, expected_shape: torch.Size) -> str | None:

@@ -1,18 +1,20 @@
 """The local web dashboard: one HTML page, its JSON feed, Start/Stop, and Prometheus `/metrics`.
 
-Stdlib only (`http.server`), served from a daemon thread so a hung browser can never keep the peer
-alive. Routes:
+A small WSGI app on werkzeug (routing, HEAD, 404/405, body limits) served by the standard library's
+`wsgiref` server, one thread per request, from a daemon thread so a hung browser can never keep the peer
+alive. Routes (each GET route answers HEAD too):
 
-    GET  /             the page (static/dashboard.html; it polls /api/status every second)
-    GET  /api/status   PeerStatus.snapshot() as JSON, never cached
-    GET  /metrics      the same snapshot in Prometheus text format 0.0.4
-    POST /api/stop     TrainingSwitch.pause()  -> {"paused": true}
-    POST /api/start    TrainingSwitch.resume() -> {"paused": false}
+    GET  /, /index.html  the page (static/dashboard.html; it polls /api/status every second)
+    GET  /api/status     PeerStatus.snapshot() as JSON (NaN and infinities as null)
+    GET  /metrics        the same snapshot in Prometheus text format 0.0.4 (monitor/metrics.py)
+    POST /api/stop       PauseGate.pause()  -> {"paused": true}
+    POST /api/start      PauseGate.resume() -> {"paused": false}
 
-The dashboard controls training, so the POST routes are guarded: with no switch (a bootstrap
-monitor) they answer 403, and a POST whose `Origin` is some other site answers 403 too, so a web
-page the volunteer visits cannot pause their peer behind their back (CSRF). Bind to 127.0.0.1 (the
-default) unless the volunteer asks otherwise: anyone who can reach the port can press Stop.
+The dashboard controls training, so the POST routes are guarded: with no gate (a bootstrap monitor) they
+answer 403, and a POST whose `Origin` is some other site answers 403 too, so a web page the volunteer visits
+cannot pause their peer behind their back (CSRF). Bind to 127.0.0.1 (the default) unless the volunteer asks
+otherwise: anyone who can reach the port can press Stop. Every answer is JSON except the page and /metrics,
+and carries `Cache-Control: no-store` and `X-Content-Type-Options: nosniff`.
 """
 
 from __future__ import annotations
@@ -23,23 +25,36 @@ import logging
 import math
 import socket
 import threading
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Callable, Iterable
 from importlib import resources
+from socketserver import ThreadingMixIn
 from typing import Any
 from urllib.parse import urlsplit
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
+from prometheus_client import generate_latest
+from werkzeug.exceptions import BadRequest, Forbidden, HTTPException, MethodNotAllowed, NotFound
+from werkzeug.routing import Map, Rule
+from werkzeug.wrappers import Request, Response
+
+from dragon_swarm.events import PauseGate
 from dragon_swarm.monitor.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from dragon_swarm.monitor.metrics import prometheus_text
-from dragon_swarm.monitor.status import PeerStatus, TrainingSwitch
+from dragon_swarm.monitor.metrics import metrics_registry
+from dragon_swarm.monitor.status import PeerStatus
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_HOST = "127.0.0.1"
 MAX_BODY_BYTES = 64 * 1024  # the control endpoints take no body; anything bigger is not our page
+SERVER_NAME = "dragon-dashboard"  # the Server header: no library or Python versions
 _LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
 _WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 
+_COMMON_HEADERS = {
+    "Cache-Control": "no-store",  # live numbers: never show a stale copy
+    "X-Content-Type-Options": "nosniff",
+    "Server": SERVER_NAME,
+}
 # The page is fully inline and only talks to its own origin; refusing frames stops clickjacking
 # of the Stop button.
 _PAGE_SECURITY_HEADERS = {
@@ -49,6 +64,19 @@ _PAGE_SECURITY_HEADERS = {
     ),
     "X-Frame-Options": "DENY",
 }
+# No redirects: "/api/stop/" is a 404, not a way around the exact path; "//api/stop" is the same path.
+_ROUTES = Map(
+    [
+        Rule("/", endpoint="page", methods=["GET"]),
+        Rule("/index.html", endpoint="page", methods=["GET"]),
+        Rule("/api/status", endpoint="status", methods=["GET"]),
+        Rule("/metrics", endpoint="metrics", methods=["GET"]),
+        Rule("/api/stop", endpoint="stop", methods=["POST"]),
+        Rule("/api/start", endpoint="start", methods=["POST"]),
+    ],
+    merge_slashes=False,
+    redirect_defaults=False,
+)
 
 
 def parse_listen_address(text: str) -> tuple[str, int]:
@@ -121,9 +149,38 @@ def _is_loopback(host: str) -> bool:
     return _is_ip_literal(host) and ipaddress.ip_address(host).is_loopback
 
 
-class _Server(ThreadingHTTPServer):
+# --- HTTP plumbing ---
+
+
+class _Request(Request):
+    max_content_length = MAX_BODY_BYTES  # get_data() answers 413 beyond it, without reading
+
+
+def _json(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(json.dumps(payload), status, headers, mimetype="application/json")
+
+
+def _error(request: Request, error: HTTPException) -> Response:
+    """Every error as JSON {"error": ...}; a 405 names the allowed methods in `Allow`."""
+    if isinstance(error, MethodNotAllowed):
+        allowed = ", ".join(sorted(error.valid_methods or ()))
+        return _json({"error": f"{request.path} takes {allowed}"}, 405, {"Allow": allowed})
+    if isinstance(error, NotFound):
+        return _json({"error": f"no such page: {request.path}"}, 404)
+    return _json({"error": error.description}, error.code or 500)
+
+
+def _drain(request: Request) -> None:
+    """Read the (ignored) body, so the client is not cut off mid-send: 400 for a Content-Length that is not a
+    number (werkzeug would take it as 0), 413 past MAX_BODY_BYTES."""
+    length = request.headers.get("Content-Length")  # "" when absent (wsgiref)
+    if length and not (length.isascii() and length.isdecimal()):
+        raise BadRequest(f"bad Content-Length {length!r}")
+    request.get_data()
+
+
+class _Server(ThreadingMixIn, WSGIServer):
     daemon_threads = True  # a stuck client must not keep the process alive on exit
-    dashboard: Dashboard
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # The default prints a traceback to stderr; a client that hangs up mid-answer is routine.
@@ -134,146 +191,33 @@ class _V6Server(_Server):
     address_family = socket.AF_INET6
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server: _Server
-    protocol_version = "HTTP/1.1"  # keep-alive: the page polls every second
-    server_version = "dragon-dashboard"
+class _Handler(WSGIRequestHandler):
+    server_version = SERVER_NAME  # for the few answers wsgiref writes itself (a malformed request line)
     sys_version = ""
-
-    # --- routing ---
-
-    def do_GET(self) -> None:
-        self._route("GET")
-
-    def do_HEAD(self) -> None:
-        self._route("HEAD")
-
-    def do_POST(self) -> None:
-        self._route("POST")
-
-    def _route(self, method: str) -> None:
-        dashboard = self.server.dashboard
-        path = urlsplit(self.path).path
-        try:
-            if method == "POST" and not self._read_body():
-                return
-            routes = {
-                "/": ("GET", self._page),
-                "/index.html": ("GET", self._page),
-                "/api/status": ("GET", self._status),
-                "/metrics": ("GET", self._metrics),
-                "/api/stop": ("POST", lambda: self._control(dashboard.switch.pause if dashboard.switch else None)),
-                "/api/start": ("POST", lambda: self._control(dashboard.switch.resume if dashboard.switch else None)),
-            }
-            if path not in routes:
-                self._send_json(HTTPStatus.NOT_FOUND, {"error": f"no such page: {path}"})
-                return
-            allowed, handler = routes[path]
-            if method == "HEAD" and allowed == "GET":
-                method = "GET"  # answered as GET; _send drops the body
-            if method != allowed:
-                self._send_json(
-                    HTTPStatus.METHOD_NOT_ALLOWED, {"error": f"{path} takes {allowed}"}, {"Allow": allowed}
-                )
-                return
-            handler()
-        except (BrokenPipeError, ConnectionResetError):
-            logger.debug("Dashboard client %s hung up", self.client_address)
-        except Exception:
-            logger.exception("Dashboard failed to answer %s %s", method, path)
-            try:
-                self._send_json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": "internal error"})
-            except OSError:
-                pass
-
-    # --- pages ---
-
-    def _page(self) -> None:
-        self._send(HTTPStatus.OK, self.server.dashboard.page, "text/html; charset=utf-8", _PAGE_SECURITY_HEADERS)
-
-    def _status(self) -> None:
-        self._send_json(HTTPStatus.OK, _finite(self.server.dashboard.status.snapshot()))
-
-    def _metrics(self) -> None:
-        body = prometheus_text(self.server.dashboard.status.snapshot()).encode()
-        self._send(HTTPStatus.OK, body, METRICS_CONTENT_TYPE)
-
-    def _control(self, action: Any) -> None:
-        dashboard = self.server.dashboard
-        if action is None:
-            self._send_json(HTTPStatus.FORBIDDEN, {"error": "read-only dashboard: this peer cannot be started or stopped"})
-            return
-        origin = self.headers.get("Origin")
-        if origin is not None and not dashboard._origin_allowed(origin, self.headers.get("Host")):
-            logger.warning("Dashboard refused a %s from foreign origin %r", self.path, origin)
-            self._send_json(HTTPStatus.FORBIDDEN, {"error": "cross-origin request refused"})
-            return
-        action()
-        self._send_json(HTTPStatus.OK, {"paused": dashboard.switch.paused})
-
-    # --- plumbing ---
-
-    def _read_body(self) -> bool:
-        """Drain the (ignored) request body so keep-alive stays in sync; False when answered with an error."""
-        length_text = self.headers.get("Content-Length", "0")
-        try:
-            length = int(length_text)
-            if length < 0:
-                raise ValueError
-        except ValueError:
-            self.close_connection = True
-            self._send_json(HTTPStatus.BAD_REQUEST, {"error": f"bad Content-Length {length_text!r}"})
-            return False
-        if length > MAX_BODY_BYTES:
-            self.close_connection = True  # do not read it: the rest of the stream is garbage to us
-            self._send_json(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, {"error": "request body too large"})
-            return False
-        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-            self.close_connection = True  # we do not parse chunks; closing keeps the next request sane
-        elif length:
-            self.rfile.read(length)
-        return True
-
-    def _send_json(self, code: HTTPStatus, payload: Any, headers: dict[str, str] | None = None) -> None:
-        self._send(code, json.dumps(payload).encode(), "application/json", headers)
-
-    def _send(self, code: HTTPStatus, body: bytes, content_type: str, headers: dict[str, str] | None = None) -> None:
-        self.send_response(code)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")  # live numbers: never show a stale copy
-        self.send_header("X-Content-Type-Options", "nosniff")
-        for key, value in (headers or {}).items():
-            self.send_header(key, value)
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the stdlib's signature)
         # The page polls every second: request lines belong at DEBUG, not on the volunteer's console.
         logger.debug("Dashboard %s: " + format, self.address_string(), *args)
 
 
+# --- the dashboard ---
+
+
 class Dashboard:
-    """Serves the web dashboard of one `PeerStatus`; `switch=None` makes it read-only.
+    """Serves the web dashboard of one `PeerStatus`; `gate=None` makes it read-only.
 
     Lifecycle: construct (binds nothing), `start()` (binds, serves from a daemon thread),
     `shutdown()` (stops serving, closes the socket and joins the thread; idempotent). Port 0 picks a
     free port; `url` then reports the real one.
     """
 
-    def __init__(
-        self,
-        status: PeerStatus,
-        switch: TrainingSwitch | None,
-        host: str = DEFAULT_HOST,
-        port: int = 0,
-    ):
+    def __init__(self, status: PeerStatus, gate: PauseGate | None, host: str = DEFAULT_HOST, port: int = 0):
         self.status = status
-        self.switch = switch
+        self.gate = gate
         self.host = host
         self.port = port
         self.page = _load_page()  # read at construction: a broken install fails before we bind
+        self._registry = metrics_registry(status.snapshot)
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -281,7 +225,7 @@ class Dashboard:
 
     @property
     def read_only(self) -> bool:
-        return self.switch is None
+        return self.gate is None
 
     def start(self) -> None:
         """Bind host:port and serve in a daemon thread. Raises OSError when the port is taken."""
@@ -289,8 +233,7 @@ class Dashboard:
             if self._server is not None or self._closed:
                 raise RuntimeError("Dashboard.start() may be called once")
             server_class = _V6Server if ":" in self.host else _Server
-            server = server_class((self.host, self.port), _Handler)
-            server.dashboard = self
+            server = make_server(self.host, self.port, self.wsgi_app, server_class, _Handler)
             self.port = server.server_address[1]
             self._server = server
             self._thread = threading.Thread(
@@ -316,6 +259,50 @@ class Dashboard:
         server.server_close()
         if thread is not None:
             thread.join(timeout_s)
+
+    # --- the WSGI app ---
+
+    def wsgi_app(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        request = _Request(environ)
+        try:
+            _drain(request)
+            endpoint, _ = _ROUTES.bind_to_environ(environ).match()
+            response = getattr(self, f"_{endpoint}")(request)
+        except HTTPException as error:
+            response = _error(request, error)
+        except Exception:
+            logger.exception("Dashboard failed to answer %s %s", request.method, request.path)
+            response = _json({"error": "internal error"}, 500)
+        response.headers.update(_COMMON_HEADERS)
+        return response(environ, start_response)  # werkzeug drops the body of a HEAD answer
+
+    def _page(self, request: Request) -> Response:
+        return Response(self.page, mimetype="text/html", headers=_PAGE_SECURITY_HEADERS)
+
+    def _status(self, request: Request) -> Response:
+        return _json(_finite(self.status.snapshot()))
+
+    def _metrics(self, request: Request) -> Response:
+        return Response(generate_latest(self._registry), content_type=METRICS_CONTENT_TYPE)
+
+    def _stop(self, request: Request) -> Response:
+        return self._control(request, pause=True)
+
+    def _start(self, request: Request) -> Response:
+        return self._control(request, pause=False)
+
+    def _control(self, request: Request, pause: bool) -> Response:
+        if self.gate is None:
+            raise Forbidden("read-only dashboard: this peer cannot be started or stopped")
+        origin = request.headers.get("Origin")
+        if origin is not None and not self._origin_allowed(origin, request.headers.get("Host")):
+            logger.warning("Dashboard refused a %s from foreign origin %r", request.path, origin)
+            raise Forbidden("cross-origin request refused")
+        if pause:
+            self.gate.pause()
+        else:
+            self.gate.resume()
+        return _json({"paused": self.gate.paused})
 
     def _origin_allowed(self, origin: str, host_header: str | None) -> bool:
         """Whether a POST's Origin is this dashboard itself, as the volunteer's browser may name it.

@@ -1,25 +1,42 @@
-"""`/metrics`: a `PeerStatus.snapshot()` rendered in the Prometheus text exposition format 0.0.4.
+"""`/metrics`: a `PeerStatus.snapshot()` as Prometheus metrics, exposed with prometheus_client.
 
-A pure function over the snapshot dict, so it is tested without a server and every number matches
-what the dashboard and the terminal panel show. Labels are kept off the samples on purpose: the
-peer's identity lives on one info metric (`dragon_peer_info`), which a query joins when it needs it,
-so series stay stable when a volunteer renames the peer.
+`SnapshotCollector` is a custom collector that reads a fresh snapshot on every scrape, so every number matches
+what the dashboard and the terminal panel show. Each dashboard registers it in a `CollectorRegistry` of its own
+(`metrics_registry`), never in prometheus_client's global one. Labels are kept off the samples on purpose: the
+peer's identity lives on one info metric (`dragon_peer_info`), which a query joins when it needs it, so series
+stay stable when a volunteer renames the peer.
+
+Contract: every metric family gets `# HELP` and `# TYPE` lines, even when its sample is omitted; a sample whose
+snapshot value is None or missing (e.g. `dragon_loss` before the first micro-batch) is left out rather than
+written as 0, so dashboards show a gap instead of a false value. `dragon_peer_state` has one sample per
+`PeerState`, 1 for the current one.
 """
 
 from __future__ import annotations
 
-import math
+from collections.abc import Callable, Iterator
 from typing import Any
 
-from dragon_swarm.monitor.status import PeerState
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+from dragon_swarm.events import PeerState
 
-# (name, type, help, path into the snapshot). `swarm_tokens_total` is a gauge although it ends in
-# `_total`: it sums the *live* contribution records, so it drops when a peer's record expires.
+CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4  # what generate_latest writes: text format 0.0.4
+INFO_LABELS = ("peer_id", "swarm", "name", "role")
+
+# (exposed name, type, help, path into the snapshot). Counters are named here as exposed, with `_total`:
+# prometheus_client strips it from the family name and puts it back on the sample. `swarm_tokens_total` is a
+# gauge although it ends in `_total`: it sums the *live* contribution records, so it drops when one expires.
 _SCALARS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
     ("dragon_paused", "gauge", "1 while the volunteer has paused training with the Stop button.", ("paused",)),
-    ("dragon_steps_total", "counter", "Training steps (micro-batches) this peer has run.", ("training", "step")),
+    (
+        "dragon_micro_batches_total",
+        "counter",
+        "Micro-batches this peer has trained, across restarts.",
+        ("training", "micro_batches"),
+    ),
     ("dragon_tokens_total", "counter", "Tokens this peer has trained on, across restarts.", ("contribution", "tokens")),
     (
         "dragon_expert_requests_total",
@@ -27,11 +44,11 @@ _SCALARS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
         "Forward and backward requests this peer's experts have answered.",
         ("contribution", "expert_requests"),
     ),
-    ("dragon_loss", "gauge", "Training loss of the latest step (absent before the first step).", ("training", "loss")),
+    ("dragon_loss", "gauge", "Loss of the latest micro-batch (absent before the first one).", ("training", "loss")),
     (
         "dragon_tokens_per_second",
         "gauge",
-        "Training throughput of the latest step, in tokens per second.",
+        "Training throughput of the latest micro-batch, in tokens per second.",
         ("training", "tokens_per_second"),
     ),
     ("dragon_global_epoch", "gauge", "Swarm-wide optimizer steps: the model version.", ("model", "global_epoch")),
@@ -63,30 +80,6 @@ _SCALARS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
 )
 
 
-def escape_label_value(value: str) -> str:
-    """Escape a label value as format 0.0.4 requires: backslash, double quote and newline."""
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def _escape_help(text: str) -> str:
-    # HELP lines escape backslash and newline only (quotes are legal there).
-    return text.replace("\\", "\\\\").replace("\n", "\\n")
-
-
-def format_value(value: bool | int | float) -> str:
-    """A sample value as Prometheus parses it: integers exactly, floats by repr, NaN and +/-Inf by name."""
-    if isinstance(value, bool):
-        return "1" if value else "0"
-    if isinstance(value, int):
-        return str(value)
-    value = float(value)
-    if math.isnan(value):
-        return "NaN"
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    return repr(value)
-
-
 def _lookup(snapshot: dict[str, Any], path: tuple[str, ...]) -> Any:
     node: Any = snapshot
     for key in path:
@@ -96,46 +89,47 @@ def _lookup(snapshot: dict[str, Any], path: tuple[str, ...]) -> Any:
     return node
 
 
-def _number(value: Any) -> bool | int | float | None:
+def _number(value: Any) -> float | None:
     """The sample value for a snapshot field, or None to omit the sample (missing or not numeric)."""
     if isinstance(value, (list, tuple)):
-        return len(value)  # e.g. banned_peers: export how many, not who
+        return float(len(value))  # e.g. banned_peers: export how many, not who
     if isinstance(value, (bool, int, float)):
-        return value
+        return float(value)
     return None
 
 
-def _header(lines: list[str], name: str, kind: str, help_text: str) -> None:
-    lines.append(f"# HELP {name} {_escape_help(help_text)}")
-    lines.append(f"# TYPE {name} {kind}")
+class SnapshotCollector:
+    """A prometheus_client collector over `snapshot()`, called once per scrape."""
+
+    def __init__(self, snapshot: Callable[[], dict[str, Any]]):
+        self._snapshot = snapshot
+
+    def collect(self) -> Iterator[Metric]:
+        snapshot = self._snapshot()
+        info = GaugeMetricFamily("dragon_peer_info", "Identity of this peer; always 1.", labels=INFO_LABELS)
+        info.add_metric([str(snapshot.get(key) or "") for key in INFO_LABELS], 1)
+        yield info
+        state = GaugeMetricFamily(
+            "dragon_peer_state", "1 for the peer's current state, 0 for the others.", labels=["state"]
+        )
+        for peer_state in PeerState:
+            state.add_metric([peer_state.value], 1 if peer_state.value == snapshot.get("state") else 0)
+        yield state
+        for name, kind, help_text, path in _SCALARS:
+            family = (CounterMetricFamily if kind == "counter" else GaugeMetricFamily)(name, help_text)
+            value = _number(_lookup(snapshot, path))
+            if value is not None:
+                family.add_metric([], value)
+            yield family
+
+
+def metrics_registry(snapshot: Callable[[], dict[str, Any]]) -> CollectorRegistry:
+    """A registry of its own (not prometheus_client's global one) holding only a `SnapshotCollector`."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(SnapshotCollector(snapshot))
+    return registry
 
 
 def prometheus_text(snapshot: dict[str, Any]) -> str:
-    """Render `PeerStatus.snapshot()` as a Prometheus text exposition (format 0.0.4).
-
-    Contract: every metric family gets `# HELP` and `# TYPE` lines, even when its sample is omitted;
-    a sample whose snapshot value is None or missing (e.g. `dragon_loss` before the first step) is
-    left out rather than written as 0, so dashboards show a gap instead of a false value. NaN and
-    infinities are written as `NaN` / `+Inf` / `-Inf`. `dragon_peer_state` has one sample per
-    `PeerState`, 1 for the current one. The output ends with a newline, as the format requires.
-    """
-    lines: list[str] = []
-
-    _header(lines, "dragon_peer_info", "gauge", "Identity of this peer; always 1.")
-    labels = ",".join(
-        f'{key}="{escape_label_value(str(snapshot.get(key) or ""))}"' for key in ("peer_id", "swarm", "name", "role")
-    )
-    lines.append(f"dragon_peer_info{{{labels}}} 1")
-
-    _header(lines, "dragon_peer_state", "gauge", "1 for the peer's current state, 0 for the others.")
-    current = snapshot.get("state")
-    for state in PeerState:
-        lines.append(f'dragon_peer_state{{state="{state.value}"}} {1 if state.value == current else 0}')
-
-    for name, kind, help_text, path in _SCALARS:
-        _header(lines, name, kind, help_text)
-        value = _number(_lookup(snapshot, path))
-        if value is not None:
-            lines.append(f"{name} {format_value(value)}")
-
-    return "\n".join(lines) + "\n"
+    """One snapshot in the Prometheus text exposition format 0.0.4 (what `/metrics` serves)."""
+    return generate_latest(metrics_registry(lambda: snapshot)).decode()

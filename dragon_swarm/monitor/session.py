@@ -1,8 +1,9 @@
-"""Everything a volunteer sees and controls, owned in one place: status board, panel, dashboard, contributions.
+"""Everything a volunteer sees and controls, fed by events: status board, panel, dashboard, contribution counters.
 
-The peer builds a `VolunteerSession` before it joins (so the panel shows JOINING), `attach()`es it to the DHT once
-joined (contribution records and the swarm view need the DHT), hands `hooks()` to the trainer, and `shutdown()`s
-it last. Nothing here decides anything about training; it reports and relays Start/Stop.
+The node builds a `VolunteerSession` before it joins (so the panel shows JOINING), opens the dashboard early (a
+taken port is a cheap, early error), `attach()`es it to the DHT once joined (contribution records and the swarm
+view need the DHT), and `shutdown()`s it last. The session subscribes to the events the trainer and the host
+publish on the bus; nothing here decides anything about training: it reports and relays Start/Stop (the gate).
 """
 
 from __future__ import annotations
@@ -15,16 +16,22 @@ from typing import Callable
 import hivemind
 
 from dragon_swarm.config import SwarmConfig
-from dragon_swarm.monitor.dashboard import Dashboard
-from dragon_swarm.monitor.status import PeerState, PeerStatus, TrainingSwitch
-from dragon_swarm.monitor.swarm_view import SwarmWatcher
-from dragon_swarm.swarm.contributions import (
-    ContributionCounters,
-    ContributionPublisher,
-    Role,
-    badge_for,
-    default_public_name,
+from dragon_swarm.events import (
+    EventBus,
+    HostReport,
+    Paused,
+    PauseGate,
+    PauseRequested,
+    PeerState,
+    StateChanged,
+    StepReport,
 )
+from dragon_swarm.monitor.dashboard import Dashboard
+from dragon_swarm.monitor.leaderboard import badge_for
+from dragon_swarm.monitor.status import PeerStatus
+from dragon_swarm.monitor.swarm_view import SwarmWatcher
+from dragon_swarm.swarm.contributions import Role, default_public_name
+from dragon_swarm.swarm.counters import ContributionCounters, ContributionPublisher
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +41,8 @@ COUNTERS_FILE = "contributions.json"
 class VolunteerSession:
     """:param dashboard: (host, port) to serve the web dashboard on, or None
     :param panel: draw the live terminal panel (only when stdout is a terminal; see `panel.should_use_panel`)
+    :param bus: where the trainer and host publish; the session subscribes at construction
+    :param gate: the Start/Stop gate the dashboard drives (made here if not given)
     :param read_only: a monitor: the dashboard has no Start/Stop and nothing is trained
     """
 
@@ -45,14 +54,18 @@ class VolunteerSession:
         role: Role,
         dashboard: tuple[str, int] | None,
         panel: bool,
+        *,
+        bus: EventBus | None = None,
+        gate: PauseGate | None = None,
         read_only: bool = False,
         swarm_refresh_s: float = 10.0,
         publish_period_s: float = 15.0,
     ):
         self.config, self.state_dir, self.role = config, state_dir, role
         self._name = name
+        self.bus = bus if bus is not None else EventBus()
         self.status = PeerStatus(name or "", "", config.run_prefix, role="monitor" if read_only else "peer", read_only=read_only)
-        self.switch = None if read_only else TrainingSwitch(self.status)
+        self.gate = None if read_only else (gate if gate is not None else PauseGate(self.bus))
         self.counters_path = None if state_dir is None else state_dir / COUNTERS_FILE
         self.counters = ContributionCounters.load(self.counters_path, config.run_prefix) if self.counters_path else None
         self._dashboard_address, self._want_panel = dashboard, panel
@@ -63,16 +76,22 @@ class VolunteerSession:
         self._event_handler: logging.Handler | None = None
         self.publisher: ContributionPublisher | None = None
         self.watcher: SwarmWatcher | None = None
-        self._counting_host_requests: threading.Thread | None = None
-        self._stop = threading.Event()
-        self.banned_peers: Callable[[], list[str]] = lambda: []
         self._dht: hivemind.DHT | None = None
-        self._published_on_leaving = False
+        self._banned_peers: tuple[str, ...] = ()
+        self._requests_reported = 0  # the host's cumulative count at its last report
+        self._left = False
+        self._unsubscribe = [
+            self.bus.subscribe(self._on_state, StateChanged),
+            self.bus.subscribe(self._on_step, StepReport),
+            self.bus.subscribe(self._on_host_report, HostReport),
+            self.bus.subscribe(self._on_pause_requested, PauseRequested),
+            self.bus.subscribe(self._on_paused, Paused),
+        ]
 
     # --- before joining ---
 
     def start_display(self) -> None:
-        """Panel (if wanted and stdout is a terminal) and the activity log; the dashboard comes with `attach`."""
+        """Panel (if wanted and stdout is a terminal) and the activity log."""
         from dragon_swarm.monitor.panel import PanelLogHandler, TerminalPanel, install_panel_logging, should_use_panel
 
         if self._want_panel and should_use_panel():
@@ -85,6 +104,13 @@ class VolunteerSession:
             logging.getLogger().addHandler(self._event_handler)
         if self.counters is not None:
             self.show_counters()
+
+    def start_dashboard(self) -> None:
+        """Serve the dashboard if one was asked for. Raises OSError when the port is taken or not ours."""
+        if self._dashboard_address is not None and self.dashboard is None:
+            host, port = self._dashboard_address
+            self.dashboard = Dashboard(self.status, self.gate, host, port)
+            self.dashboard.start()
 
     # --- once joined ---
 
@@ -101,42 +127,21 @@ class VolunteerSession:
             self.publisher.start()
         self.watcher = SwarmWatcher(
             dht, self.config, self.status, self._swarm_refresh_s, update_model=update_model_from_dht,
-            banned_peers=lambda: self.banned_peers(), local_record=self._local_record,
+            banned_peers=lambda: list(self._banned_peers), local_record=self._local_record,
         )  # fmt: skip
         self.watcher.start()
-        if self._dashboard_address is not None:
-            host, port = self._dashboard_address
-            self.dashboard = Dashboard(self.status, self.switch, host, port)
-            self.dashboard.start()
+        self.start_dashboard()
 
     def _local_record(self):
         if self.counters is None or self.publisher is None:
             return None
         return self.counters.to_record(self.status.peer_id, self.status.name, self.role)
 
-    def count_host_requests(self, host) -> None:
-        """Add the expert host's served requests to the counters every few seconds."""
-
-        def loop() -> None:
-            seen = int(host.stats()["expert_requests"])
-            while True:
-                leaving = self._stop.wait(5.0)
-                now = int(host.stats()["expert_requests"])
-                if now > seen and self.counters is not None:
-                    self.counters.add_expert_requests(now - seen)
-                    self.show_counters()
-                seen = now
-                if leaving:  # one last count, so that what was served since the previous one is saved too
-                    return
-
-        self._counting_host_requests = threading.Thread(target=loop, name="host-request-counter", daemon=True)
-        self._counting_host_requests.start()
-
     def show_counters(self) -> None:
-        """The contribution counters onto the status board (the trainer calls this after every step)."""
+        """The contribution counters onto the status board."""
         c = self.counters
         self.status.update_contribution(
-            steps=c.batches, tokens=c.tokens, expert_requests=c.expert_requests, uptime_s=c.uptime_s(), badge=badge_for(c.batches)
+            micro_batches=c.batches, tokens=c.tokens, expert_requests=c.expert_requests, uptime_s=c.uptime_s(), badge=badge_for(c.batches)
         )
 
     def set_role(self, role: Role) -> None:
@@ -144,8 +149,39 @@ class VolunteerSession:
         if self.publisher is not None:
             self.publisher.role = role
 
-    def set_state(self, state: PeerState) -> None:
-        self.status.set_state(state)
+    # --- event handlers (run in the publisher's thread: quick) ---
+
+    def _on_state(self, event: StateChanged) -> None:
+        self.status.set_state(event.state)
+
+    def _on_step(self, report: StepReport) -> None:
+        self._banned_peers = report.banned_peers
+        self.status.record_step(report.micro_batches, report.loss, report.tokens_per_second, when=report.time)
+        self.status.update_model(
+            global_epoch=report.global_epoch,
+            local_epoch=report.epoch,
+            samples_accumulated=report.samples_accumulated,
+            target_batch_size=report.target_batch_size,
+        )
+        if self.counters is not None:
+            self.counters.add_batch(tokens=report.batch_tokens)
+            self.counters.set_loss(report.loss)
+            self.show_counters()
+
+    def _on_host_report(self, report: HostReport) -> None:
+        served, self._requests_reported = report.requests_served - self._requests_reported, report.requests_served
+        if served > 0 and self.counters is not None:
+            self.counters.add_expert_requests(served)
+            self.show_counters()
+
+    def _on_pause_requested(self, event: PauseRequested) -> None:
+        self.status.record_event(
+            "Paused by the volunteer: training stops after this step" if event.paused else "Resumed by the volunteer"
+        )
+        self.status.set_paused(event.paused)
+
+    def _on_paused(self, event: Paused) -> None:
+        self.publish_and_save()
 
     # --- leaving ---
 
@@ -173,38 +209,34 @@ class VolunteerSession:
         if thread.is_alive():
             logger.warning(f"Publishing the contribution record took over {timeout_s:.0f} s; it is saved on disk")
 
-    def leave(self) -> None:
-        """Stop background DHT traffic and publish the final record; call while the DHT is still healthy, before
-        the trainer and host shut down (idempotent; `shutdown` calls it if the peer did not)."""
-        if self._published_on_leaving:
+    def leave(self, save: bool = True) -> None:
+        """Stop background DHT traffic and publish the final record; call while the DHT is still healthy, after the
+        host's final report and before the trainer and host shut down (idempotent; `shutdown` calls it too).
+        `save=False` after a failed start: nothing was contributed, so nothing is written."""
+        if self._left:
             return
-        self._published_on_leaving = True
-        self._stop.set()
-        if self._counting_host_requests is not None:
-            self._counting_host_requests.join(timeout=10.0)
+        self._left = True
         self.status.set_state(PeerState.STOPPING)
         for part in (self.publisher, self.watcher):  # no periodic DHT calls from here on
             if part is not None:
-                try:
-                    part.shutdown()
-                except Exception as e:
-                    logger.debug(f"{type(part).__name__} shutdown: {e!r}")
-        if self.counters is not None and self.publisher is not None:  # joined: otherwise there is nothing to tell
+                part.stop()
+        if save and self.counters is not None and self.publisher is not None:  # joined: else there is nothing to tell
             self.show_counters()
             self.publish_and_save()
             logger.info(
-                f"Contribution saved: {self.counters.batches:,} batches, {self.counters.tokens:,} tokens, "
+                f"Contribution saved: {self.counters.batches:,} micro-batches, {self.counters.tokens:,} tokens, "
                 f"{self.counters.expert_requests:,} expert requests, uptime {self.counters.uptime_s() / 3600:.2f} h"
             )
 
     def shutdown(self) -> None:
         self.leave()
-        for part in (self.dashboard,):
-            if part is not None:
-                try:
-                    part.shutdown()
-                except Exception as e:
-                    logger.debug(f"{type(part).__name__} shutdown: {e!r}")
+        for unsubscribe in self._unsubscribe:
+            unsubscribe()
+        if self.dashboard is not None:
+            try:
+                self.dashboard.shutdown()
+            except Exception as e:
+                logger.debug(f"Dashboard shutdown: {e!r}")
         if self.panel is not None:
             self.panel.shutdown()
         if self._undo_logging is not None:

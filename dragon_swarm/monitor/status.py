@@ -1,7 +1,10 @@
 """The live status of one peer (or of the swarm, for a bootstrap monitor): the single source every view reads.
 
-The peer's threads write into a `PeerStatus`; the panel, the dashboard and `/metrics` only read
-`PeerStatus.snapshot()`, a plain JSON-ready dict, so every view shows the same numbers.
+Subscribers to the event bus (`dragon_swarm.events`) write into a `PeerStatus`; the panel, the dashboard and
+`/metrics` only read `PeerStatus.snapshot()`, a plain JSON-ready dict, so every view shows the same numbers.
+
+Vocabulary (as in `dragon_swarm.events`): a *micro-batch* is one forward/backward pass of this peer; an *epoch*
+is one swarm-wide optimizer step, i.e. the model version.
 """
 
 from __future__ import annotations
@@ -10,20 +13,19 @@ import threading
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
-from enum import Enum
-from typing import Any
+from typing import Any, Callable
 
+from dragon_swarm.events import PeerState
 
-class PeerState(str, Enum):
-    IDLE = "IDLE"  # started, or paused by the volunteer (Stop button): not stepping
-    JOINING = "JOINING"  # connecting to the DHT, finding experts
-    SYNCING = "SYNCING"  # downloading the swarm's model state
-    TRAINING = "TRAINING"  # computing micro-batches
-    AVERAGING = "AVERAGING"  # all-reducing with other trainers (a global step)
-    HOSTING = "HOSTING"  # serving experts only (--no-train)
-    MONITORING = "MONITORING"  # a bootstrap monitor: watches the swarm, trains nothing
-    STOPPING = "STOPPING"  # finishing the step, saving, leaving
-
+__all__ = [
+    "Contribution",
+    "ExpertCell",
+    "LeaderboardRow",
+    "ModelProgress",
+    "PeerState",  # re-exported: it lives in dragon_swarm.events
+    "PeerStatus",
+    "SwarmStats",
+]
 
 HISTORY_POINTS = 600
 EVENT_LINES = 200
@@ -39,7 +41,7 @@ class ModelProgress:
 
 @dataclass
 class Contribution:
-    steps: int = 0  # micro-batches this peer trained (its "batches")
+    micro_batches: int = 0  # micro-batches this peer trained, across restarts
     tokens: int = 0
     expert_requests: int = 0  # forward + backward requests its experts answered
     uptime_s: float = 0.0  # total across restarts
@@ -76,7 +78,7 @@ class LeaderboardRow:
 
 
 class PeerStatus:
-    """Thread-safe status board. Writers: the peer's threads. Readers: `snapshot()` only."""
+    """Thread-safe status board. Writers: the peer's event subscribers. Readers: `snapshot()` only."""
 
     def __init__(self, name: str, peer_id: str, swarm: str, role: str = "peer", read_only: bool = False):
         self._lock = threading.Lock()
@@ -87,14 +89,15 @@ class PeerStatus:
         self.model = ModelProgress()
         self.contribution = Contribution()
         self.swarm_stats = SwarmStats()
-        self.step = 0
+        self.micro_batches = 0
         self.loss: float | None = None
         self.tokens_per_second: float | None = None
         self.history: deque[dict[str, float]] = deque(maxlen=HISTORY_POINTS)
+        self.history_x = "micro_batches"  # what a history point's "x" counts: "micro_batches" or "epoch"
         self.events: deque[dict[str, Any]] = deque(maxlen=EVENT_LINES)
         self.expert_map: list[ExpertCell] = []
         self.leaderboard: list[LeaderboardRow] = []
-        self._listeners: list = []
+        self._listeners: list[Callable[[dict[str, Any]], None]] = []
 
     # --- writers ---
 
@@ -115,22 +118,33 @@ class PeerStatus:
         for listener in listeners:
             listener(event)
 
-    def add_event_listener(self, listener) -> None:
+    def add_event_listener(self, listener: Callable[[dict[str, Any]], None]) -> None:
         with self._lock:
             self._listeners.append(listener)
 
-    def record_step(self, step: int, loss: float, tokens_per_second: float, when: float | None = None) -> None:
+    def record_step(self, micro_batches: int, loss: float, tokens_per_second: float, when: float | None = None) -> None:
+        """This peer trained a micro-batch: `micro_batches` is its running count, the charts' x."""
         with self._lock:
-            self.step, self.loss, self.tokens_per_second = step, loss, tokens_per_second
-            self.history.append(
-                {"t": time.time() if when is None else when, "step": step, "loss": loss, "tokens_per_second": tokens_per_second}
-            )
+            self.micro_batches = micro_batches
+            self._record_point("micro_batches", micro_batches, loss, tokens_per_second, when)
+
+    def record_swarm_point(self, epoch: int, loss: float, tokens_per_second: float, when: float | None = None) -> None:
+        """A bootstrap monitor's view of the swarm: its median loss and tokens/s at model version `epoch`."""
+        with self._lock:
+            self._record_point("epoch", epoch, loss, tokens_per_second, when)
+
+    def _record_point(self, x_name: str, x: int, loss: float, tokens_per_second: float, when: float | None) -> None:
+        self.loss, self.tokens_per_second, self.history_x = loss, tokens_per_second, x_name
+        self.history.append(
+            {"t": time.time() if when is None else when, "x": x, "loss": loss, "tokens_per_second": tokens_per_second}
+        )
 
     def update_model(self, **fields: int) -> None:
         with self._lock:
             self.model = ModelProgress(**{**asdict(self.model), **fields})
 
     def update_contribution(self, **fields: Any) -> None:
+        """Fields of `Contribution`: micro_batches, tokens, expert_requests, uptime_s, badge."""
         with self._lock:
             self.contribution = Contribution(**{**asdict(self.contribution), **fields})
 
@@ -151,7 +165,12 @@ class PeerStatus:
     # --- reader ---
 
     def snapshot(self) -> dict[str, Any]:
-        """Everything a view shows, as plain JSON-ready data (see the keys below; views rely on them)."""
+        """Everything a view shows, as plain JSON-ready data; views rely on these keys.
+
+        `training`: micro_batches (this peer's count), loss and tokens_per_second of the latest point (None
+        before the first). `history`: points {t, x, loss, tokens_per_second}, oldest first, where `x` counts
+        what `history_x` names: "micro_batches" for a peer, "epoch" (the model version) for a monitor.
+        """
         with self._lock:
             return {
                 "role": self.role,
@@ -163,45 +182,16 @@ class PeerStatus:
                 "paused": self.paused,
                 "uptime_s": time.time() - self.started,
                 "model": asdict(self.model),
-                "training": {"step": self.step, "loss": self.loss, "tokens_per_second": self.tokens_per_second},
+                "training": {
+                    "micro_batches": self.micro_batches,
+                    "loss": self.loss,
+                    "tokens_per_second": self.tokens_per_second,
+                },
                 "contribution": asdict(self.contribution),
                 "swarm_stats": asdict(self.swarm_stats),
                 "history": list(self.history),
+                "history_x": self.history_x,
                 "expert_map": [asdict(c) for c in self.expert_map],
                 "leaderboard": [asdict(r) for r in self.leaderboard],
                 "events": list(self.events),
             }
-
-
-class TrainingSwitch:
-    """Start/Stop from the dashboard: Stop lets the current step finish, then the trainer waits here."""
-
-    def __init__(self, status: PeerStatus | None = None):
-        self._running = threading.Event()
-        self._running.set()
-        self.status = status
-
-    @property
-    def paused(self) -> bool:
-        return not self._running.is_set()
-
-    def pause(self) -> None:
-        if not self.paused and self.status is not None:
-            self.status.record_event("Paused by the volunteer: training stops after this step")
-        self._running.clear()
-        if self.status is not None:
-            self.status.set_paused(True)
-
-    def resume(self) -> None:
-        if self.paused and self.status is not None:
-            self.status.record_event("Resumed by the volunteer")
-        self._running.set()
-        if self.status is not None:
-            self.status.set_paused(False)
-
-    def wait_until_running(self, stop: threading.Event, poll_s: float = 0.2) -> bool:
-        """Block while paused; True when training may go on, False when `stop` was set meanwhile."""
-        while not self._running.wait(poll_s):
-            if stop.is_set():
-                return False
-        return not stop.is_set()

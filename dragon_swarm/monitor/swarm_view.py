@@ -1,13 +1,13 @@
 """How the swarm is doing, read from signed DHT records only: expert replicas, trainers' progress, contributions.
 
-`collect_swarm_view` is one read of the DHT; `SwarmWatcher` repeats it in a background thread and writes the
-result into a `PeerStatus`. Peers and the bootstrap monitor use the same code, so both show the same numbers.
+`collect_swarm_view` is one read of the DHT; `SwarmWatcher` (a `PeriodicThread`) repeats it in the background and
+writes the result into a `PeerStatus`. Peers and the bootstrap monitor use the same code, so both show the same
+numbers.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -17,11 +17,13 @@ import hivemind
 from hivemind.optim.progress_tracker import LocalTrainingProgress
 
 from dragon_swarm.averaging.robust_progress import supported_epoch
+from dragon_swarm.background import PeriodicThread
 from dragon_swarm.config import SwarmConfig
 from dragon_swarm.moe.expert_uids import all_expert_uids
 from dragon_swarm.moe.registry import find_replicas
+from dragon_swarm.monitor.leaderboard import leaderboard, network_stats
 from dragon_swarm.monitor.status import ExpertCell, LeaderboardRow, PeerStatus, SwarmStats
-from dragon_swarm.swarm.contributions import ContributionRecord, fetch_contributions, leaderboard, network_stats
+from dragon_swarm.swarm.contributions import ContributionRecord, fetch_contributions
 
 logger = logging.getLogger(__name__)
 
@@ -105,8 +107,9 @@ def collect_swarm_view(
     return SwarmView(stats, expert_map, leaderboard(records), progress, records, median_loss(records))
 
 
-class SwarmWatcher:
-    """Refreshes `status` from the DHT every `period_s` seconds in a daemon thread.
+class SwarmWatcher(PeriodicThread):
+    """Refreshes `status` from the DHT right after `start()` and then every `period_s` seconds in a daemon thread;
+    `stop()` ends it.
 
     :param update_model: also set the model version and progress from the trainers' records (the bootstrap
       monitor and host-only peers; a trainer's own optimizer knows these better and sets them itself)
@@ -123,17 +126,13 @@ class SwarmWatcher:
         banned_peers: Callable[[], list[str]] | None = None,
         local_record: Callable[[], ContributionRecord | None] | None = None,
     ):
-        self.dht, self.config, self.status, self.period_s = dht, config, status, period_s
+        super().__init__("swarm-watcher", period_s, first_tick_now=True)
+        self.dht, self.config, self.status = dht, config, status
         self.update_model, self.banned_peers, self.local_record = update_model, banned_peers, local_record
         # (time, swarm tokens) over the last minute: records are republished every ~15 s, so a shorter window
         # sees bursts instead of the swarm's speed
         self._token_samples: deque[tuple[float, int]] = deque()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="swarm-watcher", daemon=True)
         self.last_view: SwarmView | None = None
-
-    def start(self) -> None:
-        self._thread.start()
 
     def refresh(self) -> SwarmView:
         view = collect_swarm_view(
@@ -151,28 +150,22 @@ class SwarmWatcher:
                 target_batch_size=self.config.training.target_batch_size,
             )
         if self.status.role == "monitor":  # its charts show the swarm: median loss by model version, tokens/s
-            now, tokens = time.time(), view.stats.swarm_tokens
-            self._token_samples.append((now, tokens))
-            while len(self._token_samples) > 2 and now - self._token_samples[1][0] >= SPEED_WINDOW_S:
-                self._token_samples.popleft()
-            then, tokens_then = self._token_samples[0]
-            speed = max(0.0, (tokens - tokens_then) / (now - then)) if now > then else None
-            if view.median_loss is not None and speed is not None:
-                self.status.record_step(view.progress.global_epoch, view.median_loss, speed, when=now)
+            self._record_swarm_speed(view)
         self.last_view = view
         return view
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.refresh()
-            except Exception as e:  # the DHT may be busy or shutting down; the next round retries
-                logger.debug(f"Swarm view refresh failed: {e!r}")
-            self._stop.wait(self.period_s)
+    def _record_swarm_speed(self, view: SwarmView) -> None:
+        now, tokens = time.time(), view.stats.swarm_tokens
+        self._token_samples.append((now, tokens))
+        while len(self._token_samples) > 2 and now - self._token_samples[1][0] >= SPEED_WINDOW_S:
+            self._token_samples.popleft()
+        then, tokens_then = self._token_samples[0]
+        speed = max(0.0, (tokens - tokens_then) / (now - then)) if now > then else None
+        if view.median_loss is not None and speed is not None:
+            self.status.record_swarm_point(view.progress.global_epoch, view.median_loss, speed, when=now)
 
-    def shutdown(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=10)
-
-
+    def tick(self) -> None:
+        try:
+            self.refresh()
+        except Exception as e:  # the DHT may be busy or shutting down; the next round retries
+            logger.debug(f"Swarm view refresh failed: {e!r}")

@@ -1,1 +1,1 @@
-"""What a peer keeps on disk: safetensors checkpoints written atomically."""
+"""What a peer keeps on disk: safetensors checkpoints, and the one atomic-write helper."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hivemind
 from hivemind.utils import get_dht_time
 
+from dragon_swarm.background import PeriodicThread
 from dragon_swarm.config import SwarmConfig
 
 ANNOUNCE_SECONDS = 60.0
@@ -38,3 +39,16 @@ def mismatch_message(config: SwarmConfig, others: list[str], config_path: str) -
         f"config mismatch: swarm '{config.swarm.name}' runs config {', '.join(others)}, yours ({config_path}) is "
         f"{config.swarm_hash()}; start with the swarm's config file (every peer of one swarm shares one)"
     )
+
+
+class ConfigAnnouncer(PeriodicThread):
+    """Keeps this peer's config hash announced (every third of its lifetime), so newcomers with another config
+    are told at once."""
+
+    def __init__(self, dht: hivemind.DHT, config: SwarmConfig):
+        super().__init__("config-announcer", ANNOUNCE_SECONDS / 3, first_tick_now=True)
+        self.dht, self.config = dht, config
+
+    def tick(self) -> None:
+        if self.dht.is_alive():
+            announce_config(self.dht, self.config)

@@ -1,1 +1,2 @@
-"""The trainer role: dense trunk, data shard, swarm optimizer, stats."""
+"""The trainer role: dense trunk, data shard, the gradient each micro-batch contributes, the swarm optimizer, its
+checkpoint and the stats file."""

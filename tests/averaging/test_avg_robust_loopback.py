@@ -82,7 +82,7 @@ def test_sign_flipped_peer_does_not_move_centered_clip():
     honest_spread = min(torch.linalg.vector_norm(t - honest_mean).item() for t in honest)
     tensors = [[t.clone()] for t in honest] + [[-1000.0 * honest_mean]]
     # tau about the honest distance of one ~1024-value part from the mean (0.1 * sqrt(1024 * 2/3) = 2.6)
-    settings = RobustAveragingSettings(aggregator="centered_clip", tau=3.0, max_iters=100)
+    settings = RobustAveragingSettings(aggregator="centered_clip", tau=3.0, relative_tau=False, max_iters=100)
 
     with _swarm(tensors, settings, prefix="robust_attack") as averagers:
         # Execute
@@ -109,7 +109,7 @@ def test_nan_peer_is_rejected_banned_and_then_refused():
     poisoned = torch.randn(SIZE)
     poisoned[::97] = float("nan")
     tensors = [[t.clone()] for t in honest] + [[poisoned]]
-    settings = RobustAveragingSettings(aggregator="centered_clip", tau=100.0, max_invalid=2, ban_seconds=120.0)
+    settings = RobustAveragingSettings(aggregator="centered_clip", tau=100.0, relative_tau=False, max_invalid=2, ban_seconds=120.0)
 
     # groups of 3 may form, so that the honest peers can go on once they refuse the NaN peer
     with _swarm(tensors, settings, prefix="robust_nan", min_group_size=3) as averagers:

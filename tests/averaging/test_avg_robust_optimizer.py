@@ -85,7 +85,7 @@ def test_two_optimizer_peers_train_through_the_robust_grad_averager():
     if multiprocessing.get_start_method(allow_none=True) != "fork":
         multiprocessing.set_start_method("fork", force=True)
     install_codecs()
-    settings = RobustAveragingSettings(aggregator="centered_clip", tau=10.0)
+    settings = RobustAveragingSettings(aggregator="centered_clip", tau=10.0, relative_tau=False)
     seed_book = ReputationBook()
     seed_book.ban("12D3KooWSomeoneWeBannedEarlier", "restored from disk")
     dhts, optimizers, errors = [], [], []

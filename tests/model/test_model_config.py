@@ -39,7 +39,7 @@ def test_int_given_for_float_is_normalised():
 
 
 def test_unknown_keys_are_named():
-    with pytest.raises(ValueError, match="unknown keys: d_modle, extra"):
+    with pytest.raises(ValueError, match=r"unknown key\(s\): d_modle, extra; known: vocab_size, "):
         ModelConfig.from_dict({**VALID, "d_modle": 8, "extra": 1})
 
 
@@ -47,7 +47,7 @@ def test_missing_keys_are_named():
     d = dict(VALID)
     del d["top_k"], d["vocab_size"]
 
-    with pytest.raises(ValueError, match="missing keys: top_k, vocab_size"):
+    with pytest.raises(ValueError, match=r"missing key\(s\): top_k, vocab_size"):
         ModelConfig.from_dict(d)
 
 
@@ -74,6 +74,14 @@ def test_invalid_values_are_rejected(override, message):
 def test_direct_construction_is_validated_too():
     with pytest.raises(ValueError, match="top_k"):
         ModelConfig(**{**VALID, "top_k": 9})
+
+
+def test_errors_are_one_line_value_errors():
+    with pytest.raises(ValueError) as info:
+        ModelConfig.from_dict({**VALID, "seq_len": "16", "dropout": 2.0, "extra": 1})
+    message = str(info.value)
+    assert "\n" not in message
+    assert "seq_len must be an int, got '16'" in message and "dropout must be in [0, 1)" in message
 
 
 def test_not_a_mapping():

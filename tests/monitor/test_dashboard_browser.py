@@ -1,4 +1,4 @@
-"""End to end: headless Chromium drives the dashboard of a fake trainer; Stop really stops its steps."""
+"""End to end: headless Chromium drives the dashboard of a fake trainer; Stop really stops its micro-batches."""
 
 from __future__ import annotations
 
@@ -7,17 +7,11 @@ from collections.abc import Iterator
 
 import pytest
 
+from dragon_swarm.events import PauseGate
 from dragon_swarm.monitor.dashboard import Dashboard
-from dragon_swarm.monitor.status import (
-    ExpertCell,
-    LeaderboardRow,
-    PeerState,
-    PeerStatus,
-    SwarmStats,
-    TrainingSwitch,
-)
+from dragon_swarm.monitor.status import ExpertCell, LeaderboardRow, PeerState, PeerStatus, SwarmStats
 from tests.monitor.browser import chromium_driver, require_browser
-from tests.monitor.serving import serving
+from tests.monitor.serving import serving, wired_gate
 
 pytestmark = pytest.mark.browser
 
@@ -32,13 +26,13 @@ OTHERS = [
 
 
 class FakeTrainer:
-    """Steps while the switch runs, like the real trainer: a pause takes effect between steps.
+    """Trains micro-batches while the gate is open, like the real trainer: a pause takes effect between two.
 
-    `lock` is held for the whole of a step, so a test that holds it knows no step is half done.
+    `lock` is held for the whole of a micro-batch, so a test that holds it knows none is half done.
     """
 
-    def __init__(self, status: PeerStatus, switch: TrainingSwitch, step_s: float = 0.1):
-        self.status, self.switch, self.step_s = status, switch, step_s
+    def __init__(self, status: PeerStatus, gate: PauseGate, step_s: float = 0.1):
+        self.status, self.gate, self.step_s = status, gate, step_s
         self.lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="fake-trainer", daemon=True)
@@ -51,24 +45,30 @@ class FakeTrainer:
         self._thread.join(10)
 
     def _run(self) -> None:
-        step = 0
-        while self.switch.wait_until_running(self._stop):
+        micro_batch = 0
+        while self.gate.wait_until_running(self._stop):
             with self.lock:
-                if self.switch.paused:  # paused between the wait and the lock: do not start a step
+                if self.gate.paused:  # paused between the wait and the lock: do not start a micro-batch
                     continue
-                step += 1
-                self._step(step)
+                micro_batch += 1
+                self._train(micro_batch)
             self._stop.wait(self.step_s)
 
-    def _step(self, step: int) -> None:
-        tokens = step * 2048
-        loss = 4.0 / (1 + 0.05 * step) + 0.05 * (step % 3)
-        self.status.record_step(step, loss=loss, tokens_per_second=20_000 + 150 * (step % 7))
+    def _train(self, micro_batch: int) -> None:
+        tokens = micro_batch * 2048
+        loss = 4.0 / (1 + 0.05 * micro_batch) + 0.05 * (micro_batch % 3)
+        self.status.record_step(micro_batch, loss=loss, tokens_per_second=20_000 + 150 * (micro_batch % 7))
         self.status.update_contribution(
-            steps=step, tokens=tokens, expert_requests=step * 3, uptime_s=3600 + step * self.step_s, badge="Early bird"
+            micro_batches=micro_batch,
+            tokens=tokens,
+            expert_requests=micro_batch * 3,
+            uptime_s=3600 + micro_batch * self.step_s,
+            badge="Early bird",
         )
-        self.status.update_model(global_epoch=5 + step // 20, samples_accumulated=(step % 20) * 16, target_batch_size=320)
-        me = LeaderboardRow("ada", "QmAda", tokens, step, step * 3, 3600.0, "Early bird")
+        self.status.update_model(
+            global_epoch=5 + micro_batch // 20, samples_accumulated=(micro_batch % 20) * 16, target_batch_size=320
+        )
+        me = LeaderboardRow("ada", "QmAda", tokens, micro_batch, micro_batch * 3, 3600.0, "Early bird")
         rows = sorted([*OTHERS, me], key=lambda row: row.tokens, reverse=True)
         self.status.update_swarm(
             SwarmStats(
@@ -82,12 +82,13 @@ class FakeTrainer:
             ),
             leaderboard=rows,
         )
-        if step % 10 == 0:
-            self.status.record_event(f"Step {step}: averaged gradients with 3 trainers in 0.4 s")
+        if micro_batch % 10 == 0:
+            self.status.record_event(f"Micro-batch {micro_batch}: averaged gradients with 3 trainers in 0.4 s")
 
 
 def _status(read_only: bool = False) -> PeerStatus:
-    status = PeerStatus(name="ada", peer_id="QmAda", swarm="tiny-dragon", read_only=read_only)
+    role = "monitor" if read_only else "peer"  # read-only is what a bootstrap monitor serves
+    status = PeerStatus(name="ada", peer_id="QmAda", swarm="tiny-dragon", role=role, read_only=read_only)
     status.set_state(PeerState.MONITORING if read_only else PeerState.TRAINING)
     status.update_swarm(expert_map=EXPERTS, leaderboard=OTHERS)
     status.record_event("Joined swarm tiny-dragon through 1 bootstrap peer")
@@ -103,14 +104,14 @@ def driver():
 
 
 @pytest.fixture
-def training() -> Iterator[tuple[Dashboard, PeerStatus, TrainingSwitch, FakeTrainer]]:
+def training() -> Iterator[tuple[Dashboard, PeerStatus, PauseGate, FakeTrainer]]:
     status = _status()
-    switch = TrainingSwitch(status)
-    trainer = FakeTrainer(status, switch)
-    with serving(status, switch) as dashboard:
+    gate = wired_gate(status)
+    trainer = FakeTrainer(status, gate)
+    with serving(status, gate) as dashboard:
         try:
             trainer.start()
-            yield dashboard, status, switch, trainer
+            yield dashboard, status, gate, trainer
         finally:
             trainer.stop()
 
@@ -133,9 +134,13 @@ def _text(driver, element_id: str) -> str:
     return driver.find_element(By.ID, element_id).text
 
 
-def _page_step(driver) -> int | None:
-    text = _text(driver, "step").replace(",", "")
+def _count(driver, element_id: str) -> int | None:
+    text = _text(driver, element_id).replace(",", "")
     return int(text) if text.isdigit() else None
+
+
+def _page_micro_batches(driver) -> int | None:
+    return _count(driver, "micro-batches")
 
 
 def _updates(driver) -> int:
@@ -145,14 +150,20 @@ def _updates(driver) -> int:
 def test_dashboard_shows_the_peer_and_start_stop_controls_training(driver, training):
     from selenium.webdriver.common.by import By
 
-    dashboard, status, switch, trainer = training
+    dashboard, status, gate, trainer = training
     driver.get(dashboard.url)
 
     # The page renders the live status.
     _wait(driver, lambda: _text(driver, "state") == "TRAINING", "state badge never showed TRAINING")
     assert _text(driver, "name") == "ada"
-    first = _wait(driver, lambda: _page_step(driver), "step never appeared")
-    _wait(driver, lambda: (_page_step(driver) or 0) > first, "step did not increase while training")
+    first = _wait(driver, lambda: _page_micro_batches(driver), "micro-batches never appeared")
+    _wait(driver, lambda: (_page_micro_batches(driver) or 0) > first, "micro-batches did not increase while training")
+    assert _text(driver, "loss-legend") == "by micro-batch"
+    _wait(
+        driver,
+        lambda: (_count(driver, "contrib-micro-batches") or 0) >= first,
+        "the contribution's micro-batches never showed",
+    )
     _wait(
         driver,
         lambda: len(driver.find_elements(By.CSS_SELECTOR, "#expert-map .cell")) == len(EXPERTS),
@@ -172,26 +183,26 @@ def test_dashboard_shows_the_peer_and_start_stop_controls_training(driver, train
     assert stop.is_displayed() and stop.is_enabled() and not start.is_enabled()
 
     # Let the charts fill a little, then keep a picture of the page for a human to look at.
-    _wait(driver, lambda: (_page_step(driver) or 0) >= 25, "step never reached 25")
+    _wait(driver, lambda: (_page_micro_batches(driver) or 0) >= 25, "micro-batches never reached 25")
     driver.save_screenshot(SCREENSHOT)
 
-    # Stop: the switch pauses, the trainer parks, and the page's step stops moving.
+    # Stop: the gate closes, the trainer parks, and the page's micro-batch count stops moving.
     stop.click()
-    _wait(driver, lambda: switch.paused, "Stop did not pause the switch")
-    with trainer.lock:  # any step in progress has finished; none will start while paused
-        frozen = status.snapshot()["training"]["step"]
-    _wait(driver, lambda: _page_step(driver) == frozen, "page did not show the last step")
+    _wait(driver, lambda: gate.paused, "Stop did not pause the gate")
+    with trainer.lock:  # any micro-batch in progress has finished; none will start while paused
+        frozen = status.snapshot()["training"]["micro_batches"]
+    _wait(driver, lambda: _page_micro_batches(driver) == frozen, "page did not show the last micro-batch")
     _wait(driver, lambda: driver.find_element(By.ID, "paused").is_displayed(), "PAUSED badge missing")
     _wait(driver, lambda: start.is_enabled() and not stop.is_enabled(), "buttons did not flip on pause")
     seen = _updates(driver)
     _wait(driver, lambda: _updates(driver) >= seen + 3, "page stopped polling")  # three fresh polls...
-    assert _page_step(driver) == frozen  # ...all showing the same step
-    assert status.snapshot()["training"]["step"] == frozen
+    assert _page_micro_batches(driver) == frozen  # ...all showing the same count
+    assert status.snapshot()["training"]["micro_batches"] == frozen
 
-    # Start: training resumes and the step moves again.
+    # Start: training resumes and the count moves again.
     start.click()
-    _wait(driver, lambda: not switch.paused, "Start did not resume the switch")
-    _wait(driver, lambda: (_page_step(driver) or 0) > frozen, "step did not increase after Start")
+    _wait(driver, lambda: not gate.paused, "Start did not resume the gate")
+    _wait(driver, lambda: (_page_micro_batches(driver) or 0) > frozen, "micro-batches did not increase after Start")
     _wait(driver, lambda: not driver.find_element(By.ID, "paused").is_displayed(), "PAUSED badge stuck")
     _wait(driver, lambda: stop.is_enabled() and not start.is_enabled(), "buttons did not flip on resume")
     errors = [entry for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
@@ -207,6 +218,7 @@ def test_read_only_dashboard_has_no_controls(driver, monitor):
     for element_id in ("start-button", "stop-button"):
         button = driver.find_element(By.ID, element_id)
         assert not button.is_displayed() and not button.is_enabled()
-    assert _text(driver, "step") == "0"
-    assert _text(driver, "loss") == "—"  # no step yet: null renders as a dash
+    assert _text(driver, "micro-batches-unit") == "Model version"  # a monitor shows the swarm's progress
+    assert _text(driver, "micro-batches") == "0"
+    assert _text(driver, "loss") == "—"  # no loss yet: null renders as a dash
     assert len(driver.find_elements(By.CSS_SELECTOR, "#expert-map .cell")) == len(EXPERTS)

@@ -42,11 +42,13 @@ def busy_peer() -> PeerStatus:
     status = PeerStatus("alice", "12D3KooWAlicePeerIdentity", "demo-swarm")
     status.set_state(PeerState.TRAINING)
     t0 = time.time() - 3600
-    for step in range(1, 61):
-        status.record_step(step, 5.0 - step * 0.0443, 1500.0, when=t0 + step)  # last loss: 2.342
+    for micro_batch in range(1, 61):
+        status.record_step(micro_batch, 5.0 - micro_batch * 0.0443, 1500.0, when=t0 + micro_batch)  # last: 2.342
     status.record_step(61, 2.345, 1234.0, when=t0 + 61)
     status.update_model(global_epoch=42, local_epoch=41, samples_accumulated=37, target_batch_size=64)
-    status.update_contribution(steps=1234, tokens=5_600_000, expert_requests=789, uptime_s=3725.0, badge="early bird")
+    status.update_contribution(
+        micro_batches=1234, tokens=5_600_000, expert_requests=789, uptime_s=3725.0, badge="early bird"
+    )
     status.update_swarm(
         stats=SwarmStats(
             peers_alive=12,
@@ -76,10 +78,12 @@ def test_panel_shows_the_snapshot() -> None:
     for expected in ("alice", "demo-swarm", "TRAINING", "Model version", "42", "37/64 samples", "58%"):
         assert expected in text, expected
     assert "2.345" in text  # loss, 3 decimals
-    assert "5.60M" in text and "1.23k" in text and "789" in text  # tokens, steps, expert requests
+    assert "5.60M" in text and "789" in text  # tokens, expert requests
+    assert re.search(r"Micro-batches\s+1\.23k", text)  # the contribution's micro-batches, labelled as such
+    assert "Loss, last 61 micro-batches" in text  # the loss chart's points, named for what they are
     assert "1h 02m" in text and "early bird" in text
     assert "30/32" in text and "123M" in text  # experts online/total, swarm tokens
-    assert "1.23k" in text  # tokens/s of the last step
+    assert "1.23k" in text  # tokens/s of the last micro-batch
     # top 5 by tokens, not the 6th
     for i in range(5):
         assert f"volunteer-{i}" in text
@@ -130,6 +134,18 @@ def test_empty_snapshots_render() -> None:
     assert "nan" in as_text(render_panel(odd))
 
 
+def test_monitor_charts_the_swarm_by_model_version() -> None:
+    status = PeerStatus("watcher", "pid-mon", "demo-swarm", role="monitor", read_only=True)
+    status.set_state(PeerState.MONITORING)
+    for epoch in range(3, 8):
+        status.record_swarm_point(epoch, 3.0 - epoch * 0.1, 5000.0)
+    snapshot = status.snapshot()
+    assert snapshot["history_x"] == "epoch" and [p["x"] for p in snapshot["history"]] == [3, 4, 5, 6, 7]
+    assert snapshot["training"]["micro_batches"] == 0  # a monitor trains nothing itself
+    text = as_text(render_panel(snapshot, width=120, height=40), width=120)
+    assert "Loss, last 5 model versions" in text and "2.300" in text  # the median loss at version 7
+
+
 def test_formatting_helpers() -> None:
     assert [human_count(v) for v in (None, 0, 999, 1234, 12_345, 999_999, 5_600_000, 2.5e9)] == [
         "—",
@@ -173,11 +189,11 @@ PANEL_SCRIPT = textwrap.dedent(
     panel = TerminalPanel(status, refresh_per_second=8)
     panel.start()
     status.set_state(PeerState.TRAINING)
-    for step in range(1, 4):
-        status.record_step(step, 2.5 - step * 0.1, 321.0)
+    for micro_batch in range(1, 4):
+        status.record_step(micro_batch, 2.5 - micro_batch * 0.1, 321.0)
         time.sleep(0.1)
     status.update_model(global_epoch=17, local_epoch=17, samples_accumulated=37, target_batch_size=64)
-    status.update_contribution(steps=4242, tokens=987, expert_requests=55)
+    status.update_contribution(micro_batches=4242, tokens=987, expert_requests=55)
     logging.getLogger("peer").info("hello from the log")
     time.sleep(2)
     panel.shutdown()
@@ -198,7 +214,7 @@ def test_live_panel_on_a_pseudo_terminal() -> None:
     assert "2.200" in text  # the last loss, 3 decimals
     assert "hello from the log" in text  # the log line landed in the activity box...
     assert "INFO peer: hello from the log" not in text  # ...and not as a raw line that would tear the panel
-    assert "pty-peer left swarm pty-swarm: 4.24k steps, 987 tokens, 55 expert requests served" in text
+    assert "pty-peer left swarm pty-swarm: 4.24k micro-batches, 987 tokens, 55 expert requests served" in text
     assert text.count("left swarm") == 1  # the second shutdown() did nothing
 
 

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 
-from dragon_swarm.swarm.local_peers import PeerLauncher, PeerProcess, read_stats
+from benchmarks.local_peers import PeerLauncher, PeerProcess, read_stats
 from tests.swarm.paths import TEST_CONFIG
 
 pytestmark = pytest.mark.swarm
@@ -53,9 +54,11 @@ def run_swarm(
     work = launcher.log_dir / name
     work.mkdir()
     config = work / "config.yaml"
-    text = TEST_CONFIG.read_text().replace("  compression: none", f"  compression: none\n  aggregator: {aggregator}", 1)
+    settings = yaml.safe_load(TEST_CONFIG.read_text())
+    settings["averaging"]["aggregator"] = aggregator
     # five processes share two cores here: give every trainer time to make it into the one averaging group
-    config.write_text(text.replace("matchmaking_time: 1.5", "matchmaking_time: 3.0", 1))
+    settings["averaging"]["matchmaking_time"] = 3.0
+    config.write_text(yaml.safe_dump(settings))
     boot = launcher.start(f"{name}-boot", ["--identity", str(work / "boot.key")], module="dragon_swarm.bootstrap")
     peers = boot.initial_peers()
     common = ["-c", str(config), "--initial-peers", *peers]
@@ -130,7 +133,7 @@ def test_nan_sender_is_rejected_and_banned_while_training_continues(nan_run):
     for trainer in honest(nan_run):
         assert trainer.process.proc.returncode == 0, trainer.process.stderr()[-3000:]
         records = read_stats(trainer.stats)
-        assert records[-1]["step"] == NAN_STEPS  # training went on
+        assert records[-1]["micro_batches"] == NAN_STEPS  # training went on
         assert all(math.isfinite(r["loss"]) for r in records)  # no NaN reached an honest model
         if records[-1]["rejected_parts"] > 0:
             rejected_by.append(trainer.process.name)

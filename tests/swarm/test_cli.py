@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from dragon_swarm.swarm.local_peers import REPO_ROOT
+from benchmarks.local_peers import REPO_ROOT
 
 
 def run_peer(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -74,7 +74,7 @@ def test_ctrl_c_saves_and_leaves(launcher, tmp_path):
     """Ctrl-C in a terminal sends SIGINT to the whole process group, hivemind's helpers included."""
     import os
 
-    from dragon_swarm.swarm.local_peers import read_stats, wait_for_stats
+    from benchmarks.local_peers import read_stats, wait_for_stats
     from tests.swarm.paths import TEST_CONFIG
 
     stats = tmp_path / "stats.jsonl"
@@ -84,9 +84,9 @@ def test_ctrl_c_saves_and_leaves(launcher, tmp_path):
     assert peer.wait(timeout=90) == 0, peer.stderr()[-3000:]
     assert (tmp_path / "solo" / "trainer.safetensors").exists()
     assert len(list((tmp_path / "solo" / "experts").glob("*.safetensors"))) == 8
-    steps_done = read_stats(stats)[-1]["step"]
+    steps_done = read_stats(stats)[-1]["micro_batches"]
     from safetensors import safe_open
     import json
 
     with safe_open(str(tmp_path / "solo" / "trainer.safetensors"), framework="pt") as f:
-        assert json.loads(f.metadata()["counters"])["step"] == steps_done
+        assert json.loads(f.metadata()["counters"])["micro_batches"] == steps_done

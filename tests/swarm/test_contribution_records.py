@@ -16,17 +16,15 @@ from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
+from dragon_swarm.monitor.leaderboard import leaderboard, network_stats
 from dragon_swarm.swarm.contributions import (
-    ContributionCounters,
-    ContributionPublisher,
     ContributionRecord,
     contribution_subkey,
     contributions_key,
     fetch_contributions,
-    leaderboard,
-    network_stats,
     publish_contribution,
 )
+from dragon_swarm.swarm.counters import ContributionCounters, ContributionPublisher
 from dragon_swarm.swarm.dht_node import LOOPBACK_MADDR, use_fork_start_method
 
 pytestmark = [pytest.mark.swarm, pytest.mark.timeout(120)]
@@ -161,8 +159,8 @@ def test_publisher_publishes_fetches_saves_and_stops(peers, tmp_path):
         assert publisher.publish_now()
         assert ContributionCounters.load(counters_path, prefix).tokens == 1235
     finally:
-        publisher.shutdown()
-        publisher.shutdown()  # idempotent
-    assert not publisher._thread.is_alive()
+        publisher.stop()
+        publisher.stop()  # idempotent
+    assert not publisher.is_alive()
     seen_by_b = fetch_contributions(b.dht, prefix)
     assert seen_by_b[c.peer_id].name == "carol" and seen_by_b[c.peer_id].tokens == 1235

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import time
 
 import pytest
@@ -25,6 +26,24 @@ CONFIG = load_config(str(TEST_CONFIG))
 D = CONFIG.model.d_model
 
 
+UIDS = [f"{CONFIG.expert_prefix}.0.{i}" for i in range(4)]
+
+
+def start_host(client, served: list[str], stack: list, forward_delay_s: float = 0.0) -> ExpertHost:
+    """A real expert host joined through `client`; with `forward_delay_s`, each expert forward first sleeps that long
+    (a slow machine)."""
+    dht = start_dht(initial_peers=visible_maddrs(client))
+    stack.append(dht.shutdown)
+    backends = build_expert_backends(served, D, CONFIG.model.expert_hidden, CONFIG.training, 64, CONFIG.swarm.seed)
+    if forward_delay_s:
+        for backend in backends.values():
+            backend.module.register_forward_pre_hook(lambda module, args: time.sleep(forward_delay_s))
+    host = ExpertHost(dht, backends, CONFIG.experts, hidden_dim=D, checkpoint_dir=None, throughput=100.0)
+    host.start()
+    stack.append(host.shutdown)
+    return host
+
+
 @pytest.fixture
 def swarm():
     """A client DHT plus two hosts; host A serves layer 0, host B replicates expert 0.0 and 0.1."""
@@ -32,17 +51,8 @@ def swarm():
     try:
         client = start_dht()
         stack.append(client.shutdown)
-        uids = [f"{CONFIG.expert_prefix}.0.{i}" for i in range(4)]
-        hosts = {}
-        for name, served in (("A", uids), ("B", uids[:2])):
-            dht = start_dht(initial_peers=visible_maddrs(client))
-            stack.append(dht.shutdown)
-            backends = build_expert_backends(served, D, CONFIG.model.expert_hidden, CONFIG.training, 64, CONFIG.swarm.seed)
-            host = ExpertHost(dht, backends, CONFIG.experts, hidden_dim=D, checkpoint_dir=None, throughput=100.0)
-            host.start()
-            stack.append(host.shutdown)
-            hosts[name] = host
-        yield client, hosts, uids
+        hosts = {name: start_host(client, served, stack) for name, served in (("A", UIDS), ("B", UIDS[:2]))}
+        yield client, hosts, UIDS
     finally:
         for shutdown in reversed(stack):
             shutdown()
@@ -109,3 +119,40 @@ def test_router_skips_a_dead_host_within_the_deadline(swarm):
         assert torch.isfinite(x.grad).all()
     finally:
         dispatcher.shutdown()
+
+
+SLOW_S = 0.5
+
+
+def test_router_times_each_replica_and_prefers_the_fast_one():
+    """Two replicas of expert 0.0, one slow. Expert 0.1 lives on the slow host only, so every layer round also
+    waits for it: only each call's own time tells the fast replica of 0.0 from the slow one."""
+    stack = []
+    try:
+        client = start_dht()
+        stack.append(client.shutdown)
+        fast = start_host(client, UIDS[:1], stack)
+        slow = start_host(client, UIDS[:2], stack, forward_delay_s=SLOW_S)
+        fast_id, slow_id = (h.dht.peer_id.to_base58() for h in (fast, slow))
+        dispatcher = RemoteExpertDispatcher(client, CONFIG.expert_prefix, 1, 2, D, CONFIG.experts)
+        dispatcher.start()
+        stack.append(dispatcher.shutdown)
+        assert dispatcher.wait_for_experts(30.0)
+        assert sorted(dispatcher.table.replicas[UIDS[0]]) == sorted([fast_id, slow_id])
+
+        x = torch.randn(4, D)
+        for _ in range(3):  # the first rounds try each replica of 0.0 once
+            assert set(dispatcher.dispatch(0, {0: x, 1: x})) == {0, 1}
+        latency = dispatcher.table.latency
+        assert latency[slow_id] >= SLOW_S
+        assert latency[fast_id] < SLOW_S / 2, f"fast replica timed as {latency[fast_id]:.3f} s: the round's time, not its own"
+
+        served_by_slow, served_by_fast = slow.backends[UIDS[0]].requests_served, fast.backends[UIDS[0]].requests_served
+        for _ in range(3):
+            dispatcher.dispatch(0, {0: x, 1: x})
+        assert slow.backends[UIDS[0]].requests_served == served_by_slow  # expert 0.0 now always goes to the fast host
+        assert fast.backends[UIDS[0]].requests_served == served_by_fast + 3
+        assert dispatcher.table.choose(UIDS[0], time.time(), random.Random(0)) == fast_id
+    finally:
+        for shutdown in reversed(stack):
+            shutdown()

@@ -14,7 +14,7 @@ import pytest
 from safetensors.torch import load_file
 
 from tests.swarm.paths import TEST_CONFIG
-from dragon_swarm.swarm.local_peers import PeerProcess, read_stats, wait_for_stats
+from benchmarks.local_peers import PeerProcess, read_stats, wait_for_stats
 
 pytestmark = pytest.mark.swarm
 
@@ -71,7 +71,7 @@ def scenario(module_launcher) -> Scenario:
         "late", peer_args(initial_peers, log_dir / "late", "--no-host", "--max-steps", "3", "--stats-file", str(late_stats))
     )
     # the replica host dies without a goodbye once training is under way
-    wait_for_stats(stats[0], lambda r: r[-1]["step"] >= 8, timeout=240, processes=trainers)
+    wait_for_stats(stats[0], lambda r: r[-1]["micro_batches"] >= 8, timeout=240, processes=trainers)
     host_replica.kill_hard()
     kill_time = time.time()
     wait_for_stats(late_stats, lambda r: len(r) >= 1, timeout=240, processes=[late])
@@ -88,13 +88,13 @@ def scenario(module_launcher) -> Scenario:
 def test_trainers_finish_every_step(scenario: Scenario):
     assert scenario.trainer_exit_codes == [0, 0], [t.stderr()[-2000:] for t in scenario.trainers]
     for path in scenario.stats:
-        steps = [r["step"] for r in read_stats(path)]
+        steps = [r["micro_batches"] for r in read_stats(path)]
         assert steps == list(range(1, MAX_STEPS + 1))
 
 
 def test_stats_records_have_the_promised_fields(scenario: Scenario):
     record = read_stats(scenario.stats[0])[-1]
-    for key in ("step", "epoch", "loss", "tokens", "samples_per_second", "peers"):
+    for key in ("micro_batches", "epoch", "loss", "tokens", "samples_per_second", "peers"):
         assert key in record
     assert record["tokens"] == MAX_STEPS * 8 * 32  # batch 8 x seq_len 32 per step
     assert record["peers"] >= 1
@@ -167,7 +167,7 @@ def test_restart_resumes_from_state_dir(scenario: Scenario, module_launcher):
     )
     assert again.wait(timeout=180) == 0, again.stderr()[-3000:]
     assert again.initial_peers()[0].rsplit("/p2p/", 1)[1] == first_peer_id  # same identity
-    assert f"Resumed trainer at step {MAX_STEPS}" in again.stderr()
+    assert f"Resumed trainer at micro-batch {MAX_STEPS}" in again.stderr()
     after = load_file(str(state_dir / "trainer.safetensors"))
     trunk_names = [name for name in before if name.startswith("trunk.")]
     assert trunk_names
@@ -182,3 +182,4 @@ def test_peer_with_another_config_is_told_clearly(scenario: Scenario, module_lau
     assert stranger.wait(timeout=120) == 2
     err = stranger.stderr()
     assert "config mismatch" in err and "Traceback" not in err
+    assert not (tmp_path / "stranger").exists(), "a failed start wrote to its state dir"  # not even its identity key

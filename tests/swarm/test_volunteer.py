@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from dragon_swarm.state.checkpoint import load_tensors
-from dragon_swarm.swarm.local_peers import PeerProcess, REPO_ROOT, read_stats, wait_for_stats
+from benchmarks.local_peers import PeerProcess, REPO_ROOT, read_stats, wait_for_stats
 from tests.monitor.browser import chromium_driver, require_browser
 from tests.pty_run import run_on_pty, screen_text
 from tests.swarm.paths import TEST_CONFIG
@@ -91,7 +91,7 @@ def test_dashboard_stop_and_start_pause_and_resume_a_real_peer(swarm):
             return WebDriverWait(driver, WAIT_S, poll_frequency=0.2).until(lambda _: condition(), message)
 
         def shown_step() -> int:
-            text = driver.find_element(By.ID, "step").text.replace(",", "")
+            text = driver.find_element(By.ID, "micro-batches").text.replace(",", "")
             return int(text) if text.isdigit() else -1
 
         wait(lambda: shown_step() >= 2, "the dashboard never showed the peer's steps")
@@ -104,7 +104,7 @@ def test_dashboard_stop_and_start_pause_and_resume_a_real_peer(swarm):
         wait(lambda: driver.find_element(By.ID, "state").text.startswith("IDLE"), "the page did not show IDLE")
         time.sleep(6.0)  # several steps' worth of time: a running peer would have stepped
         assert len(read_stats(swarm.stats)) == paused_at, "the peer kept stepping after Stop"
-        assert "Paused at step" in swarm.peer.stderr()
+        assert "Paused at micro-batch" in swarm.peer.stderr()
         # a paused peer takes its experts offline (announced in the DHT)
         monitor = dashboard_url(swarm.boot)
         wait(lambda: get_json(monitor + "api/status")["swarm_stats"]["experts_online"] == 0, "experts stayed online")
@@ -112,7 +112,7 @@ def test_dashboard_stop_and_start_pause_and_resume_a_real_peer(swarm):
         driver.find_element(By.ID, "start-button").click()
         wait_for_stats(swarm.stats, lambda records: len(records) >= paused_at + 2, WAIT_S, [swarm.peer])
         wait(lambda: shown_step() >= paused_at + 2, "the page did not show the resumed steps")
-        assert "Resuming training at step" in swarm.peer.stderr()
+        assert "Resuming training at micro-batch" in swarm.peer.stderr()
 
 
 def test_bootstrap_monitor_shows_the_swarm_read_only(swarm):
@@ -128,8 +128,8 @@ def test_bootstrap_monitor_shows_the_swarm_read_only(swarm):
     assert [row["name"] for row in status["leaderboard"]] == ["alice"]
     assert len(status["expert_map"]) == 8 and all(cell["hosts"] == 1 for cell in status["expert_map"])
     metrics = urllib.request.urlopen(url + "metrics", timeout=10).read().decode()
-    assert re.search(r"^dragon_experts_online 8$", metrics, re.M), metrics
-    assert re.search(r'^dragon_peer_state\{state="MONITORING"\} 1$', metrics, re.M), metrics
+    assert re.search(r"^dragon_experts_online 8(\.0)?$", metrics, re.M), metrics
+    assert re.search(r'^dragon_peer_state\{state="MONITORING"\} 1(\.0)?$', metrics, re.M), metrics
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(urllib.request.Request(url + "api/stop", data=b"", method="POST"), timeout=10)
     assert refused.value.code == 403
@@ -139,7 +139,7 @@ def test_peer_metrics_follow_its_steps(swarm):
     url = dashboard_url(swarm.peer)
     steps = len(read_stats(swarm.stats))
     metrics = urllib.request.urlopen(url + "metrics", timeout=10).read().decode()
-    shown = int(float(re.search(r"^dragon_steps_total (\S+)$", metrics, re.M).group(1)))
+    shown = int(float(re.search(r"^dragon_micro_batches_total (\S+)$", metrics, re.M).group(1)))
     assert shown >= steps - 1  # the stats line and the status board are written in the same step
     assert re.search(r"^dragon_tokens_per_second \d", metrics, re.M), metrics
 
@@ -149,10 +149,10 @@ def test_sigint_finishes_the_step_and_leaves_a_consistent_state_dir(swarm):
     assert swarm.peer.wait(timeout=120) == 0, swarm.peer.stderr()[-3000:]
     records = read_stats(swarm.stats)
     counters = json.loads((swarm.state_dir / "contributions.json").read_text())
-    assert counters["batches"] == records[-1]["step"], (counters, records[-1])  # no contribution lost
+    assert counters["batches"] == records[-1]["micro_batches"], (counters, records[-1])  # no contribution lost
     assert counters["tokens"] == records[-1]["tokens"]
     tensors, metadata = load_tensors(swarm.state_dir / "trainer.safetensors")
-    assert json.loads(metadata["counters"])["step"] == records[-1]["step"]
+    assert json.loads(metadata["counters"])["micro_batches"] == records[-1]["micro_batches"]
     for uid in range(8):
         load_tensors(next((swarm.state_dir / "experts").glob(f"*_ffn.{uid // 4}.{uid % 4}.safetensors")))
     leftovers = [p.name for p in swarm.state_dir.rglob("*") if p.name.startswith(".") or p.suffix == ".tmp"]
@@ -162,11 +162,11 @@ def test_sigint_finishes_the_step_and_leaves_a_consistent_state_dir(swarm):
 
 def test_restart_continues_the_counters(swarm):
     before = json.loads((swarm.state_dir / "contributions.json").read_text())
-    steps_before = read_stats(swarm.stats)[-1]["step"]
+    steps_before = read_stats(swarm.stats)[-1]["micro_batches"]
     restarted = swarm.start_peer("alice-again", "--max-steps", str(steps_before + 2))
     assert restarted.wait(timeout=300) == 0, restarted.stderr()[-3000:]
     after = json.loads((swarm.state_dir / "contributions.json").read_text())
-    assert f"Resumed trainer at step {steps_before}" in restarted.stderr()
+    assert f"Resumed trainer at micro-batch {steps_before}" in restarted.stderr()
     assert after["batches"] == before["batches"] + 2
     assert after["tokens"] > before["tokens"]
     assert after["uptime_s"] > before["uptime_s"]

@@ -66,13 +66,14 @@ class StopSignal:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
+        from dragon_swarm.node.processes import die_with_descendants, exit_now
+
         if os.getpid() != self.owner_pid:
             if signum == signal.SIGTERM:
-                signal.signal(signum, signal.SIG_DFL)
-                os.kill(os.getpid(), signum)
+                die_with_descendants(signum)  # the DHT process takes its p2pd along
             return
         if self.event.is_set():
-            os._exit(128 + signum)
+            exit_now(128 + signum)
         logger.info(f"Received {signal.Signals(signum).name}: finishing the current step, saving state, leaving")
         self.event.set()
 
@@ -81,8 +82,10 @@ def exit_if_shutdown_hangs(seconds: float) -> threading.Timer:
     """Last resort once state is saved: a peer whose helpers died under it must not hang forever on leaving."""
 
     def _give_up() -> None:
+        from dragon_swarm.node.processes import exit_now
+
         logger.error(f"Shutdown took over {seconds:.0f} s; exiting without waiting for the rest")
-        os._exit(1)
+        exit_now(1)
 
     timer = threading.Timer(seconds, _give_up)
     timer.daemon = True
@@ -93,7 +96,20 @@ def exit_if_shutdown_hangs(seconds: float) -> threading.Timer:
 def run_and_exit(main: Callable[[], int]) -> NoReturn:
     """Run a CLI main, then skip interpreter teardown: everything is saved and shut down by then, and hivemind's
     p2p clients print tracebacks from destructors that no longer have an event loop."""
-    code = main()
+    from dragon_swarm.node.processes import stop_descendants
+
+    try:
+        code = main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if not isinstance(e.code, (int, type(None))):
+            sys.stderr.write(f"{e.code}\n")
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    stop_descendants(grace_s=5.0)  # no child outlives the peer, whatever happened above
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[1]
 _MADDR = re.compile(r"--initial-peers ((?:/\S+ ?)+)")
 
 

@@ -1,76 +1,35 @@
-"""What this machine can give the swarm: memory cap, threads, micro-batch size, resource profiles.
+"""Measured training steps and the batch-size search behind `--batch-size auto`.
 
-Decisions are pure functions over plain numbers (`parse_memory_limit`, `choose_batch_size`) and are tested
-exhaustively; the probes that feed them (`total_memory_bytes`, `measure_step_memory`) measure the real
-machine. The batch-size search never estimates memory from a formula: it runs real training steps and
-measures their peak, because activation memory of a recurrent MoE model (cycles, routing, the tied head's
-logits) is easy to get wrong by a factor of two on paper.
+The search never estimates memory from a formula: it runs real training steps and measures their peak, because
+activation memory of a recurrent MoE model (cycles, routing, the tied head's logits) is easy to get wrong by a
+factor of two on paper. `choose_batch_size` is the pure search over a measure function and is tested
+exhaustively; `measure_step_memory` measures one step on the real machine (forked on CPU).
 
-Typical use by a peer, before it starts any DHT or averager threads (forking a process with live threads is
-only safe for code that touches no lock those threads may hold):
-
-    profile = load_profile("cpu-laptop")
-    device = resolve_device(profile.device)
-    cap = parse_memory_limit(profile.max_memory, total_memory_bytes(device))
-    apply_threads(profile.threads)
-    apply_memory_cap(device, cap)
-    batch, measured = auto_batch_size(config, cap, device)
+Call these before starting any DHT or averager threads: forking a process with live threads is only safe for
+code that touches no lock those threads may hold.
 """
 
 from __future__ import annotations
 
 import ctypes
-import dataclasses
 import gc
 import json
 import logging
-import math
 import os
-import re
 import select
 import signal
 import time
 import traceback
-from pathlib import Path
-from typing import Callable, Literal
+from typing import TYPE_CHECKING, Callable
 
 import torch
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from dragon_swarm.config import SwarmConfig
+from dragon_swarm.resources.memory import format_bytes, is_cuda, resolve_device
+
+if TYPE_CHECKING:
+    from dragon_swarm.config import SwarmConfig
 
 logger = logging.getLogger(__name__)
-
-PROFILE_DIR = Path(__file__).resolve().parents[1] / "peers"
-
-# cgroup v2, then v1: a container's memory limit is what the OOM killer enforces, not the host's RAM
-CGROUP_MEMORY_FILES = (
-    Path("/sys/fs/cgroup/memory.max"),
-    Path("/sys/fs/cgroup/memory/memory.limit_in_bytes"),
-)
-
-_UNITS = {
-    "": 1,
-    "b": 1,
-    "k": 10**3,
-    "kb": 10**3,
-    "m": 10**6,
-    "mb": 10**6,
-    "g": 10**9,
-    "gb": 10**9,
-    "t": 10**12,
-    "tb": 10**12,
-    "ki": 2**10,
-    "kib": 2**10,
-    "mi": 2**20,
-    "mib": 2**20,
-    "gi": 2**30,
-    "gib": 2**30,
-    "ti": 2**40,
-    "tib": 2**40,
-}
-_SIZE_RE = re.compile(r"^(?P<number>\d+(?:\.\d*)?|\.\d+)\s*(?P<unit>[a-z]*)$")
 
 
 class StepDidNotFit(RuntimeError):
@@ -79,178 +38,6 @@ class StepDidNotFit(RuntimeError):
 
 class StepTimedOut(RuntimeError):
     """A measured training step did not finish within its timeout; the child process was killed."""
-
-
-# ---------------------------------------------------------------------------
-# Memory limits: parsing (pure) and the machine's total
-# ---------------------------------------------------------------------------
-
-
-def parse_memory_limit(text: str, total_bytes: int) -> int:
-    """A memory limit in bytes, from a fraction of `total_bytes` or an absolute size.
-
-    Accepted spellings (case-insensitive, spaces around the unit allowed):
-      - fraction of `total_bytes`: "0.5", "50%" (must be in (0, 1], i.e. (0%, 100%]);
-        a bare number with a decimal point is a fraction;
-      - binary sizes: "512Ki", "512MiB", "6GiB", "1Ti" (powers of 1024);
-      - decimal sizes: "800M", "1.5GB", "2G", "3kb", "1T" (powers of 1000);
-      - bytes: "1000000", "1000000B" (a bare integer is a byte count).
-    Fractional sizes round down to whole bytes. Raises ValueError (one line, meant for the user) for
-    anything else, for zero or negative limits, for fractions above 1, and if `total_bytes` is needed
-    but not positive. An absolute size is NOT checked against `total_bytes`: asking for more than the
-    machine has is the caller's call to reject or warn about.
-    """
-    if not isinstance(text, str):
-        raise ValueError(f"memory limit must be a string such as '50%' or '6GiB', got {text!r}")
-    raw = text.strip()
-    spelled = raw.lower().replace(" ", "")
-    hint = "use a fraction ('0.5', '50%') or a size ('6GiB', '512MiB', '1.5GB', '800M', '1000000')"
-    if not spelled:
-        raise ValueError(f"empty memory limit: {hint}")
-    if spelled.startswith("-"):
-        raise ValueError(f"memory limit must be positive, got {raw!r}")
-
-    if spelled.endswith("%"):
-        fraction = _parse_number(spelled[:-1], raw, hint) / 100.0
-        return _fraction_of(fraction, total_bytes, raw)
-
-    match = _SIZE_RE.match(spelled)
-    if match is None or match.group("unit") not in _UNITS:
-        raise ValueError(f"cannot read memory limit {raw!r}: {hint}")
-    number_text, unit = match.group("number"), match.group("unit")
-    number = _parse_number(number_text, raw, hint)
-    if unit == "" and "." in number_text:
-        return _fraction_of(number, total_bytes, raw)
-    size = int(number * _UNITS[unit])
-    if size <= 0:
-        raise ValueError(f"memory limit must be positive, got {raw!r}")
-    return size
-
-
-def _parse_number(text: str, raw: str, hint: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise ValueError(f"cannot read memory limit {raw!r}: {hint}") from None
-    if not math.isfinite(value):
-        raise ValueError(f"cannot read memory limit {raw!r}: {hint}")
-    return value
-
-
-def _fraction_of(fraction: float, total_bytes: int, raw: str) -> int:
-    if fraction <= 0:
-        raise ValueError(f"memory limit must be positive, got {raw!r}")
-    if fraction > 1:
-        raise ValueError(f"memory limit {raw!r} is more than all of the memory (fractions must be at most 1 or 100%)")
-    if total_bytes <= 0:
-        raise ValueError(f"cannot take {raw!r} of the memory: total memory unknown ({total_bytes} bytes)")
-    size = int(total_bytes * fraction)
-    if size <= 0:
-        raise ValueError(f"memory limit {raw!r} of {total_bytes} bytes rounds to zero")
-    return size
-
-
-def format_bytes(n: int | float) -> str:
-    """Human-readable binary size for logs and error messages: 1536 -> '1.5 KiB'."""
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(value) < 1024:
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} TiB"
-
-
-def resolve_device(device: str) -> str:
-    """'auto' -> 'cuda' when a GPU is visible, else 'cpu'; any other device string is returned as is."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
-def _is_cuda(device: str) -> bool:
-    return torch.device(device).type == "cuda"
-
-
-def total_memory_bytes(device: str) -> int:
-    """Memory the device can hold, in bytes.
-
-    CUDA: the GPU's total memory. Otherwise: physical RAM, or the cgroup memory limit of this container
-    when that is a number below RAM (the OOM killer acts on the cgroup limit, not on free RAM).
-    'auto' is resolved with `resolve_device` first.
-    """
-    device = resolve_device(device)
-    if _is_cuda(device):
-        return int(torch.cuda.get_device_properties(torch.device(device)).total_memory)
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    limit = _cgroup_memory_limit()
-    if limit is not None and 0 < limit < ram:
-        return limit
-    return int(ram)
-
-
-def _cgroup_memory_limit() -> int | None:
-    for path in CGROUP_MEMORY_FILES:
-        try:
-            text = path.read_text().strip()
-        except OSError:
-            continue
-        # "max" (v2) means unlimited; v1 spells unlimited as a huge number, which the caller's min() ignores
-        if text.isdigit():
-            return int(text)
-    return None
-
-
-# ---------------------------------------------------------------------------
-# Applying limits to this process
-# ---------------------------------------------------------------------------
-
-
-def apply_threads(threads: int | None) -> int:
-    """Set torch's intra-op threads (and inter-op threads, while that is still allowed); return the count in effect.
-
-    None leaves torch's choice alone. Inter-op threads can be set only once, before any inter-op work
-    has run; later calls keep the old inter-op count (logged at DEBUG) since it matters little for
-    training. Raises ValueError unless `threads` is None or an int >= 1.
-    """
-    if threads is None:
-        return torch.get_num_threads()
-    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-        raise ValueError(f"threads must be an integer >= 1, got {threads!r}")
-    torch.set_num_threads(threads)
-    try:
-        torch.set_num_interop_threads(threads)
-    except RuntimeError as e:
-        logger.debug(f"Inter-op threads left at {torch.get_num_interop_threads()}: {e}")
-    in_effect = torch.get_num_threads()
-    logger.info(f"Using {in_effect} torch thread(s)")
-    return in_effect
-
-
-def apply_memory_cap(device: str, cap_bytes: int) -> None:
-    """Enforce `cap_bytes` where the runtime can.
-
-    CUDA: `torch.cuda.set_per_process_memory_fraction(cap / total)`, so allocations beyond the cap fail
-    with an out-of-memory error instead of starving other processes on the GPU.
-    CPU: nothing is enforced process-wide. RLIMIT_AS would count virtual address space, and hivemind's
-    p2pd (a Go binary reserving large virtual arenas) and torch's mmap'd libraries and files exceed any
-    realistic limit without using the memory, so they would fail to start. On CPU the cap is honoured by
-    choosing the micro-batch size (`auto_batch_size`) instead.
-    """
-    if cap_bytes <= 0:
-        raise ValueError(f"memory cap must be positive, got {cap_bytes}")
-    device = resolve_device(device)
-    if _is_cuda(device):
-        total = total_memory_bytes(device)
-        fraction = min(1.0, cap_bytes / total)
-        torch.cuda.set_per_process_memory_fraction(fraction, torch.device(device))
-        logger.info(f"GPU memory capped at {format_bytes(cap_bytes)} ({fraction:.0%} of {format_bytes(total)})")
-    else:
-        logger.info(f"CPU memory cap {format_bytes(cap_bytes)} is honoured by the batch-size choice, not enforced")
-
-
-# ---------------------------------------------------------------------------
-# Measuring one training step
-# ---------------------------------------------------------------------------
 
 
 def measure_step_memory(
@@ -281,7 +68,7 @@ def measure_step_memory(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     device = resolve_device(device)
-    if _is_cuda(device):
+    if is_cuda(device):
         return _measure_cuda(make_step, batch_size, torch.device(device))
     return _measure_forked(make_step, batch_size, timeout)
 
@@ -406,9 +193,6 @@ def _measure_forked(make_step: Callable[[int], None], batch_size: int, timeout: 
     raise RuntimeError(f"batch {batch_size}: the measured step failed:\n{message['error']}")
 
 
-# ---------------------------------------------------------------------------
-# Batch-size choice: a pure search over a measure function
-# ---------------------------------------------------------------------------
 
 
 def choose_batch_size(
@@ -511,14 +295,15 @@ def _warm_up(config: SwarmConfig, device: str) -> None:
     excludes this fixed, batch-independent cost like the rest of the process's overhead.
     """
     m = config.model
-    tiny = dataclasses.replace(
-        m, vocab_size=32, seq_len=min(m.seq_len, 4), d_model=2 * m.n_heads, expert_hidden=4, h_layers=1, l_layers=1
-    )
+    tiny = m.replace(vocab_size=32, seq_len=min(m.seq_len, 4), d_model=2 * m.n_heads, expert_hidden=4, h_layers=1, l_layers=1)
     _trainer_step(config.replace(model=tiny), device)(1)
 
 
 def _trainer_step(config: SwarmConfig, device: str) -> Callable[[int], None]:
+    """What a trainer holds and does at its peak, as a function of the micro-batch: the model with every expert
+    local, the trainer's AdamW over the trunk (`training.optim.make_adamw`), two steps with gradients kept."""
     from dragon_swarm.model import HRMSMoE, LocalExperts
+    from dragon_swarm.training.optim import make_adamw
 
     m, t = config.model, config.training
 
@@ -526,7 +311,7 @@ def _trainer_step(config: SwarmConfig, device: str) -> Callable[[int], None]:
         torch.manual_seed(config.swarm.seed)
         model = HRMSMoE(m, LocalExperts.from_config(m)).to(device)
         trunk = list(model.trunk_parameters())
-        optimizer = torch.optim.AdamW(trunk, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
+        optimizer = make_adamw(model.named_trunk_parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
         for _ in range(2):
             tokens = torch.randint(0, m.vocab_size, (batch, m.seq_len), device=device)
             targets = torch.randint(0, m.vocab_size, (batch, m.seq_len), device=device)
@@ -538,80 +323,3 @@ def _trainer_step(config: SwarmConfig, device: str) -> Callable[[int], None]:
             optimizer.zero_grad(set_to_none=False)
 
     return step
-
-
-# ---------------------------------------------------------------------------
-# Resource profiles: peers/*.yaml
-# ---------------------------------------------------------------------------
-
-
-class ResourceProfile(BaseModel):
-    """What one kind of machine offers the swarm; loaded from peers/<name>.yaml. Unknown keys are errors."""
-
-    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
-
-    description: str = Field(min_length=1)
-    device: str = "auto"  # cpu | cuda | cuda:N | auto (cuda when a GPU is visible)
-    max_memory: str | None = None  # see parse_memory_limit; None: no cap, the configured batch size
-    threads: int | None = Field(default=None, ge=1)  # torch intra-op threads; None: torch's default
-    batch_size: int | Literal["auto"] | None = None  # None: the swarm config's training.batch_size
-    host_experts: bool = True  # host experts nobody serves yet
-    train: bool = True  # train the trunk; false: an expert host only
-
-    @field_validator("device")
-    @classmethod
-    def _known_device(cls, value: str) -> str:
-        if not re.fullmatch(r"cpu|auto|cuda(:\d+)?", value):
-            raise ValueError(f"device must be cpu, cuda, cuda:N or auto, got {value!r}")
-        return value
-
-    @field_validator("max_memory", mode="before")
-    @classmethod
-    def _memory_spelling(cls, value: object) -> object:
-        # YAML reads `max_memory: 0.5` as a float; accept it as the fraction it plainly is
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            value = str(value)
-        if isinstance(value, str):
-            parse_memory_limit(value, total_bytes=2**40)  # syntax check only; the real total is the device's
-        return value
-
-    @field_validator("batch_size")
-    @classmethod
-    def _positive_batch(cls, value: int | str | None) -> int | str | None:
-        if isinstance(value, int) and value < 1:
-            raise ValueError(f"batch_size must be >= 1 or 'auto', got {value}")
-        return value
-
-
-def available_profiles() -> list[str]:
-    """Names of the shipped profiles (stems of peers/*.yaml), sorted."""
-    return sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))
-
-
-def load_profile(name_or_path: str) -> ResourceProfile:
-    """Load a profile by name ('cpu-laptop' -> peers/cpu-laptop.yaml) or from a YAML path.
-
-    Raises ValueError (one line naming the file) for unknown names, missing files, invalid YAML,
-    unknown keys and invalid values.
-    """
-    path = Path(name_or_path)
-    if path.suffix not in (".yaml", ".yml") and not path.exists():
-        path = PROFILE_DIR / f"{name_or_path}.yaml"
-        if not path.is_file():
-            raise ValueError(f"no peer profile named {name_or_path!r} (known: {', '.join(available_profiles())})")
-    if not path.is_file():
-        raise ValueError(f"peer profile file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError:
-        raise ValueError(f"{path}: not valid YAML") from None
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path}: a peer profile must be a mapping of keys (description, device, ...)")
-    unknown = sorted(set(map(str, raw)) - set(ResourceProfile.model_fields))
-    if unknown:
-        raise ValueError(f"{path}: unknown key(s) {', '.join(unknown)}; known: {', '.join(ResourceProfile.model_fields)}")
-    try:
-        return ResourceProfile(**raw)
-    except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'profile'}: {err['msg']}" for err in e.errors())
-        raise ValueError(f"{path}: {problems}") from None

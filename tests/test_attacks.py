@@ -30,9 +30,9 @@ from dragon_swarm.attacks import (
 )
 from dragon_swarm.averaging.aggregators import make_aggregator
 from dragon_swarm.averaging.reputation import ReputationBook
+from dragon_swarm.averaging.settings import RobustAveragingSettings
 from dragon_swarm.config import load_config
 from dragon_swarm.data.dataset import TokenStream
-from dragon_swarm.training.trainer import robust_settings
 from tests.swarm.paths import TEST_CONFIG
 
 
@@ -272,6 +272,8 @@ def test_benchmark_uses_the_trainers_averaging_settings():
     settings = RobustnessSettings(peers=16, byzantine=7, attack=Attack.NAN, aggregator="centered_clip", steps=3)
     averaging = settings.averaging(config)
     assert averaging.relative_tau and averaging.tau == config.averaging.tau
-    assert averaging.min_observations == robust_settings(config.averaging).min_observations
+    trainers = RobustAveragingSettings.from_config(config.averaging, config.training.target_batch_size)
+    assert averaging.min_observations == trainers.min_observations == config.averaging.ban_rounds
+    assert averaging.weight_claim_limit == trainers.weight_claim_limit
     assert settings.clean().averaging(config).trim_ratio == averaging.trim_ratio  # same aggregator, fewer peers
     assert not dataclasses.replace(settings, absolute_tau=True).averaging(config).relative_tau

@@ -1,0 +1,206 @@
+"""One object owns a peer's lifecycle: what starts, in which order, and how all of it stops.
+
+Start order (cheap checks first, so a mistake is reported in a second and leaves the state dir as it was):
+options and `--initial-peers` syntax, the state-dir lock, the panel, the dashboard port, resources (threads,
+device, `--batch-size auto`, which forks and so must come before any DHT thread), the DHT (join) and the config
+check, the training data, the views' DHT duties, the expert host, the expert router and the trainer.
+Stop order is the reverse, with the bounded final publication of the contribution record while the DHT is
+surely healthy, and no child process outliving the peer. `peer.py` is a thin command line over this class.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from contextlib import contextmanager
+from typing import Iterator
+
+from dragon_swarm.node.cli import exit_if_shutdown_hangs, print_line
+from dragon_swarm.events import EventBus, HostReport, Paused, PauseGate, PeerState, Resumed, StateChanged, StepReport
+from dragon_swarm.monitor.session import VolunteerSession
+from dragon_swarm.node import startup
+from dragon_swarm.node.processes import stop_descendants
+from dragon_swarm.node.startup import StartupError
+from dragon_swarm.node.state_dir import StartupGuard, StateDirBusy
+from dragon_swarm.training.contribution import GradientContribution
+
+logger = logging.getLogger(__name__)
+
+HOST_LOG_PERIOD_S = 30.0
+
+
+class PeerNode:
+    """Construct (starts nothing), `start()`, `run()` until `stop_event` is set, then `shutdown()` (always, also
+    after a failed start). `contribution` replaces the trainer's honest one (tests and benchmarks only)."""
+
+    def __init__(self, options, stop_event: threading.Event | None = None, contribution: GradientContribution | None = None):
+        self.options = options
+        self.stop_event = stop_event if stop_event is not None else threading.Event()
+        self.contribution = contribution
+        self.bus = EventBus()
+        self.gate = PauseGate(self.bus)
+        role = "trainer+host" if options.train and options.host_spec != "" else ("trainer" if options.train else "host")
+        self.views = VolunteerSession(
+            options.config, options.state_dir, options.name, role, options.dashboard, options.panel, bus=self.bus, gate=self.gate
+        )
+        self.guard = StartupGuard(options.state_dir, options.identity)
+        self.dht = self.host = self.dispatcher = self.trainer = self.announcer = None
+        self.started = False
+        self.bus.subscribe(self._on_paused, Paused)
+        self.bus.subscribe(self._on_resumed, Resumed)
+        if options.stats_file is not None:
+            from dragon_swarm.training.stats import StatsWriter
+
+            self.bus.subscribe(StatsWriter(options.stats_file).write, StepReport)
+
+    # --- start ---
+
+    def start(self) -> None:
+        """Raises StartupError (one line for the volunteer) when the peer cannot start."""
+        o = self.options
+        startup.check_initial_peers(o.initial_peers)
+        try:
+            self.guard.begin()  # the state-dir lock: a second peer on this dir stops here
+        except StateDirBusy as e:
+            raise StartupError(str(e)) from None
+        except OSError as e:  # the state dir cannot be created or written
+            raise StartupError(f"--state-dir {o.state_dir}: {e.strerror or e}") from None
+        self.views.start_display()  # the volunteer sees JOINING from now on
+        try:
+            self.views.start_dashboard()
+        except OSError as e:  # the port is taken or the address is not ours
+            raise StartupError(f"--dashboard {o.dashboard[0]}:{o.dashboard[1]}: {e.strerror or e}") from None
+        self.options = o = startup.apply_resources(o)
+        self._join()
+        train_stream = startup.load_training_data(o) if o.train else None
+        self.views.attach(self.dht, update_model_from_dht=not o.train)
+        from dragon_swarm.swarm.config_check import ConfigAnnouncer
+
+        self.announcer = ConfigAnnouncer(self.dht, o.config)
+        self.announcer.start()
+        self._start_roles(train_stream)
+        self.started = True
+        self.guard.commit()
+
+    def _join(self) -> None:
+        from dragon_swarm.swarm.config_check import mismatch_message, other_config_hashes
+        from dragon_swarm.swarm.dht_node import initial_peers_line, start_dht
+
+        o = self.options
+        try:
+            self.dht = start_dht(
+                initial_peers=o.initial_peers, host_maddrs=o.host_maddrs, announce_maddrs=o.announce_maddrs, identity_path=o.identity
+            )
+        except Exception as e:  # p2pd errors: bad multiaddr, taken identity, unreachable peers
+            raise StartupError(f"could not join the swarm: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        if o.initial_peers:
+            others = other_config_hashes(self.dht, o.config)
+            if others:
+                raise StartupError(mismatch_message(o.config, others, o.config_name))
+        logger.info(f"Swarm {o.config.run_prefix}, peer id {self.dht.peer_id.to_base58()}")
+        print_line(f"To join this swarm: {startup.join_command()} -c {o.config_name} {initial_peers_line(self.dht)}")
+        if all(maddr.startswith("/ip4/127.") for maddr in o.host_maddrs):
+            logger.info(
+                "This peer listens on 127.0.0.1 only: peers on other machines cannot join it. To open it, add "
+                "--host-maddrs /ip4/0.0.0.0/tcp/31338 --announce-maddrs /ip4/<this machine's public IP>/tcp/31338"
+            )
+
+    def _start_roles(self, train_stream) -> None:
+        o = self.options
+        uids = startup.choose_experts(self.dht, o)
+        if uids:
+            self.host = startup.start_host(self.dht, o, uids, self.bus)
+        elif o.train:
+            self.views.set_role("trainer")  # auto-selection found every expert served: this peer only trains
+        else:
+            raise StartupError("nothing to do: --no-train and no experts to host")
+        if o.train:
+            from dragon_swarm.training.trainer import Trainer
+
+            local = self.host.backends if self.host is not None else {}
+            self.dispatcher = startup.start_dispatcher(self.dht, o, local)
+            self.trainer = Trainer(
+                o.config, self.dht, self.dispatcher, train_stream, o.state_dir, o.batch_size, o.device,
+                bus=self.bus, gate=self.gate, contribution=self.contribution,
+            )  # fmt: skip
+
+    # --- run ---
+
+    def run(self) -> None:
+        if self.trainer is not None:
+            self._train()
+        else:
+            self._serve()
+
+    def _train(self) -> None:
+        o, trainer = self.options, self.trainer
+        if o.max_steps is not None and trainer.micro_batches >= o.max_steps:
+            logger.warning(
+                f"Nothing to train: this peer has already trained {trainer.micro_batches} micro-batches in this state dir "
+                f"and --max-steps is {o.max_steps}; raise --max-steps to train more"
+            )
+            return
+        trainer.sync_with_swarm()
+        trainer.train(o.max_steps, self.stop_event)
+        logger.info(f"Training stopped at micro-batch {trainer.micro_batches}, epoch {trainer.optimizer.local_epoch}")
+
+    def _serve(self) -> None:
+        """A host-only peer: serve, follow Start/Stop, log what was served every HOST_LOG_PERIOD_S."""
+        self.bus.publish(StateChanged(PeerState.HOSTING))
+        last_log, paused = time.monotonic(), False
+        while not self.stop_event.wait(0.5):
+            if self.gate.paused != paused:
+                paused = self.gate.paused
+                self.bus.publish(StateChanged(PeerState.IDLE if paused else PeerState.HOSTING))
+                self.bus.publish(Paused() if paused else Resumed())
+            if time.monotonic() - last_log >= HOST_LOG_PERIOD_S:
+                last_log = time.monotonic()
+                r: HostReport = self.host.report()
+                logger.info(
+                    f"Hosting {r.experts_served} experts: {r.tokens_processed:,} tokens served, "
+                    f"{r.requests_served:,} requests, {r.updates} updates"
+                )
+
+    def _on_paused(self, event: Paused) -> None:
+        if self.host is not None:
+            self.host.pause()
+
+    def _on_resumed(self, event: Resumed) -> None:
+        if self.host is not None:
+            self.host.resume()
+
+    # --- stop ---
+
+    def shutdown(self) -> None:
+        """Stop everything in reverse order; safe after a failed or partial start. A failed start leaves the state
+        dir as it found it."""
+        self.stop_event.set()
+        exit_if_shutdown_hangs(120.0)
+        if self.announcer is not None:
+            self.announcer.stop()
+        if self.host is not None:
+            self.host.stop_reporting()  # the final HostReport: counted before the contribution record goes out
+        self.views.leave(save=self.started)
+        for part in (self.trainer, self.dispatcher, self.host):
+            if part is not None:
+                try:
+                    part.shutdown()
+                except Exception:
+                    logger.exception(f"{type(part).__name__} did not shut down cleanly")
+        self.views.shutdown()
+        if self.dht is not None:
+            self.dht.shutdown()
+        stop_descendants()  # before the rollback: children share the lock, and nothing may write after it
+        self.guard.end()
+
+
+@contextmanager
+def running_peer(options, stop_event: threading.Event | None = None, contribution=None) -> Iterator[PeerNode]:
+    """A started peer that is always shut down, as hivemind's `background_server`."""
+    node = PeerNode(options, stop_event, contribution)
+    try:
+        node.start()
+        yield node
+    finally:
+        node.shutdown()

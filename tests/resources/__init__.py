@@ -1,0 +1,1 @@
+"""Tests of dragon_swarm.resources: memory limits, measured batch sizes, peer profiles."""
