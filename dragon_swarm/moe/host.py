@@ -161,6 +161,36 @@ def measure_throughput(d_model: int, expert_hidden: int, tokens: int = 512, repe
     return tokens * repeats / (time.perf_counter() - start)
 
 
+def save_expert(path: Path, backend: ExpertBackend) -> None:
+    """One expert's weights, optimizer state (moments and step counts) and counters, atomically."""
+    module_state, optimizer_state, info = backend.snapshot()
+    save_module_checkpoint(path, module_state, optimizer_state, info)
+
+
+def load_expert(path: Path, backend: ExpertBackend) -> None:
+    """Restore what `save_expert` wrote. Raises CheckpointError / RuntimeError / KeyError / ValueError when the
+    file is unusable for this expert (the backend may then be partly loaded: start it fresh)."""
+    module_state, optimizer_state, info = load_module_checkpoint(path)
+    with backend.lock:
+        backend.module.load_state_dict(module_state)
+        if optimizer_state is not None:
+            backend.optimizer.load_state_dict(optimizer_state)  # torch puts it on the parameters' device of now
+        backend.version = int(info.get("version", 0))
+        backend.tokens_processed = int(info.get("tokens_processed", 0))
+
+
+def move_optimizer_state_to_parameters(optimizer: torch.optim.Optimizer) -> None:
+    """Put each parameter's optimizer state on that parameter's device. A checkpoint is read on the CPU and hivemind's
+    Runtime moves the module to its device (a GPU) only when it starts: AdamW's moments would stay behind and its
+    first step fail. AdamW's `step` counters stay where torch keeps them (the CPU, unless `capturable`)."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p)
+            for key, value in (state or {}).items():
+                if key != "step" and isinstance(value, torch.Tensor) and value.device != p.device:
+                    state[key] = value.to(p.device)
+
+
 class ExpertAnnouncer(PeriodicThread):
     """Re-announces the host's experts (online, or offline while paused) before their records expire."""
 
@@ -244,15 +274,10 @@ class ExpertHost:
             if not path.exists():
                 continue
             try:
-                module_state, optimizer_state, info = load_module_checkpoint(path)
-                backend.module.load_state_dict(module_state)
-                if optimizer_state is not None:
-                    backend.optimizer.load_state_dict(optimizer_state)
+                load_expert(path, backend)
             except (CheckpointError, RuntimeError, KeyError, ValueError) as e:
                 logger.error(f"{uid}: checkpoint unusable, starting this expert fresh: {e}")
                 continue
-            backend.version = int(info.get("version", 0))
-            backend.tokens_processed = int(info.get("tokens_processed", 0))
             loaded += 1
         if loaded:
             logger.info(f"Resumed {loaded} expert(s) from {self.checkpoint_dir}")
@@ -262,8 +287,7 @@ class ExpertHost:
         if self.checkpoint_dir is None:
             return
         for uid, backend in self.backends.items():
-            module_state, optimizer_state, info = backend.snapshot()
-            save_module_checkpoint(self.checkpoint_dir / f"{uid}.safetensors", module_state, optimizer_state, info)
+            save_expert(self.checkpoint_dir / f"{uid}.safetensors", backend)
 
     def start(self) -> None:
         # handlers are forked processes: fork them before the runtime starts threads, as hivemind's Server does
@@ -272,6 +296,8 @@ class ExpertHost:
         self.runtime.start()
         if not self.runtime.ready.wait(timeout=60):
             raise RuntimeError("expert runtime did not start within 60 s")
+        for backend in self.backends.values():  # the runtime has moved the modules to their device by now
+            move_optimizer_state_to_parameters(backend.optimizer)
         self.announce("online")
         self._duties = [ExpertAnnouncer(self), CheckpointSaver(self, self.checkpoint_period), HostReporter(self, self.bus)]
         for duty in self._duties:
