@@ -86,9 +86,3 @@ def expand_expert_spec(spec: str, prefix: str, num_layers: int, num_experts: int
 def choose_unserved_experts(all_uids: Sequence[str], served_throughput: Mapping[str, float]) -> list[str]:
     """The simple rule for a peer started with neither --experts nor --no-host: host what nobody serves."""
     return [uid for uid in all_uids if served_throughput.get(uid, 0.0) <= 0.0]
-
-
-def choose_least_served(all_uids: Sequence[str], served_throughput: Mapping[str, float], count: int) -> list[str]:
-    """Least served experts first (sum of announced throughput), ties broken by uid order."""
-    order = sorted(range(len(all_uids)), key=lambda i: (served_throughput.get(all_uids[i], 0.0), i))
-    return [all_uids[i] for i in order[:count]]

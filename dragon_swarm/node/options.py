@@ -40,7 +40,10 @@ class PeerFlags(BaseModel):
     initial_peers: tuple[str, ...] | None = flag(None, "multiaddrs of any peers of the swarm (e.g. a bootstrap)", metavar="MADDR")
     new_swarm: bool = flag(False, "start a fresh swarm on this machine")
     config: str | None = flag(None, f"swarm config: a YAML path or a name in configs/ (default: {DEFAULT_CONFIG_NAME})", short="-c")
-    experts: str | None = flag(None, "host these experts: comma list of LAYER.INDEX, ffn.LAYER.[a:b] grid patterns or 'all'")
+    experts: str | None = flag(
+        None, "host these experts: comma list of LAYER.INDEX, ffn.LAYER.[a:b] grid patterns, 'all', or 'auto' (the "
+        "least replicated first, up to --max-experts; default: the experts nobody serves yet)")  # fmt: skip
+    max_experts: int | None = flag(None, "with --experts auto: host at most this many experts (default: all of them)", ge=1)
     no_train: bool = flag(False, "only host experts")
     no_host: bool = flag(False, "only train")
     max_steps: int | None = flag(
@@ -145,6 +148,7 @@ class PeerOptions:
     max_memory: str | None = None
     batch_size_auto: bool = False
     log_level: str = "INFO"
+    max_experts: int | None = None  # with host_spec "auto"
 
 
 def build_parser() -> configargparse.ArgParser:
@@ -194,8 +198,10 @@ def resolve(flags: PeerFlags, profile=None) -> PeerOptions:
     overrides = {"training.batch_size": batch_size} if isinstance(batch_size, int) else {}
     config = _load_config(flags.config, overrides)
     host_spec = "" if no_host else flags.experts
-    if host_spec:
+    if host_spec and host_spec != "auto":
         _check_expert_spec(host_spec, config)
+    if flags.max_experts is not None and host_spec != "auto":
+        fail(PROG, "--max-experts goes with --experts auto")
     state_dir = flags.state_dir or Path("dragon-state") / config.swarm.name
     return PeerOptions(
         config=config,
@@ -220,6 +226,7 @@ def resolve(flags: PeerFlags, profile=None) -> PeerOptions:
         max_memory=pick("max_memory"),
         batch_size_auto=batch_size == "auto",
         log_level=flags.log_level,
+        max_experts=flags.max_experts,
     )
 
 

@@ -111,17 +111,25 @@ def load_training_data(options):
 
 
 def choose_experts(dht, options) -> list[str]:
-    """The experts this peer hosts: `--experts`, or (by default) every expert nobody serves yet."""
+    """The experts this peer hosts: `--experts` as given; `--experts auto`: the least replicated first, up to
+    `--max-experts` (`moe.placement`); by default every expert nobody serves yet."""
     from dragon_swarm.moe.expert_uids import all_expert_uids, choose_unserved_experts, expand_expert_spec
+    from dragon_swarm.moe.placement import choose_experts as place
     from dragon_swarm.moe.registry import find_replicas, served_throughput
 
     config = options.config
     prefix, m = config.expert_prefix, config.model
     if options.host_spec == "":
         return []
+    everything = all_expert_uids(prefix, m.num_moe_layers, m.num_experts)
+    if options.host_spec == "auto":
+        found = find_replicas(dht, everything)
+        hosts = {uid: {r.record.peer_id: r.record.throughput for r in replicas} for uid, replicas in found.items()}
+        uids = place(everything, hosts, dht.peer_id.to_base58(), options.max_experts or len(everything))
+        logger.info(f"Placement chose {len(uids)} expert(s), least replicated first")
+        return uids
     if options.host_spec:
         return expand_expert_spec(options.host_spec, prefix, m.num_moe_layers, m.num_experts)
-    everything = all_expert_uids(prefix, m.num_moe_layers, m.num_experts)
     uids = choose_unserved_experts(everything, served_throughput(find_replicas(dht, everything)))
     logger.info(f"Auto-selected {len(uids)} expert(s) nobody serves yet")
     return uids

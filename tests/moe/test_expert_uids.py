@@ -2,7 +2,6 @@ import pytest
 
 from dragon_swarm.moe.expert_uids import (
     ExpertSpecError,
-    choose_least_served,
     choose_unserved_experts,
     expand_expert_spec,
     parse_uid,
@@ -36,4 +35,3 @@ def test_unserved_and_least_served_choices():
     uids = ["a.0.0", "a.0.1", "a.0.2"]
     served = {"a.0.0": 10.0, "a.0.2": 0.0}
     assert choose_unserved_experts(uids, served) == ["a.0.1", "a.0.2"]
-    assert choose_least_served(uids, {"a.0.0": 10.0, "a.0.1": 5.0, "a.0.2": 7.0}, 2) == ["a.0.1", "a.0.2"]

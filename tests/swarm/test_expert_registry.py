@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from dragon_swarm.config import load_config
 from dragon_swarm.moe.host import ExpertHost, build_expert_backends
 from dragon_swarm.moe.registry import find_replicas
 from dragon_swarm.moe.router import RemoteExpertDispatcher
+from dragon_swarm.node.startup import choose_experts
 from dragon_swarm.swarm.dht_node import start_dht, visible_maddrs
 from tests.swarm.paths import TEST_CONFIG
 
@@ -75,6 +77,19 @@ def test_two_hosts_of_one_expert_both_serve_it(swarm):
     for peer in (peer_a, peer_b):  # fresh replicas of one uid start from the same weights
         out = remote(client, uids[0], peer)(x)
         assert torch.allclose(out, expected, atol=1e-5)
+
+
+def test_auto_placement_takes_the_least_replicated_experts_the_registry_shows(swarm):
+    client, hosts, uids = swarm
+    everything = [f"{CONFIG.expert_prefix}.{layer}.{i}" for layer in range(2) for i in range(4)]
+    options = SimpleNamespace(config=CONFIG, host_spec="auto", max_experts=5)
+    deadline = time.monotonic() + 30
+    while len(find_replicas(client, uids)[uids[0]]) < 2 and time.monotonic() < deadline:
+        time.sleep(0.5)  # both hosts' records have reached the DHT
+    chosen = choose_experts(client, options)
+    # layer 1 has no host, 0.2 and 0.3 one, 0.0 and 0.1 two: the four unserved plus one of the singly served
+    assert set(everything[4:]) <= set(chosen)
+    assert len(chosen) == 5 and len(set(chosen) & {uids[2], uids[3]}) == 1 and not set(chosen) & {uids[0], uids[1]}
 
 
 def test_stock_hivemind_client_finds_and_calls_every_expert(swarm):
