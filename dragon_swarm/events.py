@@ -96,7 +96,6 @@ class Resumed:
     """Work goes on after a pause."""
 
 
-Event = StateChanged | StepReport | HostReport | BanReport | PauseRequested | Paused | Resumed
 E = TypeVar("E")
 
 

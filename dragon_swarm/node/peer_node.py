@@ -13,8 +13,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from contextlib import contextmanager
-from typing import Iterator
 
 from dragon_swarm.node.cli import exit_if_shutdown_hangs, print_line
 from dragon_swarm.events import EventBus, HostReport, Paused, PauseGate, PeerState, Resumed, StateChanged, StepReport
@@ -193,14 +191,3 @@ class PeerNode:
             self.dht.shutdown()
         stop_descendants()  # before the rollback: children share the lock, and nothing may write after it
         self.guard.end()
-
-
-@contextmanager
-def running_peer(options, stop_event: threading.Event | None = None, contribution=None) -> Iterator[PeerNode]:
-    """A started peer that is always shut down, as hivemind's `background_server`."""
-    node = PeerNode(options, stop_event, contribution)
-    try:
-        node.start()
-        yield node
-    finally:
-        node.shutdown()

@@ -335,19 +335,9 @@ def die_with_descendants(signum: int) -> NoReturn:
         os._exit(128 + signum)
 
 
-def describe(pids: list[int]) -> str:
-    """'123 (python), 456 (p2pd)' for log lines and assertion messages."""
-    parts = []
-    for pid in pids:
-        info = process_info(pid)
-        parts.append(f"{pid} ({info.comm if info else 'gone'})")
-    return ", ".join(parts)
-
-
 __all__ = [
     "ProcessInfo",
     "become_subreaper",
-    "describe",
     "descendant_pids",
     "die_with_descendants",
     "exit_now",

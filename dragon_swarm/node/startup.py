@@ -22,12 +22,6 @@ class StartupError(RuntimeError):
     """A start-up that cannot go on; the message is one line for the volunteer."""
 
 
-def _replace(options, **changes):
-    if hasattr(options, "model_copy"):
-        return options.model_copy(update=changes)
-    return dataclasses.replace(options, **changes)
-
-
 def check_initial_peers(maddrs: Sequence[str]) -> None:
     """Cheap syntax check of `--initial-peers` before anything slow happens."""
     from hivemind.utils.multiaddr import Multiaddr
@@ -70,7 +64,7 @@ def apply_resources(options):
     batch_size = options.batch_size
     if options.batch_size_auto and options.train:
         batch_size = _measure_batch_size(options, resources, cap if cap is not None else resources.parse_memory_limit("50%", total), device)
-    return _replace(options, device=device, batch_size=batch_size, threads=threads)
+    return dataclasses.replace(options, device=device, batch_size=batch_size, threads=threads)
 
 
 def _measure_batch_size(options, resources, budget: int, device: str) -> int:
