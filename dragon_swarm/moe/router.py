@@ -27,6 +27,7 @@ from torch.autograd.function import once_differentiable
 
 from dragon_swarm.background import PeriodicThread
 from dragon_swarm.config import ExpertsSection
+from dragon_swarm.moe.backend import ExpertTamper
 from dragon_swarm.moe.expert_uids import all_expert_uids, expert_uid
 from dragon_swarm.moe.registry import Replica, find_replicas
 
@@ -84,11 +85,13 @@ class RemoteExpertDispatcher:
         settings: ExpertsSection,
         seed: int = 0,
         local_backends: Mapping[str, ModuleBackend] | None = None,
+        tamper: "ExpertTamper | None" = None,
     ):
         """local_backends: experts this very peer hosts; libp2p cannot dial itself, so those calls go straight
         into the host's task pools (same runtime, same optimizer) instead of over the network."""
         self.dht, self.prefix, self.settings, self.d_model = dht, prefix, settings, d_model
         self.local_backends = dict(local_backends or {})
+        self.tamper = tamper  # TEST/BENCHMARK ONLY: a Byzantine trainer's gradient attack (dragon_swarm.attacks)
         self.own_peer_id = dht.peer_id.to_base58()
         self.num_layers, self.num_experts = num_layers, num_experts
         self.table = ReplicaTable(ban_seconds=settings.expiration)
@@ -245,6 +248,9 @@ class _LayerCall:
 
     def backward(self, inputs: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], answered: Sequence[bool]) -> list[torch.Tensor | None]:
         todo = [i for i, ok in enumerate(answered) if ok]
+        tamper = self.dispatcher.tamper
+        if tamper is not None:
+            grads = [tamper.sent_grads(uid, g) for uid, g in zip(self.uids, grads)]
         results = self.dispatcher._run_calls(
             "backward",
             [self.uids[i] for i in todo],

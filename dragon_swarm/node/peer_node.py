@@ -21,6 +21,7 @@ from dragon_swarm.node import startup
 from dragon_swarm.node.processes import stop_descendants
 from dragon_swarm.node.startup import StartupError
 from dragon_swarm.node.state_dir import StartupGuard, StateDirBusy
+from dragon_swarm.moe.backend import ExpertTamper
 from dragon_swarm.training.contribution import GradientContribution
 
 logger = logging.getLogger(__name__)
@@ -30,12 +31,20 @@ HOST_LOG_PERIOD_S = 30.0
 
 class PeerNode:
     """Construct (starts nothing), `start()`, `run()` until `stop_event` is set, then `shutdown()` (always, also
-    after a failed start). `contribution` replaces the trainer's honest one (tests and benchmarks only)."""
+    after a failed start). `contribution` replaces the trainer's honest one and `expert_tamper` makes its expert
+    path Byzantine (tests and benchmarks only)."""
 
-    def __init__(self, options, stop_event: threading.Event | None = None, contribution: GradientContribution | None = None):
+    def __init__(
+        self,
+        options,
+        stop_event: threading.Event | None = None,
+        contribution: GradientContribution | None = None,
+        expert_tamper: ExpertTamper | None = None,
+    ):
         self.options = options
         self.stop_event = stop_event if stop_event is not None else threading.Event()
         self.contribution = contribution
+        self.expert_tamper = expert_tamper
         self.bus = EventBus()
         self.gate = PauseGate(self.bus)
         role = "trainer+host" if options.train and options.host_spec != "" else ("trainer" if options.train else "host")
@@ -108,7 +117,7 @@ class PeerNode:
         o = self.options
         uids = startup.choose_experts(self.dht, o)
         if uids:
-            self.host = startup.start_host(self.dht, o, uids, self.bus)
+            self.host = startup.start_host(self.dht, o, uids, self.bus, tamper=self.expert_tamper)
         elif o.train:
             self.views.set_role("trainer")  # auto-selection found every expert served: this peer only trains
         else:
@@ -117,7 +126,7 @@ class PeerNode:
             from dragon_swarm.training.trainer import Trainer
 
             local = self.host.backends if self.host is not None else {}
-            self.dispatcher = startup.start_dispatcher(self.dht, o, local)
+            self.dispatcher = startup.start_dispatcher(self.dht, o, local, tamper=self.expert_tamper)
             self.trainer = Trainer(
                 o.config, self.dht, self.dispatcher, train_stream, o.state_dir, o.batch_size, o.device,
                 bus=self.bus, gate=self.gate, contribution=self.contribution,

@@ -129,18 +129,22 @@ def choose_experts(dht, options) -> list[str]:
     return uids
 
 
-def start_host(dht, options, uids: list[str], bus: EventBus):
-    from dragon_swarm.moe.host import ExpertHost, build_expert_backends, measure_throughput
+def start_host(dht, options, uids: list[str], bus: EventBus, tamper=None):
+    from dragon_swarm.moe.backend import build_expert_backends, measure_throughput
+    from dragon_swarm.moe.host import ExpertHost
 
     config = options.config
     m = config.model
-    backends = build_expert_backends(uids, m.d_model, m.expert_hidden, config.training, config.experts.max_batch_size, config.swarm.seed)
+    backends = build_expert_backends(
+        uids, m.d_model, m.expert_hidden, config.training, config.experts.max_batch_size, config.swarm.seed, tamper=tamper
+    )
     host = ExpertHost(
         dht,
         backends,
         config.experts,
         hidden_dim=m.d_model,
         checkpoint_dir=options.state_dir / "experts",
+        checkpoint_period=config.experts.checkpoint_period,
         throughput=measure_throughput(m.d_model, m.expert_hidden),
         device=options.device,
         bus=bus,
@@ -150,13 +154,14 @@ def start_host(dht, options, uids: list[str], bus: EventBus):
     return host
 
 
-def start_dispatcher(dht, options, local_backends):
+def start_dispatcher(dht, options, local_backends, tamper=None):
     from dragon_swarm.moe.router import RemoteExpertDispatcher
 
     config = options.config
     m = config.model
     dispatcher = RemoteExpertDispatcher(
-        dht, config.expert_prefix, m.num_moe_layers, m.num_experts, m.d_model, config.experts, seed=config.swarm.seed, local_backends=local_backends
+        dht, config.expert_prefix, m.num_moe_layers, m.num_experts, m.d_model, config.experts, seed=config.swarm.seed, local_backends=local_backends,
+        tamper=tamper,
     )
     dispatcher.start()
     if not dispatcher.wait_for_experts(timeout=60.0):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from dragon_swarm.config import load_config
-from dragon_swarm.moe.host import build_expert_backends, load_expert, move_optimizer_state_to_parameters, save_expert
+from dragon_swarm.moe.backend import build_expert_backends, load_expert, move_optimizer_state_to_parameters, save_expert
 from tests.swarm.paths import TEST_CONFIG
 
 UID = "dragon-test_ffn.0.1"

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from dragon_swarm.moe.host import RequestError, check_request_tensors
+from dragon_swarm.moe.handler import RequestError, check_request_tensors
 
 
 def test_good_requests_pass():

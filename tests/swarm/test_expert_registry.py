@@ -15,7 +15,8 @@ from hivemind.moe.server.dht_handler import get_experts
 from hivemind.p2p import PeerID
 
 from dragon_swarm.config import load_config
-from dragon_swarm.moe.host import ExpertHost, build_expert_backends
+from dragon_swarm.moe.backend import build_expert_backends
+from dragon_swarm.moe.host import ExpertHost
 from dragon_swarm.moe.registry import find_replicas
 from dragon_swarm.moe.router import RemoteExpertDispatcher
 from dragon_swarm.node.startup import choose_experts

@@ -1,0 +1,159 @@
+"""One hosted expert: its module, optimizer and counters (`ExpertBackend`), how a fresh replica is built, and
+how it is saved to and restored from a safetensors checkpoint."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Protocol, Sequence
+
+import torch
+from hivemind.moe.server.module_backend import ModuleBackend
+from hivemind.utils.tensor_descr import BatchTensorDescriptor
+
+from dragon_swarm.config import TrainingSection
+from dragon_swarm.model.expert import ExpertFFN
+from dragon_swarm.state.checkpoint import load_module_checkpoint, save_module_checkpoint
+from dragon_swarm.training.optim import make_adamw
+
+logger = logging.getLogger(__name__)
+
+
+class ExpertTamper(Protocol):
+    """TEST/BENCHMARK ONLY hook for Byzantine behaviour on the expert path (implemented in dragon_swarm.attacks,
+    injected by the hidden `--expert-attack` flag); production passes None and never imports the attacks."""
+
+    def host_outputs(self, uid: str, outputs: torch.Tensor) -> torch.Tensor:
+        """What a Byzantine host returns instead of its expert's real outputs."""
+
+    def sent_grads(self, uid: str, grads: torch.Tensor) -> torch.Tensor:
+        """What a Byzantine trainer sends an expert instead of the real output gradients."""
+
+
+class ExpertBackend(ModuleBackend):
+    """A ModuleBackend that clips gradients, refuses non-finite updates and counts its optimizer steps."""
+
+    def __init__(self, name: str, module: torch.nn.Module, *, clip_grad_norm: float, tamper: "ExpertTamper | None" = None, **kwargs):
+        super().__init__(name, module, **kwargs)
+        self.clip_grad_norm = clip_grad_norm
+        self.tamper = tamper  # TEST/BENCHMARK ONLY: a Byzantine host's output attack (dragon_swarm.attacks)
+        self.version = 0  # optimizer steps applied
+        self.tokens_processed = 0
+        self.requests_served = 0  # forward and backward batches run (the runtime may merge concurrent requests)
+        self.skipped_updates = 0
+        self.lock = threading.Lock()  # the runtime thread updates while the checkpoint thread reads
+
+    def forward(self, *inputs: torch.Tensor):
+        outputs = super().forward(*inputs)
+        if self.tamper is not None:
+            outputs = type(outputs)(self.tamper.host_outputs(self.name, out) for out in outputs)
+        self.tokens_processed += int(inputs[0].shape[0])
+        self.requests_served += 1
+        return outputs
+
+    def backward(self, *inputs: torch.Tensor):
+        grads = super().backward(*inputs)
+        self.requests_served += 1
+        return grads
+
+    def on_backward(self, batch_size: int) -> None:
+        with self.lock:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.clip_grad_norm)
+            if not torch.isfinite(grad_norm):
+                self.skipped_updates += 1
+                logger.warning(f"{self.name}: skipped an update with non-finite gradient norm ({batch_size} tokens)")
+                self.optimizer.zero_grad(set_to_none=True)
+                return
+            super().on_backward(batch_size)
+            self.version += 1
+
+    def snapshot(self) -> tuple[dict[str, torch.Tensor], dict, dict]:
+        with self.lock:
+            module_state = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+            optimizer_state = _clone_state(self.optimizer.state_dict())
+            info = {"uid": self.name, "version": self.version, "tokens_processed": self.tokens_processed}
+        return module_state, optimizer_state, info
+
+
+def _clone_state(state: dict) -> dict:
+    return {
+        "state": {i: {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in s.items()} for i, s in state["state"].items()},
+        "param_groups": [dict(g) for g in state["param_groups"]],
+    }
+
+
+def build_expert_backends(
+    uids: Sequence[str],
+    d_model: int,
+    expert_hidden: int,
+    training: TrainingSection,
+    max_tokens: int,
+    seed: int,
+    tamper: "ExpertTamper | None" = None,
+) -> dict[str, ExpertBackend]:
+    backends = {}
+    for uid in uids:
+        # every fresh replica of a uid starts from the same weights, whoever creates it
+        generator_seed = seed ^ (hash_uid(uid) & 0x7FFFFFFF)
+        with torch.random.fork_rng():
+            torch.manual_seed(generator_seed)
+            module = ExpertFFN(d_model, expert_hidden)
+        optimizer = make_adamw(module.named_parameters(), training.expert_lr, training.betas, training.weight_decay)
+        backends[uid] = ExpertBackend(
+            uid,
+            module,
+            clip_grad_norm=training.expert_clip_grad_norm,
+            tamper=tamper,
+            optimizer=optimizer,
+            args_schema=(BatchTensorDescriptor(d_model),),
+            max_batch_size=max_tokens,
+        )
+    return backends
+
+
+def hash_uid(uid: str) -> int:
+    return int.from_bytes(hashlib.blake2b(uid.encode(), digest_size=8).digest(), "little")
+
+
+def measure_throughput(d_model: int, expert_hidden: int, tokens: int = 512, repeats: int = 3) -> float:
+    """Tokens/s of one expert forward+backward here; announced so routers and other hosts can balance load."""
+    module = ExpertFFN(d_model, expert_hidden)
+    x = torch.randn(tokens, d_model, requires_grad=True)
+    module(x).sum().backward()  # warm-up
+    start = time.perf_counter()
+    for _ in range(repeats):
+        module(x).sum().backward()
+    return tokens * repeats / (time.perf_counter() - start)
+
+
+def save_expert(path: Path, backend: ExpertBackend) -> None:
+    """One expert's weights, optimizer state (moments and step counts) and counters, atomically."""
+    module_state, optimizer_state, info = backend.snapshot()
+    save_module_checkpoint(path, module_state, optimizer_state, info)
+
+
+def load_expert(path: Path, backend: ExpertBackend) -> None:
+    """Restore what `save_expert` wrote. Raises CheckpointError / RuntimeError / KeyError / ValueError when the
+    file is unusable for this expert (the backend may then be partly loaded: start it fresh)."""
+    module_state, optimizer_state, info = load_module_checkpoint(path)
+    with backend.lock:
+        backend.module.load_state_dict(module_state)
+        if optimizer_state is not None:
+            backend.optimizer.load_state_dict(optimizer_state)  # torch puts it on the parameters' device of now
+        backend.version = int(info.get("version", 0))
+        backend.tokens_processed = int(info.get("tokens_processed", 0))
+
+
+def move_optimizer_state_to_parameters(optimizer: torch.optim.Optimizer) -> None:
+    """Put each parameter's optimizer state on that parameter's device. A checkpoint is read on the CPU and hivemind's
+    Runtime moves the module to its device (a GPU) only when it starts: AdamW's moments would stay behind and its
+    first step fail. AdamW's `step` counters stay where torch keeps them (the CPU, unless `capturable`)."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p)
+            for key, value in (state or {}).items():
+                if key != "step" and isinstance(value, torch.Tensor) and value.device != p.device:
+                    state[key] = value.to(p.device)
