@@ -52,6 +52,10 @@ import torch
 __all__ = [
     "Attack",
     "ByzantineContribution",
+    "ExpertAttack",
+    "ExpertTamper",
+    "GRAD_SCALE",
+    "OUTPUT_SCALE",
     "CONSTANT_DIRECTION_SEED",
     "CONSTANT_SCALE",
     "INFLATED_WEIGHT_FACTOR",
@@ -63,6 +67,7 @@ __all__ = [
     "claimed_weight",
     "corrupt_targets",
     "parse_attack",
+    "parse_expert_attack",
 ]
 
 logger = logging.getLogger(__name__)
@@ -260,3 +265,65 @@ class ByzantineContribution:
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         pass
+
+
+# --- the expert path -------------------------------------------------------------------------------------------
+
+OUTPUT_SCALE = 100.0  # scale_outputs returns OUTPUT_SCALE x the real outputs
+GRAD_SCALE = 1000.0  # scale_grads sends GRAD_SCALE x the real output gradients
+
+
+class ExpertAttack(str, Enum):
+    """A Byzantine behaviour on the expert path, by name (the value is what ``--expert-attack`` takes).
+
+    Host modes change what its experts answer (forward outputs); trainer modes change the gradients it sends."""
+
+    SCALE_OUTPUTS = "scale_outputs"  # host: OUTPUT_SCALE x the real outputs
+    SIGN_FLIP_OUTPUTS = "sign_flip_outputs"  # host: minus the real outputs (honest size: only a cross-check sees it)
+    RANDOM_OUTPUTS = "random_outputs"  # host: Gaussian noise of the real outputs' RMS (honest size, no signal)
+    SCALE_GRADS = "scale_grads"  # trainer: GRAD_SCALE x the real output gradients
+
+    @property
+    def on_host(self) -> bool:
+        return self is not ExpertAttack.SCALE_GRADS
+
+
+def parse_expert_attack(name: str | ExpertAttack) -> ExpertAttack:
+    """The expert attack called ``name`` (case, spaces and ``-`` for ``_`` forgiven).
+
+    :raises ValueError: naming the valid modes, if there is no such mode
+    """
+    if isinstance(name, ExpertAttack):
+        return name
+    if isinstance(name, str):
+        key = name.strip().lower().replace("-", "_")
+        for attack in ExpertAttack:
+            if attack.value == key:
+                return attack
+    valid = ", ".join(attack.value for attack in ExpertAttack)
+    raise ValueError(f"unknown expert attack {name!r}; valid expert attacks: {valid}")
+
+
+class ExpertTamper:
+    """The `dragon_swarm.moe.backend.ExpertTamper` hook running one `ExpertAttack`: a host mode changes
+    `host_outputs`, a trainer mode `sent_grads`; the other hook passes tensors through unchanged."""
+
+    def __init__(self, attack: ExpertAttack | str, seed: int):
+        self.attack = parse_expert_attack(attack)
+        self.rng = torch.Generator().manual_seed(seed)
+        logger.warning(f"BYZANTINE TEST MODE: this peer runs the '{self.attack.value}' expert attack")
+
+    def host_outputs(self, uid: str, outputs: torch.Tensor) -> torch.Tensor:
+        if self.attack is ExpertAttack.SCALE_OUTPUTS:
+            return outputs * OUTPUT_SCALE
+        if self.attack is ExpertAttack.SIGN_FLIP_OUTPUTS:
+            return -outputs
+        if self.attack is ExpertAttack.RANDOM_OUTPUTS:
+            noise = torch.randn(outputs.shape, generator=self.rng, dtype=torch.float32)
+            return (noise * _rms(outputs)).to(device=outputs.device, dtype=outputs.dtype)
+        return outputs
+
+    def sent_grads(self, uid: str, grads: torch.Tensor) -> torch.Tensor:
+        if self.attack is ExpertAttack.SCALE_GRADS:
+            return grads * GRAD_SCALE
+        return grads

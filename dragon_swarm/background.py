@@ -7,6 +7,7 @@ that raises is logged and the next period tries again: a flaky DHT must never ki
 from __future__ import annotations
 
 import logging
+import random
 import threading
 
 logger = logging.getLogger(__name__)
@@ -17,14 +18,19 @@ class PeriodicThread(threading.Thread):
 
     :param first_tick_now: tick once right after start (otherwise the first tick comes after one period)
     :param final_tick: tick once more when stopped, so that what happened since the last tick is not lost
+    :param jitter: each wait is `period_s` times a random factor in [1 - jitter, 1 + jitter], so that peers started
+        together do not act in lockstep
     """
 
-    def __init__(self, name: str, period_s: float, *, first_tick_now: bool = False, final_tick: bool = False):
+    def __init__(self, name: str, period_s: float, *, first_tick_now: bool = False, final_tick: bool = False, jitter: float = 0.0):
         if not period_s > 0:
             raise ValueError(f"{name}: period_s must be > 0, got {period_s!r}")
+        if not 0.0 <= jitter < 1.0:
+            raise ValueError(f"{name}: jitter must be in [0, 1), got {jitter!r}")
         super().__init__(name=name, daemon=True)
-        self.period_s, self.first_tick_now, self.final_tick = period_s, first_tick_now, final_tick
+        self.period_s, self.first_tick_now, self.final_tick, self.jitter = period_s, first_tick_now, final_tick, jitter
         self._stop_event = threading.Event()
+        self._rng = random.Random()
 
     def tick(self) -> None:
         raise NotImplementedError
@@ -32,7 +38,7 @@ class PeriodicThread(threading.Thread):
     def run(self) -> None:
         if self.first_tick_now:
             self._safe_tick()
-        while not self._stop_event.wait(self.period_s):
+        while not self._stop_event.wait(self.period_s * self._rng.uniform(1.0 - self.jitter, 1.0 + self.jitter)):
             self._safe_tick()
         if self.final_tick:
             self._safe_tick()

@@ -124,12 +124,16 @@ class ExpertsSection(Schema):
     expiration: float = 20.0  # announcements vanish this long after a host stops refreshing them
     max_batch_size: int = 16384  # tokens per expert request; larger requests are rejected
     checkpoint_period: Positive = 60.0  # hosts save their experts this often, seconds
-    placement_period: Positive = 120.0  # hosts re-check placement (takeover, rebalancing, standby copies), jittered
+    placement_period: Positive = 10.0  # hosts re-check placement (takeover, rebalancing, standby copies), jittered
     sync_period: Positive = 60.0  # replicas of one expert average their state this often, jittered
     rebalance_margin: float = Field(1.15, gt=1.0)  # move only if the swarm's balance improves by this factor
-    max_output_ratio: Positive = 30.0  # an expert output this many times the input's RMS is refused as Byzantine
+    # an expert output this many times the input's RMS is refused as Byzantine; honest experts measured up to ~90x
+    # (dragon-tiny, 300 steps) and ~17x (swarm-test, 200 steps): a gross bound, subtler lies are for cross-checks
+    max_output_ratio: Positive = 1000.0
     cross_check_fraction: float = Field(0.05, ge=0.0, le=1.0)  # expert calls a trainer repeats on a second replica
-    cross_check_tolerance: Positive = 0.5  # relative output difference above which two replicas disagree
+    # relative output difference above which two replicas disagree: honest replicas drifting between syncs were
+    # measured up to 0.94 apart; a sign flip is ~2, random outputs of honest size ~1.4 (scale lies: a norm check)
+    cross_check_tolerance: Positive = 1.2
     max_requests_per_s: Positive = 200.0  # expert requests one peer may send one host per second
 
     @model_validator(mode="after")

@@ -80,6 +80,18 @@ class BanReport:
 
 
 @dataclass(frozen=True)
+class ExpertBanReport:
+    """This trainer refused an expert host's output as Byzantine (too large, non-finite, misshapen, or outvoted by
+    other replicas) and stopped calling that host for that expert."""
+
+    peer_id: str  # the host
+    uid: str  # the expert it lied about
+    seconds: float  # ban length
+    reason: str
+    calls: int  # calls this trainer had sent that host when it was banned
+
+
+@dataclass(frozen=True)
 class PauseRequested:
     """The volunteer pressed Stop (paused=True) or Start; the trainer acts on it at its next step boundary."""
 

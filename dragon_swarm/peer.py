@@ -31,7 +31,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     install_parent_death_signal()  # before the first fork: forked children die with the peer, even on SIGKILL
     stop = StopSignal()
     stop.install()
-    node = PeerNode(options, stop.event, contribution=_injected_contribution(options))
+    node = PeerNode(options, stop.event, contribution=_injected_contribution(options), expert_tamper=_injected_expert_tamper(options))
     failed_start = None
     try:
         node.start()
@@ -55,6 +55,16 @@ def _injected_contribution(options):
     from dragon_swarm.attacks import ByzantineContribution
 
     return ByzantineContribution(options.attack, options.config.swarm.seed)
+
+
+def _injected_expert_tamper(options):
+    """TEST/BENCHMARK ONLY: the hidden `--expert-attack MODE` makes this peer's expert path Byzantine (its hosted
+    experts' outputs or the gradients it sends experts; see dragon_swarm.attacks.ExpertAttack)."""
+    if options.expert_attack is None:
+        return None
+    from dragon_swarm.attacks import ExpertTamper
+
+    return ExpertTamper(options.expert_attack, options.config.swarm.seed)
 
 
 def run() -> None:

@@ -277,3 +277,40 @@ def test_benchmark_uses_the_trainers_averaging_settings():
     assert averaging.weight_claim_limit == trainers.weight_claim_limit
     assert settings.clean().averaging(config).trim_ratio == averaging.trim_ratio  # same aggregator, fewer peers
     assert not dataclasses.replace(settings, absolute_tau=True).averaging(config).relative_tau
+
+
+# --- the expert path ---
+
+
+def test_expert_attack_modes():
+    from dragon_swarm.attacks import GRAD_SCALE, OUTPUT_SCALE, ExpertAttack, ExpertTamper, parse_expert_attack
+
+    out, grads = torch.randn(5, 8), torch.randn(5, 8)
+    assert torch.equal(ExpertTamper("scale_outputs", 0).host_outputs("u", out), OUTPUT_SCALE * out)
+    assert torch.equal(ExpertTamper("sign-flip-outputs", 0).host_outputs("u", out), -out)
+    noise = ExpertTamper("random_outputs", 0).host_outputs("u", out)
+    assert noise.shape == out.shape and not torch.allclose(noise, out)
+    assert abs(float(noise.pow(2).mean().sqrt()) / float(out.pow(2).mean().sqrt()) - 1) < 0.5  # honest-sized
+    assert torch.equal(ExpertTamper("scale_grads", 0).sent_grads("u", grads), GRAD_SCALE * grads)
+    for attack in ExpertAttack:  # each mode touches only its own side
+        tamper = ExpertTamper(attack, 0)
+        if attack.on_host:
+            assert torch.equal(tamper.sent_grads("u", grads), grads)
+        else:
+            assert torch.equal(tamper.host_outputs("u", out), out)
+    with pytest.raises(ValueError, match="valid expert attacks: scale_outputs"):
+        parse_expert_attack("sign_flip")
+
+
+def test_expert_attack_flag_is_hidden_and_validated(tmp_path):
+    from dragon_swarm.node.options import build_parser, parse_peer_options
+    from dragon_swarm.peer import _injected_expert_tamper
+
+    options = parse_peer_options(["--new-swarm", "-c", str(TEST_CONFIG), "--expert-attack", "scale_outputs"], env={})
+    assert options.expert_attack == "scale_outputs"
+    assert _injected_expert_tamper(options).attack.value == "scale_outputs"
+    plain = parse_peer_options(["--new-swarm", "-c", str(TEST_CONFIG)], env={"DRAGON_EXPERT_ATTACK": "scale_grads"})
+    assert plain.expert_attack is None and _injected_expert_tamper(plain) is None  # never from the environment
+    assert "--expert-attack" not in build_parser().format_help()
+    with pytest.raises(SystemExit):
+        parse_peer_options(["--new-swarm", "--expert-attack", "nonsense"], env={})

@@ -12,6 +12,8 @@ from typing import Protocol, Sequence
 
 import torch
 from hivemind.moe.server.module_backend import ModuleBackend
+from hivemind.moe.server.task_pool import TaskPool
+from hivemind.utils.mpfuture import InvalidStateError
 from hivemind.utils.tensor_descr import BatchTensorDescriptor
 
 from dragon_swarm.config import TrainingSection
@@ -33,21 +35,47 @@ class ExpertTamper(Protocol):
         """What a Byzantine trainer sends an expert instead of the real output gradients."""
 
 
+class SingleRequestTaskPool(TaskPool):
+    """A TaskPool whose batches hold exactly one request.
+
+    Stock hivemind merges concurrent requests of different callers into one batch. For backward that means one
+    clipped update for the sum of everyone's gradients, so a caller sending x1000 gradients owns the direction of
+    every merged update. One request per batch gives each caller's gradient its own clip and its own step."""
+
+    def iterate_minibatches(self, *args, **kwargs):
+        while True:
+            task = self.tasks.get()  # blocks: without a merge there is nothing to wait for
+            try:
+                if task.future.set_running_or_notify_cancel():
+                    yield [task]
+            except InvalidStateError as e:  # the caller gave up meanwhile
+                logger.debug(f"{self.name}: dropped a cancelled request: {e}")
+
+
 class ExpertBackend(ModuleBackend):
-    """A ModuleBackend that clips gradients, refuses non-finite updates and counts its optimizer steps."""
+    """A ModuleBackend that clips every request's gradient on its own, refuses non-finite updates and counts its
+    optimizer steps."""
 
     def __init__(self, name: str, module: torch.nn.Module, *, clip_grad_norm: float, tamper: "ExpertTamper | None" = None, **kwargs):
-        super().__init__(name, module, **kwargs)
+        optimizer_and_schema = {k: kwargs.pop(k) for k in ("optimizer", "scheduler", "args_schema", "kwargs_schema", "outputs_schema") if k in kwargs}
+        super().__init__(name, module, **optimizer_and_schema, **kwargs)
+        # kwargs are the TaskPool's (max_batch_size, ...): the backward pool gets the same, but never merges requests
+        self.backward_pool = SingleRequestTaskPool(self.backward, name=f"{self.name}_backward", **kwargs)
+        self.last_grad_norm = 0.0  # of the latest request, before clipping
         self.clip_grad_norm = clip_grad_norm
         self.tamper = tamper  # TEST/BENCHMARK ONLY: a Byzantine host's output attack (dragon_swarm.attacks)
         self.version = 0  # optimizer steps applied
         self.tokens_processed = 0
         self.requests_served = 0  # forward and backward batches run (the runtime may merge concurrent requests)
         self.skipped_updates = 0
-        self.lock = threading.Lock()  # the runtime thread updates while the checkpoint thread reads
+        # held by the runtime for a whole backward (forward recomputed, gradients, step) and by whoever reads or
+        # replaces the state (checkpoints, downloads, replica sync): an in-place change of the weights between the
+        # recomputed forward and its autograd would fail the request. Reentrant: on_backward runs inside backward.
+        self.lock = threading.RLock()
 
     def forward(self, *inputs: torch.Tensor):
-        outputs = super().forward(*inputs)
+        with self.lock:  # never from half-replaced weights
+            outputs = super().forward(*inputs)
         if self.tamper is not None:
             outputs = type(outputs)(self.tamper.host_outputs(self.name, out) for out in outputs)
         self.tokens_processed += int(inputs[0].shape[0])
@@ -55,13 +83,15 @@ class ExpertBackend(ModuleBackend):
         return outputs
 
     def backward(self, *inputs: torch.Tensor):
-        grads = super().backward(*inputs)
+        with self.lock:
+            grads = super().backward(*inputs)
         self.requests_served += 1
         return grads
 
     def on_backward(self, batch_size: int) -> None:
         with self.lock:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.clip_grad_norm)
+            self.last_grad_norm = float(grad_norm)
             if not torch.isfinite(grad_norm):
                 self.skipped_updates += 1
                 logger.warning(f"{self.name}: skipped an update with non-finite gradient norm ({batch_size} tokens)")

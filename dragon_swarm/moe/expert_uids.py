@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from typing import Mapping, Sequence
 
 _RANGE = re.compile(r"^\[(\d*):(\d*)\]$")
 
@@ -81,8 +80,3 @@ def expand_expert_spec(spec: str, prefix: str, num_layers: int, num_experts: int
     if not uids:
         raise ExpertSpecError("expert spec selects no experts")
     return list(dict.fromkeys(uids))
-
-
-def choose_unserved_experts(all_uids: Sequence[str], served_throughput: Mapping[str, float]) -> list[str]:
-    """The simple rule for a peer started with neither --experts nor --no-host: host what nobody serves."""
-    return [uid for uid in all_uids if served_throughput.get(uid, 0.0) <= 0.0]

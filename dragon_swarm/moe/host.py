@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 from pathlib import Path
+from typing import Callable, Sequence
 
 import hivemind
 import torch
@@ -53,15 +54,15 @@ class CheckpointSaver(PeriodicThread):
 
 
 class HostReporter(PeriodicThread):
-    """Publishes the host's counters as a `HostReport` every few seconds, and once more when stopped, so that
-    what was served right before leaving is counted too."""
+    """Publishes the host's counters (`report()`) as a `HostReport` every few seconds, and once more when stopped, so
+    that what was served right before leaving is counted too."""
 
-    def __init__(self, host: "ExpertHost", bus: EventBus, period_s: float = 5.0):
+    def __init__(self, report: Callable[[], HostReport], bus: EventBus, period_s: float = 5.0):
         super().__init__("expert-host-reporter", period_s, final_tick=True)
-        self.host, self.bus = host, bus
+        self.report, self.bus = report, bus
 
     def tick(self) -> None:
-        self.bus.publish(self.host.report())
+        self.bus.publish(self.report())
 
 
 class ExpertHost:
@@ -83,13 +84,18 @@ class ExpertHost:
         checkpoint_period: float = 60.0,
         device: str = "cpu",
         bus: EventBus | None = None,
+        adaptive: bool = False,
+        report_source: Callable[[], HostReport] | None = None,
     ):
         self.dht, self.backends, self.settings = dht, backends, settings
         self.checkpoint_dir, self.throughput, self.checkpoint_period = checkpoint_dir, throughput, checkpoint_period
         self.bus = bus if bus is not None else EventBus()
+        self.adaptive = adaptive  # announced: this host follows placement (takeover, rebalancing)
+        # what the reporter publishes: the owner's totals when this host is one generation of several (moe.hosting)
+        self.report_source = report_source if report_source is not None else self.report
         max_tokens = min(backend.forward_pool.max_batch_size for backend in backends.values())
         self.handlers = [
-            ValidatingConnectionHandler(dht, backends, hidden_dim=hidden_dim, max_tokens=max_tokens)
+            ValidatingConnectionHandler(dht, backends, hidden_dim=hidden_dim, max_tokens=max_tokens, max_requests_per_s=settings.max_requests_per_s / num_handlers)
             for _ in range(num_handlers)
         ]
         self.runtime = Runtime(backends, prefetch_batches=1, device=torch.device(device))
@@ -135,17 +141,22 @@ class ExpertHost:
         for backend in self.backends.values():  # the runtime has moved the modules to their device by now
             move_optimizer_state_to_parameters(backend.optimizer)
         self.announce("online")
-        self._duties = [ExpertAnnouncer(self), CheckpointSaver(self, self.checkpoint_period), HostReporter(self, self.bus)]
+        self._duties = [ExpertAnnouncer(self), CheckpointSaver(self, self.checkpoint_period), HostReporter(self.report_source, self.bus)]
         for duty in self._duties:
             duty.start()
         logger.info(f"Serving {len(self.backends)} expert(s): {', '.join(self.uids)} ({self.throughput:.0f} tokens/s each)")
 
-    def announce(self, state: str) -> None:
+    def announce(self, state: str, uids: Sequence[str] | None = None) -> None:
         records = {
             uid: ExpertHostRecord(
-                peer_id=self.dht.peer_id.to_base58(), state=state, throughput=float(self.throughput), version=backend.version
+                peer_id=self.dht.peer_id.to_base58(),
+                state=state,
+                throughput=float(self.throughput),
+                version=backend.version,
+                adaptive=self.adaptive,
             )
             for uid, backend in self.backends.items()
+            if uids is None or uid in uids
         }
         try:
             declare_hosted_experts(self.dht, records, expiration_time=get_dht_time() + self.settings.expiration)
@@ -188,11 +199,13 @@ class ExpertHost:
         for duty in self._duties:
             duty.stop()
 
-    def shutdown(self) -> None:
+    def shutdown(self, offline: Sequence[str] | None = None) -> None:
+        """Save, announce `offline` (default: every expert) as offline, stop serving. A host replaced by another
+        generation of the same peer (`moe.hosting`) announces only the experts it drops."""
         self.stop_reporting()
         self.save_checkpoints()  # first: nothing after this may lose the experts' progress
         if self.dht.is_alive():
-            self.announce("offline")
+            self.announce("offline", self.uids if offline is None else offline)
         for handler in self.handlers:
             if handler.is_alive():
                 handler.shutdown()

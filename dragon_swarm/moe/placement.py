@@ -38,3 +38,72 @@ def replica_counts(all_uids: Sequence[str], hosts: Hosts) -> dict[str, int]:
 
 def _tiebreak(peer_id: str, uid: str) -> int:
     return int.from_bytes(hashlib.blake2b(f"{peer_id}/{uid}".encode(), digest_size=8).digest(), "big")
+
+
+def successors(uid: str, candidates: Sequence[str]) -> list[str]:
+    """Who takes `uid` over when its hosts are gone, best first: a per-(peer, uid) hash, so each expert has its own
+    order, the load of many orphans spreads over the candidates, and every peer computes the same order."""
+    return sorted(set(candidates), key=lambda peer: _tiebreak(peer, uid))
+
+
+def takeover(all_uids: Sequence[str], hosts: Hosts, candidates: Sequence[str], own_peer_id: str, orphan_ticks: Mapping[str, int]) -> list[str]:
+    """The experts nobody hosts that this peer should take now. `orphan_ticks[uid]` counts the checks in a row that
+    found `uid` without a host: the first successor takes it at the second (one empty read of the DHT is not a
+    death), the k-th (0-based) at the (k+2)-th, so a successor that is gone or stuck is replaced without every
+    candidate jumping in together."""
+    taken = []
+    for uid in all_uids:
+        if hosts.get(uid):
+            continue
+        order = successors(uid, [*candidates, own_peer_id])
+        if order.index(own_peer_id) + 2 <= orphan_ticks.get(uid, 0):
+            taken.append(uid)
+    return taken
+
+
+def standby(all_uids: Sequence[str], hosts: Hosts, candidates: Sequence[str], own_peer_id: str, hosted: Sequence[str]) -> list[str]:
+    """Experts served by exactly one other peer for which this peer is the first successor: it keeps a fresh copy
+    of them, so losing that host loses minutes of training, not all of it."""
+    chosen = []
+    for uid in all_uids:
+        peers = list(hosts.get(uid, {}))
+        if len(peers) != 1 or peers[0] == own_peer_id or uid in hosted:
+            continue
+        order = successors(uid, [p for p in [*candidates, own_peer_id] if p != peers[0]])
+        if order and order[0] == own_peer_id:
+            chosen.append(uid)
+    return chosen
+
+
+def rebalance(
+    all_uids: Sequence[str], hosts: Hosts, own_peer_id: str, hosted: Sequence[str], margin: float, budget: int | None = None
+) -> list[str] | None:
+    """Petals' rule for blocks, for experts: re-run placement with this peer taken out; move only if that raises the
+    swarm's minimum replication, or keeps it and raises the least-served expert's throughput by `margin` (a clear
+    gain, so peers do not move back and forth). Experts no other peer hosts are always kept. A peer over its `budget`
+    (after a takeover) sheds the experts others serve best. Returns the new set, or None to stay."""
+    hosted = [uid for uid in all_uids if uid in set(hosted)]
+    if not hosted:
+        return None
+    others = {uid: {p: r for p, r in hosts.get(uid, {}).items() if p != own_peer_id} for uid in all_uids}
+    own_rate = max((hosts.get(uid, {}).get(own_peer_id, 0.0) for uid in hosted), default=0.0)
+    must_keep = [uid for uid in hosted if not others[uid]]
+    free = [uid for uid in all_uids if uid not in must_keep]
+    size = len(hosted) if budget is None else max(min(len(hosted), budget), len(must_keep))
+    rest = choose_experts(free, others, own_peer_id, size - len(must_keep))
+    proposal = [uid for uid in all_uids if uid in set(must_keep) | set(rest)]
+    if set(proposal) == set(hosted):
+        return None
+    if size < len(hosted):
+        return proposal
+
+    def balance(mine: Sequence[str]) -> tuple[int, float]:
+        counts = {uid: len(others[uid]) + (uid in mine) for uid in all_uids}
+        rates = {uid: sum(others[uid].values()) + (own_rate if uid in mine else 0.0) for uid in all_uids}
+        least = min(counts.values())
+        return least, min(rate for uid, rate in rates.items() if counts[uid] == least)
+
+    (count_now, rate_now), (count_new, rate_new) = balance(hosted), balance(proposal)
+    if count_new > count_now or (count_new == count_now and rate_new >= margin * max(rate_now, 1e-9)):
+        return proposal
+    return None

@@ -34,6 +34,7 @@ class ExpertHostRecord(BaseModel):
     state: HostState
     throughput: float = Field(ge=0.0)  # tokens/s this host can push through the expert
     version: int = Field(ge=0)  # optimizer steps applied to this replica
+    adaptive: bool = False  # this host follows placement: it takes over orphaned experts and rebalances
 
     @field_validator("throughput")
     @classmethod

@@ -18,6 +18,7 @@ import hivemind
 from dragon_swarm.config import SwarmConfig
 from dragon_swarm.events import (
     EventBus,
+    ExpertBanReport,
     HostReport,
     Paused,
     PauseGate,
@@ -79,11 +80,13 @@ class VolunteerSession:
         self._dht: hivemind.DHT | None = None
         self._banned_peers: tuple[str, ...] = ()
         self._requests_reported = 0  # the host's cumulative count at its last report
+        self.expert_bans = 0  # expert hosts this trainer refused as Byzantine (ExpertBanReport)
         self._left = False
         self._unsubscribe = [
             self.bus.subscribe(self._on_state, StateChanged),
             self.bus.subscribe(self._on_step, StepReport),
             self.bus.subscribe(self._on_host_report, HostReport),
+            self.bus.subscribe(self._on_expert_ban, ExpertBanReport),
             self.bus.subscribe(self._on_pause_requested, PauseRequested),
             self.bus.subscribe(self._on_paused, Paused),
         ]
@@ -173,6 +176,13 @@ class VolunteerSession:
         if served > 0 and self.counters is not None:
             self.counters.add_expert_requests(served)
             self.show_counters()
+
+    def _on_expert_ban(self, event: ExpertBanReport) -> None:
+        self.expert_bans += 1
+        self.status.record_event(
+            f"Expert host {event.peer_id[-8:]} banned from {event.uid} for {event.seconds:.0f} s: {event.reason} "
+            f"({self.expert_bans} expert ban(s) so far)"
+        )
 
     def _on_pause_requested(self, event: PauseRequested) -> None:
         self.status.record_event(

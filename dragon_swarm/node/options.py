@@ -42,8 +42,9 @@ class PeerFlags(BaseModel):
     config: str | None = flag(None, f"swarm config: a YAML path or a name in configs/ (default: {DEFAULT_CONFIG_NAME})", short="-c")
     experts: str | None = flag(
         None, "host these experts: comma list of LAYER.INDEX, ffn.LAYER.[a:b] grid patterns, 'all', or 'auto' (the "
-        "least replicated first, up to --max-experts; default: the experts nobody serves yet)")  # fmt: skip
-    max_experts: int | None = flag(None, "with --experts auto: host at most this many experts (default: all of them)", ge=1)
+        "default: placement takes the least replicated first, up to --max-experts, and follows the swarm: takeover, "
+        "rebalancing)")  # fmt: skip
+    max_experts: int | None = flag(None, "with placement (no --experts, or --experts auto): host at most this many experts (default: what a quarter of the memory cap holds)", ge=1)
     no_train: bool = flag(False, "only host experts")
     no_host: bool = flag(False, "only train")
     max_steps: int | None = flag(
@@ -71,6 +72,8 @@ class PeerFlags(BaseModel):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = flag("INFO", "log level")
     # TEST/BENCHMARK ONLY: makes this trainer Byzantine (see dragon_swarm.attacks); hidden, never from the environment
     attack: str | None = flag(None, "", env=False, hidden=True)
+    # TEST/BENCHMARK ONLY: makes this peer's expert path Byzantine (dragon_swarm.attacks.ExpertAttack); hidden too
+    expert_attack: str | None = flag(None, "", env=False, hidden=True)
 
     @field_validator("batch_size", mode="before")
     @classmethod
@@ -110,6 +113,15 @@ class PeerFlags(BaseModel):
             parse_attack(value)
         return value
 
+    @field_validator("expert_attack")
+    @classmethod
+    def _known_expert_attack(cls, value: str | None) -> str | None:
+        if value is not None:
+            from dragon_swarm.attacks import parse_expert_attack
+
+            parse_expert_attack(value)
+        return value
+
     @field_validator("data_dir", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
@@ -142,6 +154,7 @@ class PeerOptions:
     data_dir: Path | None
     attack: str | None
     name: str | None = None
+    expert_attack: str | None = None  # TEST/BENCHMARK ONLY
     dashboard: tuple[str, int] | None = None
     panel: bool = True
     threads: int | None = None
@@ -200,8 +213,8 @@ def resolve(flags: PeerFlags, profile=None) -> PeerOptions:
     host_spec = "" if no_host else flags.experts
     if host_spec and host_spec != "auto":
         _check_expert_spec(host_spec, config)
-    if flags.max_experts is not None and host_spec != "auto":
-        fail(PROG, "--max-experts goes with --experts auto")
+    if flags.max_experts is not None and host_spec not in (None, "auto"):
+        fail(PROG, "--max-experts goes with --experts auto (or no --experts): it is placement's budget")
     state_dir = flags.state_dir or Path("dragon-state") / config.swarm.name
     return PeerOptions(
         config=config,
@@ -219,6 +232,7 @@ def resolve(flags: PeerFlags, profile=None) -> PeerOptions:
         announce_maddrs=tuple(flags.announce_maddrs),
         data_dir=flags.data_dir,
         attack=flags.attack,
+        expert_attack=flags.expert_attack,
         name=flags.name,
         dashboard=flags.dashboard,
         panel=not flags.no_panel,

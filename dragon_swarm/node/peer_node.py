@@ -15,7 +15,7 @@ import threading
 import time
 
 from dragon_swarm.node.cli import exit_if_shutdown_hangs, print_line
-from dragon_swarm.events import EventBus, HostReport, Paused, PauseGate, PeerState, Resumed, StateChanged, StepReport
+from dragon_swarm.events import EventBus, ExpertBanReport, HostReport, Paused, PauseGate, PeerState, Resumed, StateChanged, StepReport
 from dragon_swarm.monitor.session import VolunteerSession
 from dragon_swarm.node import startup
 from dragon_swarm.node.processes import stop_descendants
@@ -59,7 +59,7 @@ class PeerNode:
         if options.stats_file is not None:
             from dragon_swarm.training.stats import StatsWriter
 
-            self.bus.subscribe(StatsWriter(options.stats_file).write, StepReport)
+            self.bus.subscribe(StatsWriter(options.stats_file).write, StepReport, ExpertBanReport)
 
     # --- start ---
 
@@ -126,7 +126,9 @@ class PeerNode:
             from dragon_swarm.training.trainer import Trainer
 
             local = self.host.backends if self.host is not None else {}
-            self.dispatcher = startup.start_dispatcher(self.dht, o, local, tamper=self.expert_tamper)
+            self.dispatcher = startup.start_dispatcher(self.dht, o, local, tamper=self.expert_tamper, bus=self.bus)
+            if self.host is not None:  # a new set of hosted experts (takeover, rebalancing) is called directly too
+                self.host.listeners.append(lambda backends: setattr(self.dispatcher, "local_backends", backends))
             self.trainer = Trainer(
                 o.config, self.dht, self.dispatcher, train_stream, o.state_dir, o.batch_size, o.device,
                 bus=self.bus, gate=self.gate, contribution=self.contribution,

@@ -105,63 +105,76 @@ def load_training_data(options):
 
 
 def choose_experts(dht, options) -> list[str]:
-    """The experts this peer hosts: `--experts` as given; `--experts auto`: the least replicated first, up to
-    `--max-experts` (`moe.placement`); by default every expert nobody serves yet."""
-    from dragon_swarm.moe.expert_uids import all_expert_uids, choose_unserved_experts, expand_expert_spec
+    """The experts this peer hosts first: `--experts LIST` as given; otherwise (no `--experts`, or `--experts auto`)
+    placement's choice (`moe.placement`): the least replicated first, up to the budget (`--max-experts`, or what a
+    quarter of the memory cap holds)."""
+    from dragon_swarm.moe.expert_uids import all_expert_uids, expand_expert_spec
     from dragon_swarm.moe.placement import choose_experts as place
-    from dragon_swarm.moe.registry import find_replicas, served_throughput
+    from dragon_swarm.moe.registry import find_replicas
 
     config = options.config
     prefix, m = config.expert_prefix, config.model
     if options.host_spec == "":
         return []
     everything = all_expert_uids(prefix, m.num_moe_layers, m.num_experts)
-    if options.host_spec == "auto":
-        found = find_replicas(dht, everything)
-        hosts = {uid: {r.record.peer_id: r.record.throughput for r in replicas} for uid, replicas in found.items()}
-        uids = place(everything, hosts, dht.peer_id.to_base58(), options.max_experts or len(everything))
-        logger.info(f"Placement chose {len(uids)} expert(s), least replicated first")
-        return uids
-    if options.host_spec:
+    if options.host_spec not in (None, "auto"):
         return expand_expert_spec(options.host_spec, prefix, m.num_moe_layers, m.num_experts)
-    uids = choose_unserved_experts(everything, served_throughput(find_replicas(dht, everything)))
-    logger.info(f"Auto-selected {len(uids)} expert(s) nobody serves yet")
+    budget = expert_budget(options)
+    found = find_replicas(dht, everything, only_online=False)
+    hosts = {uid: {r.record.peer_id: r.record.throughput for r in replicas if r.record.state != "offline"} for uid, replicas in found.items()}
+    uids = place(everything, hosts, dht.peer_id.to_base58(), budget)
+    served = sum(1 for uid in everything if hosts.get(uid))
+    logger.info(f"Placement chose {len(uids)} of {len(everything)} expert(s) (budget {budget}; {served} already served elsewhere), least replicated first")
     return uids
 
 
+def expert_budget(options) -> int:
+    """`--max-experts`, or how many experts a quarter of the memory cap (or of the device's memory) holds."""
+    from dragon_swarm import resources
+    from dragon_swarm.moe.hosting import memory_budget
+
+    if options.max_experts is not None:
+        return options.max_experts
+    total = resources.total_memory_bytes(options.device)
+    cap = resources.parse_memory_limit(options.max_memory, total) if options.max_memory is not None else total
+    return memory_budget(options.config, cap)
+
+
 def start_host(dht, options, uids: list[str], bus: EventBus, tamper=None):
-    from dragon_swarm.moe.backend import build_expert_backends, measure_throughput
-    from dragon_swarm.moe.host import ExpertHost
+    """The peer's expert hosting (`moe.hosting`): new experts download the swarm's current state before they go
+    online; placement's hosts (no explicit `--experts` list) also take over, rebalance and keep standby copies."""
+    from dragon_swarm.moe.backend import measure_throughput
+    from dragon_swarm.moe.hosting import ExpertHosting
 
     config = options.config
     m = config.model
-    backends = build_expert_backends(
-        uids, m.d_model, m.expert_hidden, config.training, config.experts.max_batch_size, config.swarm.seed, tamper=tamper
-    )
-    host = ExpertHost(
+    hosting = ExpertHosting(
         dht,
-        backends,
-        config.experts,
-        hidden_dim=m.d_model,
+        config,
         checkpoint_dir=options.state_dir / "experts",
-        checkpoint_period=config.experts.checkpoint_period,
         throughput=measure_throughput(m.d_model, m.expert_hidden),
         device=options.device,
         bus=bus,
+        tamper=tamper,
+        adaptive=options.host_spec in (None, "auto"),
+        budget=expert_budget(options) if options.host_spec in (None, "auto") else None,
     )
-    host.load_checkpoints()
-    host.start()
-    return host
+    try:
+        hosting.start(uids)
+    except BaseException:
+        hosting.shutdown()
+        raise
+    return hosting
 
 
-def start_dispatcher(dht, options, local_backends, tamper=None):
+def start_dispatcher(dht, options, local_backends, tamper=None, bus=None):
     from dragon_swarm.moe.router import RemoteExpertDispatcher
 
     config = options.config
     m = config.model
     dispatcher = RemoteExpertDispatcher(
         dht, config.expert_prefix, m.num_moe_layers, m.num_experts, m.d_model, config.experts, seed=config.swarm.seed, local_backends=local_backends,
-        tamper=tamper,
+        tamper=tamper, bus=bus,
     )
     dispatcher.start()
     if not dispatcher.wait_for_experts(timeout=60.0):

@@ -28,7 +28,7 @@ class ResourceProfile(Schema):
     max_memory: str | None = None  # see parse_memory_limit; None: no cap, the configured batch size
     threads: int | None = Field(default=None, ge=1)  # torch intra-op threads; None: torch's default
     batch_size: int | Literal["auto"] | None = None  # None: the swarm config's training.batch_size
-    host_experts: bool = True  # host experts nobody serves yet
+    host_experts: bool = True  # host the experts placement chooses
     train: bool = True  # train the trunk; false: an expert host only
 
     @field_validator("device")

@@ -67,29 +67,46 @@ def optimizer_state_from_tensors(tensors: dict[str, torch.Tensor], rest: dict[st
     return {"state": state, "param_groups": rest["param_groups"]}
 
 
-def save_module_checkpoint(
-    path: Path,
-    module_state: dict[str, torch.Tensor],
-    optimizer_state: dict[str, Any] | None,
-    info: dict[str, Any],
-) -> None:
-    """Module weights as `module.<name>`, optimizer state flattened, `info` (counters) as JSON metadata."""
+def pack_module_checkpoint(
+    module_state: dict[str, torch.Tensor], optimizer_state: dict[str, Any] | None, info: dict[str, Any]
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Module weights as `module.<name>`, optimizer state flattened, `info` (counters) as JSON metadata: the layout of
+    a checkpoint file and of an expert's state sent over the network."""
     tensors = {f"module.{name}": t for name, t in module_state.items()}
     metadata = {"info": json.dumps(info)}
     if optimizer_state is not None:
         optim_tensors, optim_rest = optimizer_state_to_tensors(optimizer_state)
         tensors.update(optim_tensors)
         metadata["optimizer"] = json.dumps(optim_rest)
+    return tensors, metadata
+
+
+def unpack_module_checkpoint(
+    tensors: dict[str, torch.Tensor], metadata: dict[str, str], source: str
+) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None, dict[str, Any]]:
+    """The inverse of `pack_module_checkpoint`; CheckpointError names `source` when the metadata is unusable."""
+    try:
+        info = json.loads(metadata.get("info", "{}"))
+        optimizer_rest = json.loads(metadata["optimizer"]) if "optimizer" in metadata else None
+        if not isinstance(info, dict) or not (optimizer_rest is None or isinstance(optimizer_rest, dict)):
+            raise ValueError("info and optimizer metadata must be JSON objects")
+        module_state = {name[len("module.") :]: t for name, t in tensors.items() if name.startswith("module.")}
+        optimizer_state = optimizer_state_from_tensors(tensors, optimizer_rest) if optimizer_rest is not None else None
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # JSONDecodeError is a ValueError
+        raise CheckpointError(f"{source} has corrupt metadata: {e}") from None
+    return module_state, optimizer_state, info
+
+
+def save_module_checkpoint(
+    path: Path,
+    module_state: dict[str, torch.Tensor],
+    optimizer_state: dict[str, Any] | None,
+    info: dict[str, Any],
+) -> None:
+    tensors, metadata = pack_module_checkpoint(module_state, optimizer_state, info)
     save_tensors_atomic(path, tensors, metadata)
 
 
 def load_module_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None, dict[str, Any]]:
     tensors, metadata = load_tensors(path)
-    try:
-        info = json.loads(metadata.get("info", "{}"))
-        optimizer_rest = json.loads(metadata["optimizer"]) if "optimizer" in metadata else None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"checkpoint {path} has corrupt metadata: {e}") from None
-    module_state = {name[len("module.") :]: t for name, t in tensors.items() if name.startswith("module.")}
-    optimizer_state = optimizer_state_from_tensors(tensors, optimizer_rest) if optimizer_rest is not None else None
-    return module_state, optimizer_state, info
+    return unpack_module_checkpoint(tensors, metadata, f"checkpoint {path}")

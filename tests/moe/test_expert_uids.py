@@ -2,7 +2,6 @@ import pytest
 
 from dragon_swarm.moe.expert_uids import (
     ExpertSpecError,
-    choose_unserved_experts,
     expand_expert_spec,
     parse_uid,
 )
@@ -29,9 +28,3 @@ def test_bad_specs_are_refused(spec):
 
 def test_parse_uid_round_trip():
     assert parse_uid(f"{P}.1.3") == (P, 1, 3)
-
-
-def test_unserved_and_least_served_choices():
-    uids = ["a.0.0", "a.0.1", "a.0.2"]
-    served = {"a.0.0": 10.0, "a.0.2": 0.0}
-    assert choose_unserved_experts(uids, served) == ["a.0.1", "a.0.2"]

@@ -53,3 +53,54 @@ def test_hosts_joining_one_after_another_fill_the_gaps_first():
 def test_negative_budget_is_refused():
     with pytest.raises(ValueError):
         choose_experts(UIDS, {}, "QmMe", -1)
+
+
+from dragon_swarm.moe.placement import rebalance, standby, successors, takeover  # noqa: E402
+
+
+def test_successors_are_one_order_per_expert_that_every_peer_computes_alike():
+    peers = ["QmA", "QmB", "QmC", "QmD"]
+    assert successors(UIDS[0], peers) == successors(UIDS[0], list(reversed(peers)))
+    firsts = {successors(uid, peers)[0] for uid in UIDS}
+    assert len(firsts) > 1  # orphans spread over the candidates
+
+
+def test_an_orphan_is_taken_by_its_first_successor_then_by_the_next_if_it_stays_orphaned():
+    hosts = {uid: {"QmA": 1.0} for uid in UIDS[1:]}  # UIDS[0] has no host
+    order = successors(UIDS[0], ["QmA", "QmB", "QmC"])
+    def takers(ticks: int) -> list[str]:
+        return [peer for peer in order if takeover(UIDS, hosts, [p for p in order if p != peer], peer, {UIDS[0]: ticks}) == [UIDS[0]]]
+
+    assert takers(1) == []  # one empty read is not a death
+    assert takers(2) == [order[0]]
+    assert takers(3) == order[:2]  # the first successor did not act: the next one does too
+    assert takeover(UIDS, {uid: {"QmA": 1.0} for uid in UIDS}, ["QmA"], "QmB", {UIDS[0]: 5}) == []
+
+
+def test_standby_copies_go_to_the_successor_of_singly_hosted_experts():
+    hosts = {UIDS[0]: {"QmA": 1.0}, UIDS[1]: {"QmA": 1.0, "QmB": 1.0}}
+    keepers = [p for p in ("QmB", "QmC") if UIDS[0] in standby(UIDS, hosts, [q for q in ("QmB", "QmC") if q != p], p, [])]
+    assert keepers == [successors(UIDS[0], ["QmB", "QmC"])[0]]
+    assert UIDS[1] not in standby(UIDS, hosts, ["QmB"], "QmC", [])  # two hosts: no standby needed
+    assert standby(UIDS, hosts, ["QmB"], "QmA", [UIDS[0]]) == []  # its own host keeps no standby
+
+
+def test_rebalance_moves_to_the_least_served_and_never_orphans_an_expert():
+    uids = UIDS[:4]
+    # A hosts e0, e1 that B and C also host; e3 has nobody: moving raises the minimum replication from 0 to 1
+    hosts = {uids[0]: {"A": 1.0, "B": 1.0, "C": 1.0}, uids[1]: {"A": 1.0, "B": 1.0}, uids[2]: {"C": 1.0}}
+    new = rebalance(uids, hosts, "A", [uids[0], uids[1]], margin=1.15)
+    assert new is not None and uids[3] in new and len(new) == 2
+    # C is the only host of e2: whatever it does, it keeps e2
+    assert uids[2] in rebalance(uids, hosts, "C", [uids[0], uids[2]], margin=1.15)
+    # a balanced swarm stays put (no gain of min replication, no throughput gain above the margin)
+    even = {uid: {"A": 1.0, "B": 1.0} for uid in uids}
+    assert rebalance(uids, even, "A", uids, margin=1.15) is None
+    assert rebalance(uids, {uids[0]: {"A": 1.0, "B": 1.0}, uids[1]: {"B": 1.0}, uids[2]: {"A": 1.0}, uids[3]: {"B": 1.0}}, "A", [uids[0], uids[2]], margin=1.15) is None
+
+
+def test_a_peer_over_its_budget_sheds_what_others_serve_best_and_keeps_its_only_copies():
+    uids = UIDS[:4]
+    hosts = {uids[0]: {"A": 1.0, "B": 1.0, "C": 1.0}, uids[1]: {"A": 1.0, "B": 1.0}, uids[2]: {"A": 1.0}, uids[3]: {"A": 1.0}}
+    assert rebalance(uids, hosts, "A", uids, margin=1.15, budget=3) == [uids[1], uids[2], uids[3]]
+    assert rebalance(uids, hosts, "A", uids, margin=1.15, budget=1) == [uids[2], uids[3]]  # only copies stay

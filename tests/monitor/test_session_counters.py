@@ -32,7 +32,7 @@ def test_requests_served_just_before_leaving_are_counted_and_saved(tmp_path):
     bus = EventBus()
     session = VolunteerSession(config, tmp_path, "ada", "trainer+host", dashboard=None, panel=False, bus=bus)
     host = CountingHost()
-    reporter = HostReporter(host, bus, period_s=60.0)  # the period never comes round in this test
+    reporter = HostReporter(host.report, bus, period_s=60.0)  # the period never comes round in this test
     reporter.start()
     host.requests = 130  # served within the reporter's period, right before the peer leaves
     reporter.stop()  # the owner stops the host's duties before the final contribution record

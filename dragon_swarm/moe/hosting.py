@@ -1,0 +1,257 @@
+"""What a peer hosts, over time: the owner of the expert host, its state service and its placement duties.
+
+hivemind's runtime and connection handlers serve a fixed set of experts (the handlers are forked processes with
+their own copy of the expert table), so a change of set (takeover, rebalancing) starts a new generation of
+`ExpertHost` with the new set and stops the old one; experts kept across the change carry their exact state over.
+
+A new expert never starts blind: before it is announced `online` it is announced `joining` and filled with the
+freshest state there is: a robust choice among its live replicas (`moe.state_service`), else this peer's own
+checkpoint (a standby copy kept for takeover is one), else the seeded init, with a log line saying so.
+
+Duties (`PeriodicThread`s, jittered): `PlacementKeeper` (takeover of orphaned experts, standby copies, rebalancing;
+only for adaptive hosts, i.e. placement chose their experts) and `ReplicaSync` (robust averaging with the other
+replicas of each hosted expert).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+from typing import Callable, Sequence
+
+import hivemind
+from hivemind.utils import get_dht_time
+
+from dragon_swarm.config import SwarmConfig
+from dragon_swarm.events import EventBus, HostReport
+from dragon_swarm.moe import expert_state
+from dragon_swarm.moe.backend import ExpertBackend, ExpertTamper, build_expert_backends
+from dragon_swarm.moe.expert_state import ExpertState, ExpertStateError
+from dragon_swarm.moe.expert_uids import all_expert_uids
+from dragon_swarm.moe.host import ExpertHost
+from dragon_swarm.moe.registry import ExpertHostRecord, declare_hosted_experts, find_replicas
+from dragon_swarm.moe.replica_sync import PlacementKeeper, ReplicaSync
+from dragon_swarm.moe.state_service import ExpertStateService
+from dragon_swarm.state.checkpoint import CheckpointError, load_module_checkpoint, save_module_checkpoint
+
+logger = logging.getLogger(__name__)
+
+DOWNLOAD_TIMEOUT_S = 60.0
+
+
+class ExpertHosting:
+    """Construct (starts nothing), `start(uids)`, `change(uids)` any number of times, `shutdown()`.
+
+    `on_change(backends)` listeners hear every new set (the router calls local experts directly). Counters in
+    `report()` add up over generations.
+    """
+
+    def __init__(
+        self,
+        dht: hivemind.DHT,
+        config: SwarmConfig,
+        checkpoint_dir: Path | None,
+        throughput: float,
+        device: str = "cpu",
+        bus: EventBus | None = None,
+        tamper: ExpertTamper | None = None,
+        adaptive: bool = False,
+        budget: int | None = None,
+    ):
+        m = config.model
+        self.dht, self.config, self.checkpoint_dir, self.throughput = dht, config, checkpoint_dir, throughput
+        self.device, self.bus, self.tamper, self.adaptive = device, bus if bus is not None else EventBus(), tamper, adaptive
+        self.all_uids = all_expert_uids(config.expert_prefix, m.num_moe_layers, m.num_experts)
+        self.budget = budget if budget is not None else len(self.all_uids)
+        self.own_peer_id = dht.peer_id.to_base58()
+        self.template = expert_state.make_template(m.d_model, m.expert_hidden, config.training)
+        self.host: ExpertHost | None = None
+        self.state_service = ExpertStateService(dht, f"{config.run_prefix}.experts", self.backend)
+        self.listeners: list[Callable[[dict[str, ExpertBackend]], None]] = []
+        self._retired = HostReport(0, 0, 0, 0)
+        self._change_lock = threading.RLock()
+        self._paused = False
+        self._duties: list = []
+        self.changes = 0
+
+    # --- what is hosted ---
+
+    @property
+    def uids(self) -> list[str]:
+        host = self.host
+        return host.uids if host is not None else []
+
+    @property
+    def backends(self) -> dict[str, ExpertBackend]:
+        host = self.host
+        return dict(host.backends) if host is not None else {}
+
+    def backend(self, uid: str) -> ExpertBackend | None:
+        host = self.host
+        return host.backends.get(uid) if host is not None else None
+
+    def start(self, uids: Sequence[str]) -> None:
+        self.state_service.start()
+        self._switch(list(uids))
+        self._duties = [ReplicaSync(self)]
+        if self.adaptive:
+            self._duties.append(PlacementKeeper(self))
+        for duty in self._duties:
+            duty.start()
+
+    def change(self, uids: Sequence[str], reason: str) -> None:
+        """Host `uids` from now on: new experts join (download first), dropped ones are saved and announced
+        offline. No expert is ever left with zero hosts by this peer's choice: the callers (placement) keep
+        those."""
+        with self._change_lock:
+            old = set(self.uids)
+            if set(uids) == old:
+                return
+            added, dropped = sorted(set(uids) - old), sorted(old - set(uids))
+            logger.info(f"Placement ({reason}): taking {len(added)} expert(s) {', '.join(added) or '-'}; dropping {len(dropped)} {', '.join(dropped) or '-'}")
+            self._switch(list(uids))
+            self.changes += 1
+
+    def _switch(self, uids: list[str]) -> None:
+        m = self.config.model
+        uids = [uid for uid in self.all_uids if uid in set(uids)]
+        old_host = self.host
+        kept = {uid: expert_state.capture(b) for uid, b in (old_host.backends.items() if old_host else ()) if uid in uids}
+        backends = build_expert_backends(
+            uids, m.d_model, m.expert_hidden, self.config.training, self.config.experts.max_batch_size, self.config.swarm.seed, tamper=self.tamper
+        )  # fmt: skip
+        new = [uid for uid in uids if uid not in kept]
+        self._announce(new, "joining")
+        for uid, backend in backends.items():
+            if uid in kept:
+                expert_state.apply(kept[uid], backend)
+            else:
+                self._fill(uid, backend)
+        if old_host is not None:
+            old_host.shutdown(offline=[uid for uid in old_host.uids if uid not in uids])
+            totals = old_host.report()
+            r = self._retired
+            self._retired = HostReport(
+                0, r.tokens_processed + totals.tokens_processed, r.requests_served + totals.requests_served, r.updates + totals.updates
+            )
+        host = ExpertHost(
+            self.dht, backends, self.config.experts, hidden_dim=m.d_model, checkpoint_dir=self.checkpoint_dir,
+            throughput=self.throughput, checkpoint_period=self.config.experts.checkpoint_period, device=self.device,
+            bus=self.bus, adaptive=self.adaptive, report_source=self.report,
+        )  # fmt: skip
+        try:
+            host.start()
+        except Exception:
+            self.host = None  # the old generation is gone: the next placement check starts over from nothing
+            raise
+        self.host = host
+        if self._paused:
+            host.pause()
+        for listener in self.listeners:
+            listener(dict(backends))
+
+    def _fill(self, uid: str, backend: ExpertBackend) -> None:
+        """The freshest state for a new replica: a live replica's, else our own checkpoint, else the seeded init."""
+        own = self._own_checkpoint(uid, backend)
+        replicas = self._online_hosts(uid)
+        if replicas:
+            got = self.state_service.fetch_robust(replicas, uid, backend, DOWNLOAD_TIMEOUT_S, reference=own)
+            if got is not None:
+                state, source, _ = got
+                expert_state.apply(state, backend)
+                logger.info(f"{uid}: downloaded from {source[-8:]} (version {state.version}, {len(replicas)} replica(s) online)")
+                return
+        if own is not None:
+            expert_state.apply(own, backend)
+            why = "no live replica answered" if replicas else "no live replica"
+            logger.info(f"{uid}: {why}; resumed from this peer's copy (standby or checkpoint, version {own.version})")
+            return
+        logger.info(f"{uid}: no live replica and no checkpoint: starting from the seeded init")
+
+    def _own_checkpoint(self, uid: str, template: ExpertBackend) -> ExpertState | None:
+        path = self.checkpoint_dir / f"{uid}.safetensors" if self.checkpoint_dir is not None else None
+        if path is None or not path.exists():
+            return None
+        try:
+            state = expert_state.from_checkpoint(*load_module_checkpoint(path), uid)
+            expert_state.validate(state, template, uid)
+        except (CheckpointError, ExpertStateError) as e:
+            logger.error(f"{uid}: checkpoint {path} unusable, ignoring it: {e}")
+            return None
+        return state
+
+    def _online_hosts(self, uid: str) -> list[str]:
+        try:
+            found = find_replicas(self.dht, [uid])[uid]
+        except Exception as e:
+            logger.warning(f"{uid}: looking up its replicas failed: {e}")
+            return []
+        return [r.record.peer_id for r in found if r.record.peer_id != self.own_peer_id]
+
+    def _announce(self, uids: Sequence[str], state: str) -> None:
+        if not uids:
+            return
+        records = {
+            uid: ExpertHostRecord(peer_id=self.own_peer_id, state=state, throughput=float(self.throughput), version=0, adaptive=self.adaptive)
+            for uid in uids
+        }
+        try:
+            declare_hosted_experts(self.dht, records, expiration_time=get_dht_time() + self.config.experts.expiration)
+        except Exception as e:
+            logger.warning(f"Announcing {len(records)} expert(s) as {state} failed: {e}")
+
+    def save_standby(self, uid: str, state: ExpertState) -> None:
+        """Keep a copy of an expert this peer may have to take over, where a takeover looks first."""
+        if self.checkpoint_dir is not None:
+            save_module_checkpoint(self.checkpoint_dir / f"{uid}.safetensors", state.module, state.optimizer, expert_state.info(state))
+
+    # --- the host's interface, for the lifecycle owner ---
+
+    def report(self) -> HostReport:
+        host, r = self.host, self._retired
+        now = host.report() if host is not None else HostReport(0, 0, 0, 0)
+        return HostReport(
+            now.experts_served, r.tokens_processed + now.tokens_processed, r.requests_served + now.requests_served, r.updates + now.updates
+        )
+
+    def pause(self) -> None:
+        with self._change_lock:
+            self._paused = True
+            if self.host is not None:
+                self.host.pause()
+
+    def resume(self) -> None:
+        with self._change_lock:
+            self._paused = False
+            if self.host is not None:
+                self.host.resume()
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    def stop_reporting(self) -> None:
+        for duty in self._duties:
+            duty.stop()
+        if self.host is not None:
+            self.host.stop_reporting()
+
+    def shutdown(self) -> None:
+        self.stop_reporting()
+        with self._change_lock:
+            if self.host is not None:
+                self.host.shutdown()
+            self.state_service.shutdown()
+
+
+def expert_memory_bytes(config: SwarmConfig) -> int:
+    """One hosted expert's memory: weights, gradients and two AdamW moments, float32."""
+    m = config.model
+    params = 2 * m.d_model * m.expert_hidden + m.expert_hidden + m.d_model
+    return 4 * 4 * params
+
+
+def memory_budget(config: SwarmConfig, memory_bytes: int, share: float = 0.25) -> int:
+    """How many experts fit in `share` of `memory_bytes` (the rest is for the trunk, activations and the OS)."""
+    return max(1, int(share * memory_bytes) // expert_memory_bytes(config))

@@ -1,0 +1,138 @@
+"""Expert state over the network: a host answers "send me expert X" with X's weights, AdamW moments and update count,
+streamed as safetensors bytes; a peer downloads from one or several hosts and keeps a validated, robust choice.
+
+The servicer runs in the peer's own process (not in the forked connection handlers), so it reads the weights the
+runtime is training right now. One servicer per peer, for whatever experts the peer hosts at the moment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import AsyncIterator, Callable, Sequence
+
+import hivemind
+from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
+from hivemind.p2p import P2PContext, PeerID, ServicerBase
+from hivemind.proto import runtime_pb2
+
+from dragon_swarm.moe import expert_state
+from dragon_swarm.moe.backend import ExpertBackend
+from dragon_swarm.moe.expert_state import ExpertState, ExpertStateError, ExpertTemplate
+
+logger = logging.getLogger(__name__)
+
+CHUNK_BYTES = 1 << 20
+SIZE_SLACK = 1.5  # allowed bytes over the expected size: safetensors header, optimizer scalars
+REQUEST_BURST = 32  # state requests one peer may make at once (a sync round asks for each shared expert)...
+REQUESTS_PER_S = 4.0  # ...and per second after that: state downloads are big, this is plenty for sync and standby
+
+
+class ExpertStateServicer(ServicerBase):
+    """Serves the state of the experts `lookup` returns (None: not hosted here)."""
+
+    def __init__(self, lookup: Callable[[str], ExpertBackend | None]):
+        self.lookup = lookup
+        self._buckets: dict[str, tuple[float, float]] = {}  # requester -> (tokens, when counted)
+        self.served = 0
+
+    async def rpc_download_expert(
+        self, request: runtime_pb2.ExpertUID, context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        requester = context.remote_id.to_base58()
+        now = time.monotonic()
+        tokens, counted = self._buckets.get(requester, (REQUEST_BURST, now))
+        tokens = min(REQUEST_BURST, tokens + (now - counted) * REQUESTS_PER_S)
+        if tokens < 1.0:
+            yield runtime_pb2.ExpertResponse(metadata=b"error: too many state requests, retry in a second")
+            return
+        self._buckets[requester] = (tokens - 1.0, now)
+        backend = self.lookup(request.uid)
+        if backend is None:
+            yield runtime_pb2.ExpertResponse(metadata=b"error: expert not hosted here")
+            return
+        loop = asyncio.get_running_loop()
+        data = await loop.run_in_executor(None, lambda: expert_state.to_bytes(expert_state.capture(backend)))
+        self.served += 1
+        for start in range(0, len(data), CHUNK_BYTES):
+            yield runtime_pb2.ExpertResponse(tensors=[], metadata=data[start : start + CHUNK_BYTES])
+
+
+class ExpertStateService:
+    """Owns the servicer's registration and the client side. `start()`, `download...()`, `shutdown()`."""
+
+    def __init__(self, dht: hivemind.DHT, namespace: str, lookup: Callable[[str], ExpertBackend | None]):
+        self.dht, self.namespace = dht, namespace
+        self.servicer = ExpertStateServicer(lookup)
+        self.own_peer_id = dht.peer_id.to_base58()
+        self._p2p = None
+
+    def start(self) -> None:
+        self._p2p = RemoteExpertWorker.run_coroutine(self.dht.replicate_p2p())
+        RemoteExpertWorker.run_coroutine(self.servicer.add_p2p_handlers(self._p2p, namespace=self.namespace))
+
+    def shutdown(self) -> None:
+        if self._p2p is not None:
+            try:
+                RemoteExpertWorker.run_coroutine(self.servicer.remove_p2p_handlers(self._p2p, namespace=self.namespace))
+            except Exception as e:  # the daemon may already be gone when the peer stops
+                logger.debug(f"Removing the expert state handler failed: {e}")
+            self._p2p = None
+
+    def fetch(self, peer_id: str, uid: str, template: ExpertTemplate | ExpertBackend, timeout: float) -> ExpertState:
+        """One host's state of `uid`, validated against `template` (this expert's shapes). Raises ExpertStateError."""
+        max_bytes = int(SIZE_SLACK * expected_state_bytes(template)) + 65536
+        try:
+            data = RemoteExpertWorker.run_coroutine(
+                asyncio.wait_for(self._download(peer_id, uid, max_bytes), timeout=timeout)
+            )
+        except ExpertStateError:
+            raise
+        except Exception as e:  # timeouts, dropped streams, unreachable peers
+            raise ExpertStateError(f"{uid} from {peer_id[-8:]}: {type(e).__name__}: {str(e)[:120]}") from None
+        state = expert_state.from_bytes(data, f"{uid} from {peer_id[-8:]}")
+        try:
+            expert_state.validate(state, template, uid)
+        except ExpertStateError as e:
+            raise ExpertStateError(f"{uid} from {peer_id[-8:]}: {e}") from None
+        return state
+
+    async def _download(self, peer_id: str, uid: str, max_bytes: int) -> bytes:
+        stub = ExpertStateServicer.get_stub(self._p2p, PeerID.from_base58(peer_id), namespace=self.namespace)
+        chunks, size = [], 0
+        async for response in await stub.rpc_download_expert(runtime_pb2.ExpertUID(uid=uid)):
+            if response.metadata.startswith(b"error: "):
+                raise ExpertStateError(f"{uid} from {peer_id[-8:]}: {response.metadata[7:200].decode(errors='replace')}")
+            size += len(response.metadata)
+            if size > max_bytes:
+                raise ExpertStateError(f"{uid} from {peer_id[-8:]}: more than {max_bytes:,} bytes, refused")
+            chunks.append(response.metadata)
+        if not chunks:
+            raise ExpertStateError(f"{uid} from {peer_id[-8:]}: empty answer")
+        return b"".join(chunks)
+
+    def fetch_robust(
+        self, peer_ids: Sequence[str], uid: str, template: ExpertTemplate | ExpertBackend, timeout: float, reference: ExpertState | None = None, limit: int = 3
+    ) -> tuple[ExpertState, str, list[str]] | None:
+        """Ask up to `limit` hosts; keep the valid answers; return (robust choice, the peer it came from, problems).
+        None when no host gave a usable state."""
+        states, sources, problems = [], [], []
+        for peer_id in [p for p in peer_ids if p != self.own_peer_id][:limit]:
+            try:
+                states.append(self.fetch(peer_id, uid, template, timeout))
+                sources.append(peer_id)
+            except ExpertStateError as e:
+                problems.append(str(e))
+                logger.warning(f"Expert state download refused: {e}")
+        if not states:
+            return None
+        chosen = expert_state.robust_choice(states, reference)
+        return chosen, sources[states.index(chosen)], problems
+
+
+def expected_state_bytes(template: ExpertTemplate | ExpertBackend) -> int:
+    """Weights plus two AdamW moments of this expert, in bytes."""
+    params = sum(p.numel() * p.element_size() for p in template.module.parameters())
+    buffers = sum(b.numel() * b.element_size() for b in template.module.buffers())
+    return 3 * params + buffers
