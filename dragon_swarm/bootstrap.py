@@ -74,9 +74,11 @@ def start_monitor(dht, config, dashboard: tuple[str, int]):
 
 def log_swarm_summary(snapshot: dict) -> None:
     s, m = snapshot["swarm_stats"], snapshot["model"]
+    held_out = snapshot.get("held_out") or {}
+    val = "" if held_out.get("loss") is None else f", held-out loss {held_out['loss']:.3f} at model version {held_out['model_version']} (median over trainers)"
     logger.info(
         f"Swarm: {s['peers_alive']} peer(s) alive, {s['trainers']} trainer(s), experts {s['experts_online']}/{s['experts_total']} "
-        f"online ({s['replicas']} replicas), model version {m['global_epoch']}, {s['swarm_tokens']:,} tokens trained"
+        f"online ({s['replicas']} replicas), model version {m['global_epoch']}, {s['swarm_tokens']:,} tokens trained{val}"
     )
 
 

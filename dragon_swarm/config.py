@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Mapping
+from typing import Annotated, Any, ClassVar, Literal, Mapping
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
@@ -65,6 +65,17 @@ class TrainingSection(Schema):
     worker_momentum: Annotated[float, interval(0.0, 1.0, "[)")] = 0.0
     expert_lr: float = 1e-3
     expert_clip_grad_norm: float = 1.0
+    # held-out loss every eval_every model versions (0: never) on eval_batches fixed batches of 8 validation sequences
+    eval_every: Annotated[int, Field(ge=0)] = 10
+    eval_batches: PositiveInt = 4
+    # remote_experts: experts are called over the network at every MoE layer (hivemind.Optimizer on the trunk);
+    # local_experts: a trainer trains the trunk and the experts it holds locally and, every sync_every micro-batches,
+    # makes an outer step (DiLoCo): the trunk's pseudo-gradient robustly all-reduced, Nesterov SGD with outer_lr and
+    # outer_momentum; the experts it holds are merged with their other holders (replica sync)
+    mode: Literal["remote_experts", "local_experts"] = "remote_experts"
+    sync_every: PositiveInt = 50
+    outer_lr: Positive = 0.7
+    outer_momentum: Annotated[float, interval(0.0, 1.0, "[)")] = 0.9
 
     @model_validator(mode="after")
     def _target_holds_a_batch(self) -> "TrainingSection":

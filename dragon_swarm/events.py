@@ -56,6 +56,10 @@ class StepReport:
     global_epoch: int  # the swarm's epoch as this peer's progress tracker sees it
     samples_accumulated: int  # swarm samples toward the next global step
     target_batch_size: int
+    # held-out loss of model version `epoch` (nats/token, `training.evaluation`), None when this micro-batch did
+    # not evaluate; eval_seconds is what that evaluation took (not part of samples/tokens_per_second)
+    val_loss: float | None = None
+    eval_seconds: float | None = None
     time: float = field(default_factory=time.time)
 
 

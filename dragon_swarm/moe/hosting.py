@@ -58,16 +58,21 @@ class ExpertHosting:
         tamper: ExpertTamper | None = None,
         adaptive: bool = False,
         budget: int | None = None,
+        periodic_sync: bool = True,
     ):
         m = config.model
         self.dht, self.config, self.checkpoint_dir, self.throughput = dht, config, checkpoint_dir, throughput
         self.device, self.bus, self.tamper, self.adaptive = device, bus if bus is not None else EventBus(), tamper, adaptive
         self.all_uids = all_expert_uids(config.expert_prefix, m.num_moe_layers, m.num_experts)
         self.budget = budget if budget is not None else len(self.all_uids)
+        # False in local-expert mode: the trainer merges replicas itself, between micro-batches (`sync_replicas`)
+        self.periodic_sync = periodic_sync
+        self.replica_sync = ReplicaSync(self)
         self.own_peer_id = dht.peer_id.to_base58()
         self.template = expert_state.make_template(m.d_model, m.expert_hidden, config.training)
         self.host: ExpertHost | None = None
-        self.state_service = ExpertStateService(dht, f"{config.run_prefix}.experts", self.backend)
+        self.state_service = ExpertStateService(dht, f"{config.run_prefix}.experts", self.backend, self.round_snapshot)
+        self._rounds: dict[str, dict[str, ExpertState]] = {}  # local-expert mode: the last outer rounds' snapshots
         self.listeners: list[Callable[[dict[str, ExpertBackend]], None]] = []
         self._retired = HostReport(0, 0, 0, 0)
         self._change_lock = threading.RLock()
@@ -94,7 +99,7 @@ class ExpertHosting:
     def start(self, uids: Sequence[str]) -> None:
         self.state_service.start()
         self._switch(list(uids))
-        self._duties = [ReplicaSync(self)]
+        self._duties = [self.replica_sync] if self.periodic_sync else []
         if self.adaptive:
             self._duties.append(PlacementKeeper(self))
         for duty in self._duties:
@@ -205,6 +210,23 @@ class ExpertHosting:
         """Keep a copy of an expert this peer may have to take over, where a takeover looks first."""
         if self.checkpoint_dir is not None:
             save_module_checkpoint(self.checkpoint_dir / f"{uid}.safetensors", state.module, state.optimizer, expert_state.info(state))
+
+    def round_snapshot(self, uid: str, tag: str) -> ExpertState | None:
+        return self._rounds.get(tag, {}).get(uid)
+
+    def merge_round(self, tag: str) -> int:
+        """Local-expert mode's outer step for the held experts: freeze them as round `tag` (other holders download
+        exactly these), merge with the other holders' snapshots of the same round; returns the experts merged."""
+        snapshots = {uid: expert_state.capture(b) for uid, b in self.backends.items()}
+        # this round and the previous one: a holder that is a round behind still finds what it asks for
+        self._rounds = {**{t: v for t, v in list(self._rounds.items())[-1:]}, tag: snapshots}
+        return self.replica_sync.merge_round(tag, snapshots)
+
+    def sync_replicas(self) -> int:
+        """One replica-sync round now, in the caller's thread; returns how many experts were merged."""
+        before = self.replica_sync.rounds
+        self.replica_sync.tick()
+        return self.replica_sync.rounds - before
 
     # --- the host's interface, for the lifecycle owner ---
 

@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 # sync period were measured up to ~0.4 apart early in training (Adam moves small weights fast); 2 is garbage
 MAX_RELATIVE_DISTANCE = 2.0
 MAX_PEERS_PER_SYNC = 4
+ROUND_SNAPSHOT_WAIT_S = 20.0  # how long to wait for another holder to reach the same outer round
 REBALANCE_COOLDOWN = 3  # placement checks between two moves of one peer: the swarm's records settle first
 JITTER = 0.3
 
@@ -64,14 +65,16 @@ class ReplicaSync(PeriodicThread):
             if peers:
                 self.sync_one(uid, backend, peers[:MAX_PEERS_PER_SYNC])
 
-    def sync_one(self, uid: str, backend, peers: list[str]) -> None:
-        own = expert_state.capture(backend)
+    def sync_one(self, uid: str, backend, peers: list[str], tag: str | None = None, own: ExpertState | None = None) -> bool:
+        """Merge `uid` with its replicas on `peers`. With a round `tag`, every holder merges the frozen snapshots of
+        that round (`ExpertHosting.freeze_round`), so holders that see the same snapshots reach the same state."""
+        own = own if own is not None else expert_state.capture(backend)
         own_vector = own.parameter_vector()
         own_norm = max(float(torch.linalg.vector_norm(own_vector)), 1e-12)
         others, sources = [], []
         for peer in peers:
             try:
-                state = self.hosting.state_service.fetch(peer, uid, backend, timeout=30.0)
+                state = self._fetch(peer, uid, backend, tag)
             except ExpertStateError as e:
                 logger.warning(f"Replica sync {uid}: {e}")
                 continue
@@ -83,7 +86,7 @@ class ReplicaSync(PeriodicThread):
             others.append(state)
             sources.append(peer)
         if not others:
-            return
+            return False
         merged = expert_state.robust_merge(own, others)
         before = max(float(torch.linalg.vector_norm(s.parameter_vector() - own_vector)) for s in others) / own_norm
         self.last_distance[uid] = before
@@ -98,6 +101,34 @@ class ReplicaSync(PeriodicThread):
                     self._strike(uid, peer, f"{distance / max(merged.spread, 1e-12):.1f}x the replicas' median distance from the robust result")
                 else:
                     self.strikes.pop((uid, peer), None)
+        return True
+
+    def _fetch(self, peer: str, uid: str, backend, tag: str | None) -> ExpertState:
+        if tag is None:
+            return self.hosting.state_service.fetch(peer, uid, backend, timeout=30.0)
+        deadline = time.monotonic() + ROUND_SNAPSHOT_WAIT_S
+        while True:  # a holder reaches the round boundary a moment after us: its snapshot may not exist yet
+            try:
+                return self.hosting.state_service.fetch(peer, uid, backend, timeout=30.0, tag=tag)
+            except ExpertStateError as e:
+                if "no snapshot" not in str(e) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+
+    def merge_round(self, tag: str, snapshots: dict[str, ExpertState]) -> int:
+        """Local-expert mode's outer step for the experts: merge each held expert's `tag` snapshot with the other
+        holders' snapshots of the same round. Returns how many experts were merged."""
+        backends = self.hosting.backends
+        found = find_replicas(self.hosting.dht, list(backends))
+        now, merged = time.monotonic(), 0
+        for uid, backend in backends.items():
+            peers = [
+                r.record.peer_id for r in found.get(uid, [])
+                if r.record.peer_id != self.hosting.own_peer_id and self.banned_until.get((uid, r.record.peer_id), 0.0) <= now
+            ]  # fmt: skip
+            if peers and uid in snapshots and self.sync_one(uid, backend, peers[:MAX_PEERS_PER_SYNC], tag=tag, own=snapshots[uid]):
+                merged += 1
+        return merged
 
     def _strike(self, uid: str, peer: str, why: str) -> None:
         self.strikes[(uid, peer)] += 1

@@ -32,8 +32,9 @@ REQUESTS_PER_S = 4.0  # ...and per second after that: state downloads are big, t
 class ExpertStateServicer(ServicerBase):
     """Serves the state of the experts `lookup` returns (None: not hosted here)."""
 
-    def __init__(self, lookup: Callable[[str], ExpertBackend | None]):
+    def __init__(self, lookup: Callable[[str], ExpertBackend | None], snapshot: Callable[[str, str], ExpertState | None] | None = None):
         self.lookup = lookup
+        self.snapshot = snapshot  # (uid, round tag) -> a frozen state of that round, if this peer has it
         self._buckets: dict[str, tuple[float, float]] = {}  # requester -> (tokens, when counted)
         self.served = 0
 
@@ -48,12 +49,20 @@ class ExpertStateServicer(ServicerBase):
             yield runtime_pb2.ExpertResponse(metadata=b"error: too many state requests, retry in a second")
             return
         self._buckets[requester] = (tokens - 1.0, now)
-        backend = self.lookup(request.uid)
-        if backend is None:
-            yield runtime_pb2.ExpertResponse(metadata=b"error: expert not hosted here")
-            return
+        uid, _, tag = request.uid.partition("@")
         loop = asyncio.get_running_loop()
-        data = await loop.run_in_executor(None, lambda: expert_state.to_bytes(expert_state.capture(backend)))
+        if tag:
+            frozen = self.snapshot(uid, tag) if self.snapshot is not None else None
+            if frozen is None:
+                yield runtime_pb2.ExpertResponse(metadata=b"error: no snapshot of that round here (yet)")
+                return
+            data = await loop.run_in_executor(None, lambda: expert_state.to_bytes(frozen))
+        else:
+            backend = self.lookup(uid)
+            if backend is None:
+                yield runtime_pb2.ExpertResponse(metadata=b"error: expert not hosted here")
+                return
+            data = await loop.run_in_executor(None, lambda: expert_state.to_bytes(expert_state.capture(backend)))
         self.served += 1
         for start in range(0, len(data), CHUNK_BYTES):
             yield runtime_pb2.ExpertResponse(tensors=[], metadata=data[start : start + CHUNK_BYTES])
@@ -62,9 +71,15 @@ class ExpertStateServicer(ServicerBase):
 class ExpertStateService:
     """Owns the servicer's registration and the client side. `start()`, `download...()`, `shutdown()`."""
 
-    def __init__(self, dht: hivemind.DHT, namespace: str, lookup: Callable[[str], ExpertBackend | None]):
+    def __init__(
+        self,
+        dht: hivemind.DHT,
+        namespace: str,
+        lookup: Callable[[str], ExpertBackend | None],
+        snapshot: Callable[[str, str], ExpertState | None] | None = None,
+    ):
         self.dht, self.namespace = dht, namespace
-        self.servicer = ExpertStateServicer(lookup)
+        self.servicer = ExpertStateServicer(lookup, snapshot)
         self.own_peer_id = dht.peer_id.to_base58()
         self._p2p = None
 
@@ -80,12 +95,16 @@ class ExpertStateService:
                 logger.debug(f"Removing the expert state handler failed: {e}")
             self._p2p = None
 
-    def fetch(self, peer_id: str, uid: str, template: ExpertTemplate | ExpertBackend, timeout: float) -> ExpertState:
-        """One host's state of `uid`, validated against `template` (this expert's shapes). Raises ExpertStateError."""
+    def fetch(
+        self, peer_id: str, uid: str, template: ExpertTemplate | ExpertBackend, timeout: float, tag: str | None = None
+    ) -> ExpertState:
+        """One host's state of `uid` (its frozen snapshot of round `tag`, if given), validated against `template`
+        (this expert's shapes). Raises ExpertStateError."""
         max_bytes = int(SIZE_SLACK * expected_state_bytes(template)) + 65536
+        request_uid = uid if tag is None else f"{uid}@{tag}"
         try:
             data = RemoteExpertWorker.run_coroutine(
-                asyncio.wait_for(self._download(peer_id, uid, max_bytes), timeout=timeout)
+                asyncio.wait_for(self._download(peer_id, request_uid, max_bytes), timeout=timeout)
             )
         except ExpertStateError:
             raise

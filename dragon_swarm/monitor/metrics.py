@@ -46,6 +46,19 @@ _SCALARS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
     ),
     ("dragon_loss", "gauge", "Loss of the latest micro-batch (absent before the first one).", ("training", "loss")),
     (
+        "dragon_val_loss",
+        "gauge",
+        "Held-out loss of the latest evaluated model version, nats/token (absent before the first evaluation; on a "
+        "monitor the median over the trainers that reported that version).",
+        ("held_out", "loss"),
+    ),
+    (
+        "dragon_val_loss_model_version",
+        "gauge",
+        "The model version dragon_val_loss was measured on.",
+        ("held_out", "model_version"),
+    ),
+    (
         "dragon_tokens_per_second",
         "gauge",
         "Training throughput of the latest micro-batch, in tokens per second.",

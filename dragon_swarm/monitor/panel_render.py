@@ -121,10 +121,13 @@ def _model_section(snapshot: Mapping[str, Any]) -> Panel:
     else:  # the target is unknown until the optimizer reports it: an empty bar rather than one that lies
         counts = Text(DASH)
         bar = _FullWidth(lambda width: [Text("░" * width, style="grey35")])
+    held_out = snapshot.get("held_out") or {}
+    val_loss, val_version = held_out.get("loss"), held_out.get("model_version")
     rows: list[tuple[str, RenderableType | str]] = [
         ("Model version", text_or_dash(model.get("global_epoch"))),
         ("Local epoch", text_or_dash(model.get("local_epoch"))),
-        ("", ""),
+        # the loss on text no trainer sees: what the swarm learned, not what it memorised
+        ("Held-out loss", DASH if val_loss is None else f"{format_loss(val_loss)} (v{text_or_dash(val_version)})"),
         ("Next global step", ""),
     ]
     body = Group(_kv_table(rows), bar, counts)

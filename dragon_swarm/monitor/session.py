@@ -159,7 +159,9 @@ class VolunteerSession:
 
     def _on_step(self, report: StepReport) -> None:
         self._banned_peers = report.banned_peers
-        self.status.record_step(report.micro_batches, report.loss, report.tokens_per_second, when=report.time)
+        self.status.record_step(report.micro_batches, report.loss, report.tokens_per_second, when=report.time, epoch=report.epoch)
+        if report.val_loss is not None:
+            self.status.record_val_loss(report.epoch, report.val_loss, when=report.time)
         self.status.update_model(
             global_epoch=report.global_epoch,
             local_epoch=report.epoch,
@@ -169,6 +171,8 @@ class VolunteerSession:
         if self.counters is not None:
             self.counters.add_batch(tokens=report.batch_tokens)
             self.counters.set_loss(report.loss)
+            if report.val_loss is not None:  # published for the bootstrap monitor's median by model version
+                self.counters.set_val_loss(report.epoch, report.val_loss)
             self.show_counters()
 
     def _on_host_report(self, report: HostReport) -> None:

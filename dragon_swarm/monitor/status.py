@@ -94,6 +94,8 @@ class PeerStatus:
         self.tokens_per_second: float | None = None
         self.history: deque[dict[str, float]] = deque(maxlen=HISTORY_POINTS)
         self.history_x = "micro_batches"  # what a history point's "x" counts: "micro_batches" or "epoch"
+        # held-out loss by model version (this trainer's, or on a monitor the median over trainers), oldest first
+        self.val_history: deque[dict[str, float]] = deque(maxlen=HISTORY_POINTS)
         self.events: deque[dict[str, Any]] = deque(maxlen=EVENT_LINES)
         self.expert_map: list[ExpertCell] = []
         self.leaderboard: list[LeaderboardRow] = []
@@ -122,11 +124,30 @@ class PeerStatus:
         with self._lock:
             self._listeners.append(listener)
 
-    def record_step(self, micro_batches: int, loss: float, tokens_per_second: float, when: float | None = None) -> None:
-        """This peer trained a micro-batch: `micro_batches` is its running count, the charts' x."""
+    def record_step(
+        self, micro_batches: int, loss: float, tokens_per_second: float, when: float | None = None, epoch: int | None = None
+    ) -> None:
+        """This peer trained a micro-batch: `micro_batches` is its running count, the charts' x; `epoch` (the model
+        version it trained) lets a chart put training loss beside the held-out loss."""
         with self._lock:
             self.micro_batches = micro_batches
             self._record_point("micro_batches", micro_batches, loss, tokens_per_second, when)
+            if epoch is not None:
+                self.history[-1]["epoch"] = epoch
+
+    def record_val_loss(self, epoch: int, loss: float, when: float | None = None) -> None:
+        """The held-out loss of model version `epoch`; a newer value for a version already shown replaces it (a
+        monitor's median changes as more trainers report that version)."""
+        point = {"t": time.time() if when is None else when, "x": epoch, "val_loss": loss}
+        with self._lock:
+            for i, old in enumerate(self.val_history):
+                if old["x"] == epoch:
+                    self.val_history[i] = point
+                    break
+            else:
+                self.val_history.append(point)
+                if len(self.val_history) > 1 and self.val_history[-2]["x"] > epoch:  # a late report of an old version
+                    self.val_history = deque(sorted(self.val_history, key=lambda p: p["x"]), maxlen=HISTORY_POINTS)
 
     def record_swarm_point(self, epoch: int, loss: float, tokens_per_second: float, when: float | None = None) -> None:
         """A bootstrap monitor's view of the swarm: its median loss and tokens/s at model version `epoch`."""
@@ -164,11 +185,20 @@ class PeerStatus:
 
     # --- reader ---
 
+    def _held_out_locked(self) -> dict[str, Any]:
+        latest = self.val_history[-1] if self.val_history else None
+        return {
+            "loss": None if latest is None else latest["val_loss"],
+            "model_version": None if latest is None else latest["x"],
+            "history": list(self.val_history),
+        }
+
     def snapshot(self) -> dict[str, Any]:
         """Everything a view shows, as plain JSON-ready data; views rely on these keys.
 
         `training`: micro_batches (this peer's count), loss and tokens_per_second of the latest point (None
-        before the first). `history`: points {t, x, loss, tokens_per_second}, oldest first, where `x` counts
+        before the first). `held_out`: loss and model_version of the latest held-out evaluation (None before the
+        first) and its history, points {t, x (the model version), val_loss}. `history`: points {t, x, loss, tokens_per_second}, oldest first, where `x` counts
         what `history_x` names: "micro_batches" for a peer, "epoch" (the model version) for a monitor.
         """
         with self._lock:
@@ -191,6 +221,7 @@ class PeerStatus:
                 "swarm_stats": asdict(self.swarm_stats),
                 "history": list(self.history),
                 "history_x": self.history_x,
+                "held_out": self._held_out_locked(),
                 "expert_map": [asdict(c) for c in self.expert_map],
                 "leaderboard": [asdict(r) for r in self.leaderboard],
                 "events": list(self.events),

@@ -45,15 +45,30 @@ class SwarmView:
     progress: SwarmProgress
     contributions: dict[str, ContributionRecord]
     median_loss: float | None  # over trainers' self-reported latest losses (display only)
+    val_losses: dict[int, float]  # model version -> median held-out loss over the trainers that reported it
 
 
 def median_loss(records: dict[str, ContributionRecord]) -> float | None:
     """Pure: the median of the reported losses; a few lying peers cannot move it far."""
-    losses = sorted(r.loss for r in records.values() if r.loss is not None)
-    if not losses:
+    return _median([r.loss for r in records.values() if r.loss is not None])
+
+
+def median_val_losses(records: dict[str, ContributionRecord]) -> dict[int, float]:
+    """Pure: model version -> the median of the held-out losses trainers reported for that version (each record
+    carries its trainer's latest evaluation only, so this is a median over the trainers that reported it)."""
+    by_version: dict[int, list[float]] = {}
+    for r in records.values():
+        if r.val_loss is not None and r.val_epoch is not None:
+            by_version.setdefault(r.val_epoch, []).append(r.val_loss)
+    return {version: _median(losses) for version, losses in sorted(by_version.items())}
+
+
+def _median(values: list[float]) -> float | None:
+    values = sorted(values)
+    if not values:
         return None
-    mid = len(losses) // 2
-    return losses[mid] if len(losses) % 2 else (losses[mid - 1] + losses[mid]) / 2
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
 
 
 def read_swarm_progress(dht: hivemind.DHT, run_prefix: str) -> SwarmProgress:
@@ -104,7 +119,7 @@ def collect_swarm_view(
         swarm_tokens=int(totals["swarm_tokens"]),
         banned_peers=list(banned_peers or []),
     )
-    return SwarmView(stats, expert_map, leaderboard(records), progress, records, median_loss(records))
+    return SwarmView(stats, expert_map, leaderboard(records), progress, records, median_loss(records), median_val_losses(records))
 
 
 class SwarmWatcher(PeriodicThread):
@@ -151,6 +166,8 @@ class SwarmWatcher(PeriodicThread):
             )
         if self.status.role == "monitor":  # its charts show the swarm: median loss by model version, tokens/s
             self._record_swarm_speed(view)
+            for version, loss in view.val_losses.items():
+                self.status.record_val_loss(version, loss)
         self.last_view = view
         return view
 

@@ -80,7 +80,7 @@ class PeerNode:
             raise StartupError(f"--dashboard {o.dashboard[0]}:{o.dashboard[1]}: {e.strerror or e}") from None
         self.options = o = startup.apply_resources(o)
         self._join()
-        train_stream = startup.load_training_data(o) if o.train else None
+        train_stream, self.val_stream = startup.load_training_data(o) if o.train else (None, None)
         self.views.attach(self.dht, update_model_from_dht=not o.train)
         from dragon_swarm.swarm.config_check import ConfigAnnouncer
 
@@ -115,14 +115,25 @@ class PeerNode:
 
     def _start_roles(self, train_stream) -> None:
         o = self.options
+        local_mode = o.train and o.config.training.mode == "local_experts"
+        if local_mode and o.host_spec == "":
+            raise StartupError("training.mode local_experts trains the experts this peer holds: drop --no-host")
         uids = startup.choose_experts(self.dht, o)
         if uids:
-            self.host = startup.start_host(self.dht, o, uids, self.bus, tamper=self.expert_tamper)
+            # in local-expert mode the trainer merges its experts with their other holders between micro-batches
+            self.host = startup.start_host(self.dht, o, uids, self.bus, tamper=self.expert_tamper, periodic_sync=not local_mode)
         elif o.train:
             self.views.set_role("trainer")  # auto-selection found every expert served: this peer only trains
         else:
             raise StartupError("nothing to do: --no-train and no experts to host")
-        if o.train:
+        if local_mode:
+            from dragon_swarm.training.local_trainer import LocalExpertsTrainer
+
+            self.trainer = LocalExpertsTrainer(
+                o.config, self.dht, self.host, train_stream, o.state_dir, o.batch_size, o.device,
+                bus=self.bus, gate=self.gate, contribution=self.contribution,
+            )  # fmt: skip
+        elif o.train:
             from dragon_swarm.training.trainer import Trainer
 
             local = self.host.backends if self.host is not None else {}
@@ -131,7 +142,7 @@ class PeerNode:
                 self.host.listeners.append(lambda backends: setattr(self.dispatcher, "local_backends", backends))
             self.trainer = Trainer(
                 o.config, self.dht, self.dispatcher, train_stream, o.state_dir, o.batch_size, o.device,
-                bus=self.bus, gate=self.gate, contribution=self.contribution,
+                bus=self.bus, gate=self.gate, contribution=self.contribution, val_stream=self.val_stream,
             )  # fmt: skip
 
     # --- run ---
@@ -152,7 +163,8 @@ class PeerNode:
             return
         trainer.sync_with_swarm()
         trainer.train(o.max_steps, self.stop_event)
-        logger.info(f"Training stopped at micro-batch {trainer.micro_batches}, epoch {trainer.optimizer.local_epoch}")
+        epoch = trainer.epoch if hasattr(trainer, "epoch") else trainer.optimizer.local_epoch
+        logger.info(f"Training stopped at micro-batch {trainer.micro_batches}, epoch {epoch}")
 
     def _serve(self) -> None:
         """A host-only peer: serve, follow Start/Stop, log what was served every HOST_LOG_PERIOD_S."""

@@ -84,7 +84,8 @@ def _measure_batch_size(options, resources, budget: int, device: str) -> int:
 
 
 def load_training_data(options):
-    """The token stream this trainer draws its shards from."""
+    """(train, validation) token streams: the trainer draws its shards from the first and scores the held-out loss
+    on the second (`training.evaluation`)."""
     from dragon_swarm.data.corpus import CorpusError, default_data_dir
     from dragon_swarm.data.dataset import build_token_stream
 
@@ -92,7 +93,7 @@ def load_training_data(options):
     data_dir = options.data_dir or default_data_dir()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # its thread pool would be forked with hivemind's processes
     try:
-        train_stream, _ = build_token_stream(
+        train_stream, val_stream = build_token_stream(
             config.data.source, data_dir, data_dir / "cache", config.data.tokenizer, config.data.val_fraction
         )
     except (CorpusError, OSError, ValueError) as e:
@@ -100,8 +101,8 @@ def load_training_data(options):
     largest_id = int(train_stream.tokens.max())
     if largest_id >= config.model.vocab_size:
         raise StartupError(f"tokenizer {config.data.tokenizer} produces id {largest_id} but model.vocab_size is {config.model.vocab_size}")
-    logger.info(f"Data: {config.data.source}, {train_stream.num_tokens:,} training tokens")
-    return train_stream
+    logger.info(f"Data: {config.data.source}, {train_stream.num_tokens:,} training tokens, {val_stream.num_tokens:,} held-out tokens")
+    return train_stream, val_stream
 
 
 def choose_experts(dht, options) -> list[str]:
@@ -140,7 +141,7 @@ def expert_budget(options) -> int:
     return memory_budget(options.config, cap)
 
 
-def start_host(dht, options, uids: list[str], bus: EventBus, tamper=None):
+def start_host(dht, options, uids: list[str], bus: EventBus, tamper=None, periodic_sync: bool = True):
     """The peer's expert hosting (`moe.hosting`): new experts download the swarm's current state before they go
     online; placement's hosts (no explicit `--experts` list) also take over, rebalance and keep standby copies."""
     from dragon_swarm.moe.backend import measure_throughput
@@ -158,6 +159,7 @@ def start_host(dht, options, uids: list[str], bus: EventBus, tamper=None):
         tamper=tamper,
         adaptive=options.host_spec in (None, "auto"),
         budget=expert_budget(options) if options.host_spec in (None, "auto") else None,
+        periodic_sync=periodic_sync,
     )
     try:
         hosting.start(uids)

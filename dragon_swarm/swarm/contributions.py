@@ -24,7 +24,7 @@ from typing import Annotated, Iterable, Literal, Mapping
 import hivemind
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.utils import get_dht_time
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 from dragon_swarm.swarm.signed_records import SignedRecordStore, owner_subkey
 
@@ -55,6 +55,16 @@ class ContributionRecord(BaseModel):
     role: Role
     version: int = Field(default=1, ge=1)  # schema version of this record
     loss: float | None = Field(default=None, ge=0.0, allow_inf_nan=False)  # latest training loss; display only
+    # latest held-out loss (`training.evaluation`) and the model version it scored; display only (the monitor's
+    # median per version), both set or both None
+    val_loss: float | None = Field(default=None, ge=0.0, allow_inf_nan=False)
+    val_epoch: int | None = Field(default=None, ge=0)
+
+    @model_validator(mode="after")
+    def _val_pair(self) -> "ContributionRecord":
+        if (self.val_loss is None) != (self.val_epoch is None):
+            raise ValueError("val_loss and val_epoch go together")
+        return self
 
     @field_validator("name")
     @classmethod

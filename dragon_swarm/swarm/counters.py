@@ -67,6 +67,7 @@ class ContributionCounters:
         self._tokens, self._batches, self._expert_requests = tokens, batches, expert_requests
         self._previous_uptime_s = uptime_s
         self._last_loss: float | None = None  # not persisted: a loss from an old session says nothing now
+        self._last_val: tuple[int, float] | None = None  # (model version, held-out loss); not persisted either
         self._clock = clock
         self._session_started = clock()
 
@@ -178,12 +179,17 @@ class ContributionCounters:
         with self._lock:
             self._last_loss = float(loss) if math.isfinite(loss) and loss >= 0 else None
 
+    def set_val_loss(self, epoch: int, loss: float) -> None:
+        """The latest held-out loss and the model version it scored (non-finite values are not published)."""
+        with self._lock:
+            self._last_val = (int(epoch), float(loss)) if math.isfinite(loss) and loss >= 0 and epoch >= 0 else None
+
     def to_record(self, peer_id: str, name: str, role: Role) -> ContributionRecord:
         """A consistent snapshot as a record; raises pydantic.ValidationError for an invalid name or role."""
         with self._lock:
             self._peer_id = peer_id
             tokens, batches, requests = self._tokens, self._batches, self._expert_requests
-            uptime, loss = self._uptime_locked(), self._last_loss
+            uptime, loss, val = self._uptime_locked(), self._last_loss, self._last_val
         return ContributionRecord(
             peer_id=peer_id,
             name=name,
@@ -193,6 +199,8 @@ class ContributionCounters:
             uptime_s=uptime,
             role=role,
             loss=loss,
+            val_epoch=None if val is None else val[0],
+            val_loss=None if val is None else val[1],
         )
 
 

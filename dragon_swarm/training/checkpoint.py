@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,8 @@ class TrainerState:
     micro_batches: int
     tokens: int
     local_epoch: int
+    val_loss: float | None = None  # the latest held-out loss this trainer measured, and at which model version
+    val_epoch: int | None = None
 
 
 def save_trainer_state(path: Path, state: TrainerState, run_prefix: str, peer_id: str) -> bool:
@@ -44,6 +47,8 @@ def save_trainer_state(path: Path, state: TrainerState, run_prefix: str, peer_id
     tensors.update(optim_tensors)
     tensors.update({f"momentum.{k}": v for k, v in state.momentum.items()})
     counters = {"micro_batches": state.micro_batches, "tokens": state.tokens, "local_epoch": state.local_epoch}
+    if state.val_loss is not None and state.val_epoch is not None and math.isfinite(state.val_loss):
+        counters.update(val_loss=float(state.val_loss), val_epoch=int(state.val_epoch))
     metadata = {"optimizer": json.dumps(optim_rest), "counters": json.dumps(counters), "swarm": run_prefix, "peer_id": peer_id}
     save_tensors_atomic(path, tensors, metadata)
     return True
@@ -67,6 +72,8 @@ def read_trainer_state(path: Path, run_prefix: str) -> TrainerState | None:
             micro_batches=int(counters["micro_batches"]),
             tokens=int(counters["tokens"]),
             local_epoch=int(counters["local_epoch"]),
+            val_loss=float(counters["val_loss"]) if counters.get("val_loss") is not None else None,
+            val_epoch=int(counters["val_epoch"]) if counters.get("val_epoch") is not None else None,
         )
     except (CheckpointError, KeyError, ValueError, TypeError) as e:
         logger.error(f"Trainer checkpoint unusable, starting fresh: {e}")

@@ -32,6 +32,7 @@ from dragon_swarm.model.dispatch import ExpertDispatcher
 from dragon_swarm.model.hrm_smoe import HRMSMoE
 from dragon_swarm.training.checkpoint import CHECKPOINT_NAME, TrainerState, read_trainer_state, save_trainer_state
 from dragon_swarm.training.contribution import GradientContribution, HonestContribution
+from dragon_swarm.training.evaluation import EVAL_FORWARD_SEQUENCES, eval_batches, evaluate_loss
 from dragon_swarm.training.optim import decay_param_groups
 
 logger = logging.getLogger(__name__)
@@ -63,8 +64,16 @@ class Trainer:
         bus: EventBus | None = None,
         gate: PauseGate | None = None,
         contribution: GradientContribution | None = None,
+        val_stream=None,
     ):
         self.config, self.dht, self.dispatcher = config, dht, dispatcher
+        # the held-out stream (`training.evaluation`); None: no held-out loss
+        self.val_stream = val_stream
+        self._eval_set: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # built at the first evaluation
+        self._next_eval_epoch = 0
+        self.last_val_loss: float | None = None
+        self.last_val_epoch: int | None = None
+        self.train_seconds = self.eval_seconds = 0.0  # this session: what evaluation costs next to training
         self.train_stream, self.state_dir, self.batch_size, self.device = train_stream, state_dir, batch_size, device
         self.bus = bus if bus is not None else EventBus()
         self.gate = gate if gate is not None else PauseGate()
@@ -119,13 +128,18 @@ class Trainer:
         except (ValueError, KeyError, RuntimeError) as e:  # e.g. saved before parameters were split into groups
             logger.warning(f"Saved optimizer state does not fit ({e}); keeping the weights, starting the optimizer fresh")
         self.micro_batches, self.tokens = saved.micro_batches, saved.tokens
+        self.last_val_loss, self.last_val_epoch = saved.val_loss, saved.val_epoch
+        every = self.config.training.eval_every
+        if saved.val_epoch is not None and every > 0:
+            self._next_eval_epoch = (saved.val_epoch // every + 1) * every
         logger.info(f"Resumed trainer at micro-batch {self.micro_batches}, epoch {self.optimizer.local_epoch}, {self.tokens:,} tokens")
 
     def save(self) -> None:
         optimizer_state = self.optimizer.state_dict()
         local_epoch = int(optimizer_state["state"].pop("local_epoch", self.optimizer.local_epoch))
         state = TrainerState(
-            self.model.trunk_state_dict(), optimizer_state, self.contribution.state_tensors(), self.micro_batches, self.tokens, local_epoch
+            self.model.trunk_state_dict(), optimizer_state, self.contribution.state_tensors(), self.micro_batches, self.tokens, local_epoch,
+            val_loss=self.last_val_loss, val_epoch=self.last_val_epoch,
         )
         save_trainer_state(self.checkpoint_path, state, self.config.run_prefix, self.peer_id)
 
@@ -181,7 +195,10 @@ class Trainer:
         self.optimizer.zero_grad()
         self.micro_batches += 1
         self.tokens += inputs.numel()
-        report = self._step_report(ce, aux, inputs.numel(), time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        self.train_seconds += elapsed
+        val_loss, eval_seconds = self.maybe_evaluate()
+        report = self._step_report(ce, aux, inputs.numel(), elapsed, val_loss, eval_seconds)
         self.bus.publish(report)
         logger.info(
             f"micro-batch {report.micro_batches} epoch {report.epoch} loss {report.loss:.3f} "
@@ -189,7 +206,41 @@ class Trainer:
         )
         return report
 
-    def _step_report(self, ce: torch.Tensor, aux: torch.Tensor, batch_tokens: int, elapsed: float) -> StepReport:
+    def maybe_evaluate(self) -> tuple[float | None, float | None]:
+        """(held-out loss, seconds) of the current model version when one is due (every `training.eval_every`
+        versions, from the first one this trainer sees), else (None, None). Forward only: see `training.evaluation`."""
+        every = self.config.training.eval_every
+        epoch = int(self.optimizer.local_epoch)
+        if self.val_stream is None or every <= 0 or epoch < self._next_eval_epoch:
+            return None, None
+        # a version skipped by a state download is not evaluated late: the next due one is
+        self._next_eval_epoch = (epoch // every + 1) * every
+        started = time.perf_counter()
+        try:
+            if self._eval_set is None:
+                t, m = self.config.training, self.config.model
+                self._eval_set = eval_batches(
+                    self.val_stream.tokens, m.seq_len, t.eval_batches, self.config.swarm.seed, chunk_size=EVAL_FORWARD_SEQUENCES
+                )
+            loss = evaluate_loss(self.model, self._eval_set, self.device)
+        except Exception as e:  # evaluation is a view of training: it must never stop it
+            logger.warning(f"Held-out evaluation at model version {epoch} failed: {type(e).__name__}: {e}")
+            return None, None
+        seconds = time.perf_counter() - started
+        self.eval_seconds += seconds
+        self.last_val_loss, self.last_val_epoch = loss, epoch
+        sequences = sum(len(inputs) for inputs, _ in self._eval_set)
+        share = 100.0 * self.eval_seconds / max(self.train_seconds, 1e-9)
+        logger.info(
+            f"held-out loss {loss:.3f} at model version {epoch}: {sequences} sequences in {seconds * 1000:.0f} ms "
+            f"(evaluation so far {self.eval_seconds:.2f} s = {share:.1f}% of {self.train_seconds:.1f} s training)"
+        )
+        return loss, seconds
+
+    def _step_report(
+        self, ce: torch.Tensor, aux: torch.Tensor, batch_tokens: int, elapsed: float,
+        val_loss: float | None = None, eval_seconds: float | None = None,
+    ) -> StepReport:  # fmt: skip
         reputation = self.reputation()
         tracker = self.optimizer.tracker
         return StepReport(
@@ -209,6 +260,8 @@ class Trainer:
             global_epoch=int(tracker.global_epoch),
             samples_accumulated=int(tracker.global_progress.samples_accumulated),
             target_batch_size=int(tracker.target_batch_size),
+            val_loss=val_loss,
+            eval_seconds=eval_seconds,
         )
 
     def _pause_until_resumed(self, stop: threading.Event) -> None:

@@ -29,6 +29,8 @@ FAMILIES = {
     "dragon_tokens_total": "counter",
     "dragon_expert_requests_total": "counter",
     "dragon_loss": "gauge",
+    "dragon_val_loss": "gauge",
+    "dragon_val_loss_model_version": "gauge",
     "dragon_tokens_per_second": "gauge",
     "dragon_global_epoch": "gauge",
     "dragon_samples_accumulated": "gauge",

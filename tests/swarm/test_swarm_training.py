@@ -183,3 +183,16 @@ def test_peer_with_another_config_is_told_clearly(scenario: Scenario, module_lau
     err = stranger.stderr()
     assert "config mismatch" in err and "Traceback" not in err
     assert not (tmp_path / "stranger").exists(), "a failed start wrote to its state dir"  # not even its identity key
+
+
+def test_held_out_loss_is_reported_and_falls(scenario: Scenario):
+    # swarm-test evaluates every 2 model versions: each trainer's stats carry val_loss on those micro-batches
+    # (null on the others), and it falls as the swarm learns
+    for path in scenario.stats:
+        records = read_stats(path)
+        assert all("val_loss" in r for r in records)
+        evaluated = [(r["epoch"], r["val_loss"]) for r in records if r["val_loss"] is not None]
+        assert len(evaluated) >= 3, evaluated
+        assert [e for e, _ in evaluated] == sorted({e for e, _ in evaluated}), evaluated  # one evaluation per version
+        (first_epoch, first), (last_epoch, last) = evaluated[0], evaluated[-1]
+        assert last_epoch > first_epoch and last < first - 0.25, f"held-out loss did not fall: {evaluated}"

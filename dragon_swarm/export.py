@@ -1,0 +1,239 @@
+"""`python -m dragon_swarm.export`: assemble what the swarm learned into ONE safetensors file a single process can run.
+
+    python -m dragon_swarm.export --from-state-dir peerA peerB -c dragon-tiny --out model.safetensors
+
+The trunk comes from the `trainer.safetensors` with the highest model version among the state dirs given; every
+expert from `experts/<uid>.safetensors` in any of them (the copy with the most updates when several hosts kept one).
+Everything is checked against the config's model (names, shapes, finite values) before anything is written. The
+file holds the weights only, named as the state_dict of `HRMSMoE` with `LocalExperts` (what `dragon_swarm.generate`
+loads), and metadata: the config (JSON), its hash, the model version, tokens trained, the latest held-out loss,
+the date. The tokenizer file is copied next to it. No network: the live-swarm variant (`--initial-peers`) is not
+available yet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from dragon_swarm.config import ConfigError, SwarmConfig, load_config
+from dragon_swarm.data.tokenizer import TokenizerError, load_tokenizer, tokenizer_path
+from dragon_swarm.model.dispatch import LocalExperts
+from dragon_swarm.model.expert import ExpertFFN
+from dragon_swarm.model.hrm_smoe import HRMSMoE
+from dragon_swarm.moe.expert_uids import all_expert_uids, parse_uid
+from dragon_swarm.state.atomic import atomic_write_bytes
+from dragon_swarm.state.checkpoint import CheckpointError, load_module_checkpoint, save_tensors_atomic
+from dragon_swarm.training.checkpoint import CHECKPOINT_NAME, TrainerState, read_trainer_state
+
+PROG = "dragon_swarm.export"
+FORMAT = "dragon_swarm.model.v1"
+logger = logging.getLogger(PROG)
+
+
+class ExportError(RuntimeError):
+    """An export that cannot be done; one line meant for the user."""
+
+
+@dataclass(frozen=True)
+class ExportSummary:
+    path: Path
+    tokenizer_path: Path
+    model_version: int
+    trunk_from: Path
+    experts_found: int
+    experts_missing: tuple[str, ...]
+    metadata: dict[str, str]
+
+
+def expert_state_name(layer: int, index: int, name: str) -> str:
+    """Where expert `layer.index`'s parameter `name` sits in the single-process model's state_dict."""
+    return f"dispatcher.experts.{layer}.{index}.{name}"
+
+
+def _finite(tensors: dict[str, torch.Tensor]) -> list[str]:
+    return [name for name, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
+def find_trunk(state_dirs: Sequence[Path], config: SwarmConfig) -> tuple[TrainerState, Path, int]:
+    """(the state with the highest model version, its file, tokens trained by all the trainers found)."""
+    found: list[tuple[TrainerState, Path]] = []
+    for state_dir in state_dirs:
+        path = Path(state_dir) / CHECKPOINT_NAME
+        if not path.exists():
+            continue
+        state = read_trainer_state(path, config.run_prefix)  # logs why when it is corrupt or of another swarm
+        if state is not None:
+            found.append((state, path))
+    if not found:
+        raise ExportError(
+            f"no usable {CHECKPOINT_NAME} of swarm {config.run_prefix} in {', '.join(map(str, state_dirs))} "
+            "(a trainer's --state-dir holds one; check -c: it must be the swarm's config)"
+        )
+    state, path = max(found, key=lambda item: (item[0].local_epoch, item[0].micro_batches))
+    return state, path, sum(s.tokens for s, _ in found)
+
+
+def find_expert(uid: str, state_dirs: Sequence[Path], template: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor] | None, list[str]]:
+    """The usable copy of `uid` with the highest `version` (updates applied), and why the other copies were refused."""
+    best: tuple[int, dict[str, torch.Tensor]] | None = None
+    refused: list[str] = []
+    for state_dir in state_dirs:
+        path = Path(state_dir) / "experts" / f"{uid}.safetensors"
+        if not path.exists():
+            continue
+        try:
+            weights, _, info = load_module_checkpoint(path)
+            version = int(info.get("version", 0))
+        except (CheckpointError, ValueError, TypeError) as e:
+            refused.append(f"{path}: {e}")
+            continue
+        problem = _check_against(weights, template)
+        if problem:
+            refused.append(f"{path}: {problem}")
+            continue
+        if best is None or version > best[0]:
+            best = (version, weights)
+    return (None if best is None else best[1]), refused
+
+
+def _check_against(weights: dict[str, torch.Tensor], template: dict[str, torch.Tensor]) -> str | None:
+    missing, unexpected = sorted(set(template) - set(weights)), sorted(set(weights) - set(template))
+    if missing or unexpected:
+        return f"names differ from the config's model (missing {missing}, unexpected {unexpected})"
+    for name, t in template.items():
+        if tuple(weights[name].shape) != tuple(t.shape):
+            return f"{name} has shape {tuple(weights[name].shape)}, the config's model needs {tuple(t.shape)}"
+    bad = _finite(weights)
+    return f"non-finite values in {', '.join(bad)}" if bad else None
+
+
+def fresh_expert_state(uid: str, config: SwarmConfig) -> dict[str, torch.Tensor]:
+    """The weights a fresh host gives `uid` (`moe.backend.build_expert_backends` seeds them the same way)."""
+    from dragon_swarm.moe.backend import hash_uid
+
+    with torch.random.fork_rng():
+        torch.manual_seed(config.swarm.seed ^ (hash_uid(uid) & 0x7FFFFFFF))
+        module = ExpertFFN(config.model.d_model, config.model.expert_hidden)
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def export_from_state_dirs(
+    state_dirs: Sequence[Path], config: SwarmConfig, out: Path, allow_missing: bool = False
+) -> ExportSummary:
+    """Assemble, validate and write the model file and the tokenizer beside it. Raises ExportError (one line)."""
+    state_dirs = [Path(d) for d in state_dirs]
+    absent = [str(d) for d in state_dirs if not d.is_dir()]
+    if absent:
+        raise ExportError(f"--from-state-dir: no such directory: {', '.join(absent)}")
+    m = config.model
+    trainer_state, trunk_path, tokens = find_trunk(state_dirs, config)
+    model = HRMSMoE(m, LocalExperts.from_config(m))
+    try:
+        model.load_trunk_state_dict(trainer_state.trunk)
+    except (ValueError, RuntimeError) as e:  # RuntimeError: a shape that differs from the config's model
+        raise ExportError(f"{trunk_path} does not fit the config's model: {str(e).splitlines()[0]}") from None
+    bad = _finite(trainer_state.trunk)
+    if bad:
+        raise ExportError(f"{trunk_path} has non-finite values in {', '.join(bad[:5])}")
+    state = model.state_dict()
+    template = {k: v for k, v in ExpertFFN(m.d_model, m.expert_hidden).state_dict().items()}
+    missing: list[str] = []
+    found = 0
+    for uid in all_expert_uids(config.expert_prefix, m.num_moe_layers, m.num_experts):
+        weights, refused = find_expert(uid, state_dirs, template)
+        for reason in refused:
+            logger.warning(f"Refused a copy of expert {uid}: {reason}")
+        if weights is None:
+            missing.append(uid)
+            if not allow_missing:
+                why = f"; refused: {refused[0]}" if refused else ""
+                raise ExportError(
+                    f"expert {uid} is in none of the state dirs given{why} (add the state dir of a host that "
+                    "served it, or --allow-missing to use fresh init weights)"
+                )
+            logger.warning(f"Expert {uid} not found: using fresh init weights (--allow-missing)")
+            weights = fresh_expert_state(uid, config)
+        else:
+            found += 1
+        _, layer, index = parse_uid(uid)
+        for name, t in weights.items():
+            state[expert_state_name(layer, index, name)] = t
+    model.load_state_dict(state, strict=True)  # every name of the single-process model, and only those
+
+    tok_source = tokenizer_path(config.data.tokenizer)
+    try:
+        load_tokenizer(config.data.tokenizer)  # checks the shipped file against its pin before we copy it
+    except TokenizerError as e:
+        raise ExportError(str(e)) from None
+    tok_bytes = tok_source.read_bytes()
+    out = Path(out)
+    tok_out = out.parent / f"{config.data.tokenizer}.json"
+    metadata = {
+        "format": FORMAT,
+        "config": json.dumps(config.to_dict(), sort_keys=True, default=list),
+        "config_hash": config.swarm_hash(),
+        "run_prefix": config.run_prefix,
+        "model_version": str(trainer_state.local_epoch),
+        # what the trainers whose state dirs were given trained on: a lower bound of the swarm's total
+        "tokens_trained": str(tokens),
+        "tokenizer": config.data.tokenizer,
+        "tokenizer_file": tok_out.name,
+        "tokenizer_sha256": hashlib.sha256(tok_bytes).hexdigest(),
+        "experts_missing": json.dumps(missing),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    if trainer_state.val_loss is not None and math.isfinite(trainer_state.val_loss):
+        metadata["val_loss"] = f"{trainer_state.val_loss:.6f}"
+        metadata["val_loss_model_version"] = str(trainer_state.val_epoch)
+    save_tensors_atomic(out, model.state_dict(), metadata)
+    if tok_out.resolve() != tok_source.resolve():
+        atomic_write_bytes(tok_out, tok_bytes)
+    return ExportSummary(out, tok_out, trainer_state.local_epoch, trunk_path, found, tuple(missing), metadata)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=f"python -m {PROG}", description=__doc__.splitlines()[0])
+    parser.add_argument("--from-state-dir", nargs="+", type=Path, metavar="DIR", help="state dirs of trainers and hosts")
+    parser.add_argument("--initial-peers", nargs="+", metavar="MADDR", help="export from a live swarm (not available yet)")
+    parser.add_argument("-c", "--config", required=True, help="the swarm's config: a YAML path or a shipped name")
+    parser.add_argument("--out", type=Path, required=True, help="the model file to write (safetensors)")
+    parser.add_argument("--allow-missing", action="store_true", help="fill experts found nowhere with fresh init weights")
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.initial_peers:
+        print(f"{PROG}: error: --initial-peers (export from a live swarm) is not available yet; use --from-state-dir", file=sys.stderr)
+        return 2
+    if not args.from_state_dir:
+        print(f"{PROG}: error: give --from-state-dir DIR [DIR...]", file=sys.stderr)
+        return 2
+    started = time.perf_counter()
+    try:
+        config = load_config(args.config)
+        summary = export_from_state_dirs(args.from_state_dir, config, args.out, args.allow_missing)
+    except (ConfigError, ExportError, OSError) as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 1
+    val = summary.metadata.get("val_loss")
+    logger.info(
+        f"Exported model version {summary.model_version} to {summary.path} ({summary.path.stat().st_size / 1e6:.1f} MB) "
+        f"in {time.perf_counter() - started:.1f} s: trunk from {summary.trunk_from}, {summary.experts_found} expert(s) found, "
+        f"{len(summary.experts_missing)} filled with init weights, {summary.metadata['tokens_trained']} tokens trained, "
+        f"held-out loss {val if val is not None else 'unknown'}; tokenizer at {summary.tokenizer_path}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,446 @@
+"""Local-expert mode (`training.mode: local_experts`): train locally, synchronise rarely (DiLoCo, for an MoE).
+
+A trainer holds the dense trunk and the experts it hosts (placement chooses them, as for any host) and routes its
+tokens only among those experts: the gate is renormalised over them (`alive_mask`). It trains everything locally,
+the trunk with AdamW and each held expert with the expert's own AdamW (the one its host uses), without a single
+network call per micro-batch. Every `training.sync_every` micro-batches it makes an **outer step**:
+
+* the trunk: the pseudo-gradient (start-of-round weights minus current), the start-of-round weights and the outer
+  momentum are all-reduced with the other trainers through the robust reducer (validation, CenteredClip, bans:
+  unchanged), compressed with `averaging.compression`; every participant then applies the same Nesterov SGD step
+  (`outer_lr`, `outer_momentum`, OpenDiLoCo's 0.7 / 0.9) from the averaged start with the averaged momentum.
+  Averaging start and momentum too costs three times the bytes of the pseudo-gradient alone (still a tiny share of
+  what remote experts move) and heals a trainer whose round failed or kept its own values for a partition: with the
+  pseudo-gradient alone its start and momentum would differ from the others' forever;
+* the held experts: each holder freezes a snapshot of them at the round boundary and merges it with the other
+  holders' snapshots of the same round (`moe.replica_sync`: CenteredClip over weights and AdamW moments), so the
+  holders of an expert reach the same state; run here, between micro-batches, so no merge lands between a forward
+  and its backward.
+
+The held experts are still served over hivemind's expert RPC, so stock clients and remote-expert trainers use them.
+The model version (epoch) counts outer steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Mapping
+
+import hivemind
+from hivemind.compression import CompressionInfo
+from hivemind.utils import get_dht_time
+import torch
+
+from dragon_swarm.averaging.compression import make_compression
+from dragon_swarm.averaging.robust_allreduce import RobustDecentralizedAverager
+from dragon_swarm.averaging.settings import RobustAveragingSettings
+from dragon_swarm.config import SwarmConfig
+from dragon_swarm.events import EventBus, PauseGate, PeerState, StateChanged, StepReport
+from dragon_swarm.model.hrm_smoe import HRMSMoE
+from dragon_swarm.moe.backend import ExpertBackend
+from dragon_swarm.moe.expert_uids import expert_uid
+from dragon_swarm.training.checkpoint import CHECKPOINT_NAME, TrainerState, read_trainer_state, save_trainer_state
+from dragon_swarm.training.contribution import GradientContribution, HonestContribution
+from dragon_swarm.training.optim import decay_param_groups
+from dragon_swarm.training.trainer import warmup_schedule
+
+logger = logging.getLogger(__name__)
+
+OUTER_MATCHMAKING_FACTOR = 3.0  # trainers reach a round boundary seconds apart: wait longer than a gradient round
+
+
+class HeldExperts:
+    """ExpertDispatcher over the experts this peer hosts, called in-process with autograd (no RPC)."""
+
+    def __init__(self, prefix: str, num_layers: int, num_experts: int, backends: Mapping[str, ExpertBackend]):
+        self.prefix, self.num_layers, self.num_experts = prefix, num_layers, num_experts
+        self.backends = dict(backends)
+        self.used: set[str] = set()  # experts that took part in the current micro-batch
+
+    def set_backends(self, backends: Mapping[str, ExpertBackend]) -> None:
+        self.backends = dict(backends)  # one assignment: the training thread sees the old or the new set
+
+    def alive_mask(self, layer: int) -> torch.Tensor:
+        backends = self.backends
+        return torch.tensor([expert_uid(self.prefix, layer, i) in backends for i in range(self.num_experts)], dtype=torch.bool)
+
+    def dispatch(self, layer: int, inputs: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        backends, outputs = self.backends, {}
+        for index, tokens in inputs.items():
+            uid = expert_uid(self.prefix, layer, index)
+            backend = backends.get(uid)
+            if backend is not None:
+                outputs[index] = backend.module(tokens)
+                self.used.add(uid)
+        return outputs
+
+    def online_experts(self) -> int:
+        return len(self.backends)
+
+
+class OuterOptimizer:
+    """Nesterov SGD on pseudo-gradients (DiLoCo's outer optimizer): pure tensor arithmetic, tested directly."""
+
+    def __init__(self, params: list[torch.nn.Parameter], lr: float, momentum: float):
+        self.params, self.lr, self.momentum = params, lr, momentum
+        self.start = [p.detach().clone() for p in params]
+        self.velocity = [torch.zeros_like(p) for p in params]
+
+    def pseudo_gradient(self) -> list[torch.Tensor]:
+        return [s - p.detach() for s, p in zip(self.start, self.params)]
+
+    @torch.no_grad()
+    def step(self, start: list[torch.Tensor], pseudo_gradient: list[torch.Tensor]) -> None:
+        """From `start` (the averaged start of the round), one Nesterov step along `pseudo_gradient`."""
+        for p, s, v, g in zip(self.params, start, self.velocity, pseudo_gradient):
+            v.mul_(self.momentum).add_(g)
+            p.copy_(s - self.lr * (g + self.momentum * v))
+        self.start = [p.detach().clone() for p in self.params]
+
+    def reset_start(self) -> None:
+        self.start = [p.detach().clone() for p in self.params]
+
+
+LAST_ROUND_GRACE_S = 5.0  # a trainer that stops right after a round keeps serving its snapshots this long
+ROUND_CHUNKS = 32  # the round's vector is cut into this many chunks per quantity, interleaved (see RoundLayout)
+
+
+class RoundLayout:
+    """How (start, pseudo-gradient, momentum) travel in one all-reduce: each flattened, cut into `chunks` pieces,
+    interleaved piece by piece. hivemind gives each group member one contiguous partition to reduce and every
+    member bans only from the parts it reduces: with the three quantities laid end to end, only the members
+    reducing the pseudo-gradient's share would see an attacker that poisons just that. Interleaved, every
+    partition holds a share of all three (as long as the group has at most `chunks` members). Pure."""
+
+    def __init__(self, shapes: list[torch.Size], chunks: int = ROUND_CHUNKS):
+        self.shapes = shapes
+        self.sizes = [int(torch.Size(s).numel()) for s in shapes]
+        total = sum(self.sizes)
+        self.chunk_sizes = [len(c) for c in torch.arange(total).tensor_split(min(chunks, max(total, 1)))]
+
+    def empty(self) -> list[torch.Tensor]:
+        return [torch.zeros(size) for size in self.chunk_sizes for _ in range(3)]
+
+    def pack(self, start: list[torch.Tensor], pseudo: list[torch.Tensor], velocity: list[torch.Tensor]) -> list[torch.Tensor]:
+        pieces = [torch.cat([t.detach().reshape(-1) for t in q]).split(self.chunk_sizes) for q in (start, pseudo, velocity)]
+        return [piece for triple in zip(*pieces) for piece in triple]
+
+    def unpack(self, tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+        quantities = []
+        for k in range(3):
+            flat = torch.cat([t.reshape(-1) for t in tensors[k::3]])
+            quantities.append([part.reshape(shape) for part, shape in zip(flat.split(self.sizes), self.shapes)])
+        return quantities[0], quantities[1], quantities[2]
+
+
+class LocalExpertsTrainer:
+    """Same interface as `training.trainer.Trainer` (`sync_with_swarm`, `train`, `save`, `shutdown`)."""
+
+    def __init__(
+        self,
+        config: SwarmConfig,
+        dht: hivemind.DHT,
+        hosting,
+        train_stream,
+        state_dir: Path,
+        batch_size: int,
+        device: str = "cpu",
+        bus: EventBus | None = None,
+        gate: PauseGate | None = None,
+        contribution: GradientContribution | None = None,
+    ):
+        t, m = config.training, config.model
+        self.config, self.dht, self.hosting = config, dht, hosting
+        self.train_stream, self.state_dir, self.batch_size, self.device = train_stream, state_dir, batch_size, device
+        self.bus = bus if bus is not None else EventBus()
+        self.gate = gate if gate is not None else PauseGate()
+        self.contribution = contribution  # None: honest. A Byzantine one rewrites the pseudo-gradient (tests only)
+        self.peer_id = dht.peer_id.to_base58()
+        self.dispatcher = HeldExperts(config.expert_prefix, m.num_moe_layers, m.num_experts, hosting.backends)
+        hosting.listeners.append(self.dispatcher.set_backends)
+        torch.manual_seed(config.swarm.seed)  # every fresh trunk starts from the same weights
+        self.model = HRMSMoE(m, self.dispatcher).to(device)
+        self.trunk_params = list(self.model.named_trunk_parameters())
+        self.params = [p for _, p in self.trunk_params]
+        self.micro_batches = self.tokens = self.skipped_batches = 0
+        self.epoch = 0
+        self.inner = torch.optim.AdamW(decay_param_groups(self.trunk_params, t.weight_decay), lr=t.lr, betas=tuple(t.betas))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.inner, warmup_schedule(t.warmup_steps))
+        saved = read_trainer_state(self.checkpoint_path, config.run_prefix)
+        if saved is not None:
+            self._restore(saved)
+        self.outer = OuterOptimizer(self.params, t.outer_lr, t.outer_momentum)
+        if saved is not None:
+            for v, name in zip(self.outer.velocity, (n for n, _ in self.trunk_params)):
+                if name in saved.momentum and saved.momentum[name].shape == v.shape:
+                    v.copy_(saved.momentum[name])
+        self._lock = threading.Lock()  # the averager's state download reads the trunk from its own thread
+        self.last_round_peers = 0
+        self.layout = RoundLayout([p.shape for p in self.params])
+        self.averager = _OuterAverager(
+            self.layout.empty(),
+            dht,
+            trainer=self,
+            settings=RobustAveragingSettings.from_config(config.averaging, t.target_batch_size),
+            prefix=f"{config.run_prefix}_outer",
+            start=True,
+            min_matchmaking_time=OUTER_MATCHMAKING_FACTOR * config.averaging.matchmaking_time,
+            request_timeout=min(3.0, 0.9 * config.averaging.matchmaking_time),
+            allreduce_timeout=config.averaging.averaging_timeout,
+            compression=make_compression(config.averaging.compression),
+            allow_state_sharing=True,
+        )
+
+    # --- state ---
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.state_dir / CHECKPOINT_NAME
+
+    def _restore(self, saved: TrainerState) -> None:
+        try:
+            self.model.load_trunk_state_dict(saved.trunk)
+            self.inner.load_state_dict(saved.optimizer)
+        except (RuntimeError, KeyError, ValueError) as e:
+            logger.error(f"Trainer checkpoint does not fit this model or optimizer, starting fresh: {e}")
+            return
+        self.micro_batches, self.tokens, self.epoch = saved.micro_batches, saved.tokens, saved.local_epoch
+        logger.info(f"Resumed local-expert trainer at micro-batch {self.micro_batches}, epoch {self.epoch}, {self.tokens:,} tokens")
+
+    def save(self) -> None:
+        # the start of the round is what every trainer agrees on: save it, not the half-trained current weights
+        with torch.no_grad(), self._lock:
+            current = [p.detach().clone() for p in self.params]
+            for p, s in zip(self.params, self.outer.start):
+                p.copy_(s)
+            trunk = self.model.trunk_state_dict()
+            for p, c in zip(self.params, current):
+                p.copy_(c)
+        momentum = {name: v for (name, _), v in zip(self.trunk_params, self.outer.velocity)}
+        state = TrainerState(trunk, self.inner.state_dict(), momentum, self.micro_batches, self.tokens, self.epoch)
+        save_trainer_state(self.checkpoint_path, state, self.config.run_prefix, self.peer_id)
+
+    def current_state(self) -> tuple[dict, list[torch.Tensor]]:
+        """What a late joiner downloads: the start of the current round and the outer momentum."""
+        with self._lock:
+            return {"epoch": self.epoch}, [s.clone() for s in self.outer.start] + [v.clone() for v in self.outer.velocity]
+
+    # --- training ---
+
+    def sync_with_swarm(self, timeout: float = 15.0) -> None:
+        """A late joiner takes the trunk from a trainer that is ahead (validated: shapes, finite values)."""
+        try:
+            self._announce_presence(self.epoch)  # others count this trainer in their next round from now on
+        except Exception as e:
+            logger.debug(f"Announcing this trainer failed: {e}")
+        loaded = self.averager.load_state_from_peers(timeout=timeout)
+        if loaded is None:  # nobody to download from: this is the first trainer, or all are at its epoch
+            return
+        metadata, tensors = loaded
+        epoch = int(metadata.get("epoch", 0)) if isinstance(metadata, dict) else 0
+        n = len(self.params)
+        if epoch <= self.epoch or len(tensors) != 2 * n or any(t.shape != p.shape for t, p in zip(tensors, self.params * 2)):
+            return
+        if not all(bool(torch.isfinite(t).all()) for t in tensors):
+            logger.warning("Refused a downloaded trunk with NaN/Inf values")
+            return
+        self.bus.publish(StateChanged(PeerState.SYNCING))
+        with torch.no_grad(), self._lock:
+            for p, t in zip(self.params, tensors[:n]):
+                p.copy_(t)
+            for v, t in zip(self.outer.velocity, tensors[n:]):
+                v.copy_(t)
+            self.outer.reset_start()
+            self.epoch = epoch
+        logger.info(f"Downloaded the trunk from a peer: now at epoch {epoch}")
+
+    def train(self, max_micro_batches: int | None, stop: threading.Event, save_every: int = 10) -> None:
+        while not stop.is_set() and (max_micro_batches is None or self.micro_batches < max_micro_batches):
+            if self.gate.paused:
+                self.bus.publish(StateChanged(PeerState.IDLE))
+                self.save()
+                self.gate.wait_until_running(stop)
+                continue
+            self.bus.publish(StateChanged(PeerState.TRAINING))
+            self.train_micro_batch()
+            if self.micro_batches % self.config.training.sync_every == 0:
+                self.outer_step()
+                if max_micro_batches is not None and self.micro_batches >= max_micro_batches:
+                    # the other holders of our experts may still be fetching this round's snapshots
+                    stop.wait(LAST_ROUND_GRACE_S)
+            if self.micro_batches % save_every == 0:
+                self.save()
+
+    def train_micro_batch(self) -> StepReport | None:
+        started = time.perf_counter()
+        t = self.config.training
+        inputs, targets = self.train_stream.batch(self.config.swarm.seed, self.peer_id, self.micro_batches, self.batch_size, self.config.model.seq_len)
+        inputs, targets = inputs.to(self.device), targets.to(self.device)
+        self.dispatcher.used.clear()
+        backends = self.dispatcher.backends
+        with ExitStack() as held:  # the host's runtime and replica sync wait while this micro-batch uses the experts
+            for uid in sorted(backends):
+                held.enter_context(backends[uid].lock)
+            loss, ce, aux = self.model.compute_loss(inputs, targets)
+            loss.backward()
+            finite = bool(torch.isfinite(loss)) and all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in self.params)
+            if finite:
+                torch.nn.utils.clip_grad_norm_(self.params, t.clip_grad_norm)
+                self.inner.step()
+                self.scheduler.step()
+                for uid in self.dispatcher.used:
+                    backends[uid].on_backward(inputs.numel())  # clip, AdamW step, update count, as for a remote call
+            else:
+                for uid in self.dispatcher.used:
+                    backends[uid].optimizer.zero_grad(set_to_none=True)
+            self.inner.zero_grad(set_to_none=True)
+        self.micro_batches += 1
+        if not finite:
+            self.skipped_batches += 1
+            logger.warning(f"Micro-batch {self.micro_batches}: non-finite loss or gradient, dropped ({self.skipped_batches} so far)")
+            return None
+        self.tokens += inputs.numel()
+        elapsed = time.perf_counter() - started
+        report = StepReport(
+            micro_batches=self.micro_batches, epoch=self.epoch, loss=float(ce.item()), aux_loss=float(aux.item()),
+            tokens=self.tokens, batch_tokens=inputs.numel(), samples_per_second=self.batch_size / elapsed,
+            tokens_per_second=inputs.numel() / elapsed, peers=self.last_round_peers,
+            experts_online=self.dispatcher.online_experts(), expert_failures=0, banned_peers=self._banned(),
+            rejected_parts=0, global_epoch=self.epoch, samples_accumulated=0, target_batch_size=t.target_batch_size,
+        )  # fmt: skip
+        self.bus.publish(report)
+        logger.info(
+            f"micro-batch {report.micro_batches} epoch {report.epoch} loss {report.loss:.3f} "
+            f"{report.tokens_per_second:.0f} tokens/s, {report.experts_online} held experts"
+        )
+        return report
+
+    def outer_step(self) -> None:
+        """All-reduce (start, pseudo-gradient) of the trunk with the other trainers, apply Nesterov, merge the held
+        experts with their other holders. A failed round applies this trainer's own pseudo-gradient."""
+        self.bus.publish(StateChanged(PeerState.AVERAGING))
+        started = time.perf_counter()
+        start, pseudo = [s.clone() for s in self.outer.start], self.outer.pseudo_gradient()
+        velocity = [v.clone() for v in self.outer.velocity]
+        if self.contribution is not None and not isinstance(self.contribution, HonestContribution):
+            pseudo = self._tampered(pseudo)
+        with self.averager.get_tensors() as tensors:
+            for slot, value in zip(tensors, self.layout.pack(start, pseudo, velocity)):
+                slot.copy_(value)
+        group = None
+        others = self._wait_for_others(self.epoch + 1)
+        if others:
+            try:
+                # a follower that gives up while its leader is still assembling the group leaves a member that never
+                # sends: everybody else then waits out the all-reduce timeout. After the barrier, waiting is cheap
+                group = self.averager.step(timeout=self.config.averaging.averaging_timeout, allow_retries=False)
+            except Exception as e:  # a failed round must not stop training
+                logger.warning(f"Outer round {self.epoch + 1}: all-reduce failed ({type(e).__name__}: {e}); stepping alone")
+        if group:
+            with self.averager.get_tensors() as tensors:
+                start, pseudo, velocity = self.layout.unpack([t.clone() for t in tensors])
+        if not all(bool(torch.isfinite(t).all()) for t in start + pseudo + velocity):
+            logger.error(f"Outer round {self.epoch + 1}: non-finite average refused; keeping this trainer's own values")
+            start, pseudo = [s.clone() for s in self.outer.start], self.outer.pseudo_gradient()
+            velocity = [v.clone() for v in self.outer.velocity]
+        with self._lock:
+            for v, averaged_v in zip(self.outer.velocity, velocity):
+                v.copy_(averaged_v)
+            self.outer.step(start, pseudo)
+            self.epoch += 1
+        self.last_round_peers = len(group) if group else 1
+        synced = self.hosting.merge_round(f"{self.config.run_prefix}-r{self.epoch}") if self.hosting is not None else 0
+        logger.info(
+            f"Outer step {self.epoch}: trunk averaged with {self.last_round_peers - 1} other trainer(s), "
+            f"{synced} held expert(s) merged with their other holders, {time.perf_counter() - started:.1f} s"
+        )
+
+    def _wait_for_others(self, round_number: int) -> int:
+        """The round's barrier: announce that this trainer reached `round_number`, then wait (up to the averaging
+        timeout) until every other local-expert trainer that announced itself recently has reached it too, so all
+        of them enter matchmaking within a poll of each other; hivemind's matchmaking alone splits trainers that
+        arrive seconds apart. Returns how many others will be in the round (0: step alone, no matchmaking wait).
+        Entries are unsigned: a forged one costs a wait, nothing more."""
+        deadline = time.monotonic() + self.config.averaging.averaging_timeout
+        waited_for: set[str] = set()
+        while True:
+            try:
+                self._announce_presence(round_number)
+                rounds = self._announced_rounds()
+            except Exception as e:
+                logger.debug(f"Trainer presence lookup failed: {e}")
+                return 1  # try the round anyway
+            behind = {peer for peer, reached in rounds.items() if 0 <= reached < round_number}
+            ready = [peer for peer, reached in rounds.items() if reached >= round_number]
+            if not behind or time.monotonic() > deadline:
+                if behind:
+                    logger.warning(
+                        f"Outer round {round_number}: {len(behind)} trainer(s) still behind after the averaging timeout; going on without them"
+                    )
+                elif waited_for:
+                    logger.info(f"Outer round {round_number}: waited for {len(waited_for)} trainer(s) to reach the round")
+                return len(ready)
+            waited_for |= behind
+            time.sleep(0.5)
+
+    @property
+    def _presence_key(self) -> str:
+        return f"{self.config.run_prefix}_outer_trainers"
+
+    def _announce_presence(self, round_number: int) -> None:
+        """Value: the outer round this trainer has reached (-1: it left)."""
+        ttl = 10 * self.averager.matchmaking_kwargs["min_matchmaking_time"] + 60.0
+        self.dht.store(self._presence_key, subkey=self.peer_id, value=round_number, expiration_time=get_dht_time() + ttl)
+
+    def _announced_rounds(self) -> dict[str, int]:
+        found = self.dht.get(self._presence_key, latest=True)
+        entries = found.value if found is not None and isinstance(found.value, dict) else {}
+        now, rounds = get_dht_time(), {}
+        for subkey, item in entries.items():
+            if subkey != self.peer_id and item.expiration_time > now and isinstance(item.value, int):
+                rounds[str(subkey)] = item.value
+        return rounds
+
+    def _tampered(self, pseudo: list[torch.Tensor]) -> list[torch.Tensor]:
+        """TEST/BENCHMARK ONLY: an injected Byzantine contribution rewrites the pseudo-gradient as it would a
+        gradient (it reads and writes `.grad`)."""
+        saved = [p.grad for p in self.params]
+        for p, g in zip(self.params, pseudo):
+            p.grad = g.clone()
+        self.contribution.prepare(self.trunk_params, torch.tensor(0.0), self.batch_size, self.last_round_peers)
+        tampered = [p.grad.detach().clone() for p in self.params]
+        for p, g in zip(self.params, saved):
+            p.grad = g
+        return tampered
+
+    def _banned(self) -> tuple[str, ...]:
+        try:
+            return tuple(sorted(self.averager.get_reputation(timeout=5).get("banned", {})))
+        except Exception:
+            return ()
+
+    def shutdown(self) -> None:
+        try:
+            self.save()
+            self._announce_presence(-1)  # nobody waits for a trainer that left
+        except Exception as e:
+            logger.warning(f"Saving or leaving the outer rounds failed: {e}")
+        finally:
+            self.averager.shutdown()
+
+
+class _OuterAverager(RobustDecentralizedAverager):
+    """The outer round's averager; a late joiner downloads the trunk from it (`get_current_state`)."""
+
+    def __init__(self, averaged_tensors, dht, *, trainer: LocalExpertsTrainer, **kwargs):
+        self._trainer = trainer
+        super().__init__(averaged_tensors, dht, **kwargs)
+
+    def get_current_state(self):
+        metadata, tensors = self._trainer.current_state()
+        return metadata, tensors, [CompressionInfo.from_tensor(t) for t in tensors]
+

@@ -1,0 +1,92 @@
+"""Local-expert mode on a real loopback swarm: three trainers, each holding 6 of the 8 experts (placement), train
+locally and make an outer step every 4 micro-batches (2 rounds). One scenario per module; each test asserts one
+property of what the peers did. The Byzantine variant is `test_local_experts_byzantine.py`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from benchmarks.local_peers import PeerProcess, read_stats
+from dragon_swarm.state.checkpoint import load_module_checkpoint
+from tests.swarm.paths import TEST_CONFIG
+
+pytestmark = pytest.mark.swarm
+
+STEPS = 8  # 2 outer rounds of 4 micro-batches
+HONEST = 3
+
+
+@dataclass
+class Scenario:
+    log_dir: Path
+    trainers: list[PeerProcess]
+    stats: list[Path]
+    exit_codes: list[int]
+
+
+@pytest.fixture(scope="module")
+def scenario(module_launcher) -> Scenario:
+    log_dir = module_launcher.log_dir
+    raw = yaml.safe_load(TEST_CONFIG.read_text())
+    raw["training"]["mode"] = "local_experts"
+    config = log_dir / "local.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    boot = module_launcher.bootstrap()
+    initial = boot.initial_peers()
+
+    def start(name: str, *extra: str) -> PeerProcess:
+        args = ["-c", str(config), "--initial-peers", *initial, "--state-dir", str(log_dir / name), "--max-experts", "6",
+                "--max-steps", str(STEPS), "--stats-file", str(log_dir / f"{name}.jsonl"), *extra]  # fmt: skip
+        return module_launcher.start(name, args)
+
+    trainers = [start(f"trainer{i}") for i in range(HONEST)]
+    exit_codes = [t.wait(timeout=400) for t in trainers]
+    return Scenario(log_dir, trainers, [log_dir / f"trainer{i}.jsonl" for i in range(HONEST)], exit_codes)
+
+
+def test_trainers_finish_and_loss_falls(scenario):
+    assert scenario.exit_codes == [0] * HONEST, [t.stderr()[-2000:] for t in scenario.trainers]
+    for path in scenario.stats:
+        records = read_stats(path)
+        assert records[-1]["micro_batches"] == STEPS and records[-1]["epoch"] == STEPS // 4 - 1  # reported before its outer step
+        first, last = records[0]["loss"], sum(r["loss"] for r in records[-3:]) / 3
+        assert last < first - 0.2, f"{path.name}: loss {first:.3f} -> {last:.3f}"
+
+
+def test_outer_rounds_average_the_trunk_with_the_others(scenario):
+    for trainer in scenario.trainers:
+        rounds = re.findall(r"Outer step (\d+): trunk averaged with (\d+) other", trainer.stderr())
+        assert len(rounds) == STEPS // 4
+        assert all(int(others) == HONEST - 1 for _, others in rounds), rounds
+
+
+def test_the_trunk_is_the_same_on_every_honest_trainer(scenario):
+    trunks = [load_file(str(scenario.log_dir / f"trainer{i}" / "trainer.safetensors")) for i in range(HONEST)]
+    names = [n for n in trunks[0] if n.startswith("trunk.")] or list(trunks[0])
+    for other in trunks[1:]:
+        for name in names:
+            assert torch.allclose(trunks[0][name].float(), other[name].float(), atol=1e-3, rtol=1e-3), name
+
+
+def test_each_expert_agrees_across_its_holders(scenario):
+    holders: dict[str, list[torch.Tensor]] = {}
+    for i, trainer in enumerate(scenario.trainers):
+        # what the trainer held at the end (a file of an expert it dropped when rebalancing stays behind, older)
+        held = re.findall(r"Serving \d+ expert\(s\): ([^(]+) \(", trainer.stderr())[-1].split(", ")
+        for uid in held:
+            path = scenario.log_dir / f"trainer{i}" / "experts" / f"{uid}.safetensors"
+            module, _, _ = load_module_checkpoint(path)
+            holders.setdefault(uid, []).append(torch.cat([module[k].reshape(-1) for k in sorted(module)]))
+    shared = {uid: vs for uid, vs in holders.items() if len(vs) >= 2}
+    assert shared, "no expert had two honest holders"
+    for uid, vectors in shared.items():
+        for v in vectors[1:]:
+            assert float((v - vectors[0]).norm() / vectors[0].norm()) < 0.05, uid

@@ -1,0 +1,57 @@
+"""Local-expert mode under attack, on a real loopback swarm: three honest trainers and one that sends a
+sign-flipped pseudo-gradient (x1000) every outer round. The robust all-reduce and the ban policy are the trunk's
+usual ones: the attacker must be banned and the honest trainers must keep learning."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+import yaml
+
+from benchmarks.local_peers import read_stats
+from tests.swarm.paths import TEST_CONFIG
+
+pytestmark = pytest.mark.swarm
+
+STEPS = 16  # 4 outer rounds: bans take 3 (averaging.ban_rounds)
+HONEST = 3
+
+
+@pytest.fixture(scope="module")
+def swarm(module_launcher):
+    log_dir = module_launcher.log_dir
+    raw = yaml.safe_load(TEST_CONFIG.read_text())
+    raw["training"]["mode"] = "local_experts"
+    config = log_dir / "local.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    initial = module_launcher.bootstrap().initial_peers()
+
+    def start(name: str, *extra: str):
+        args = ["-c", str(config), "--initial-peers", *initial, "--state-dir", str(log_dir / name), "--max-experts", "6",
+                "--max-steps", str(STEPS), "--stats-file", str(log_dir / f"{name}.jsonl"), *extra]  # fmt: skip
+        return module_launcher.start(name, args)
+
+    honest = [start(f"trainer{i}") for i in range(HONEST)]
+    attacker = start("attacker", "--attack", "sign_flip")
+    codes = [t.wait(timeout=500) for t in honest]
+    attacker.wait(timeout=120)
+    return log_dir, honest, attacker, codes
+
+
+def test_the_sign_flipper_is_banned_by_the_honest_trainers(swarm):
+    _, honest, attacker, codes = swarm
+    assert codes == [0] * HONEST, [t.stderr()[-2000:] for t in honest]
+    attacker_id = re.search(r"peer id (Qm\w+)", attacker.stderr()).group(1)
+    banned_by = [t.name for t in honest if re.search(rf"banned {attacker_id} for \d+ s", t.stderr())]
+    assert len(banned_by) >= 2, f"banned by {banned_by}"
+
+
+def test_the_honest_trainers_keep_learning(swarm):
+    log_dir, honest, _, _ = swarm
+    for trainer in honest:
+        records = read_stats(log_dir / f"{trainer.name}.jsonl")
+        assert all(math.isfinite(r["loss"]) for r in records)
+        first, last = records[0]["loss"], sum(r["loss"] for r in records[-3:]) / 3
+        assert last < first - 0.3, f"{trainer.name}: loss {first:.3f} -> {last:.3f}"
