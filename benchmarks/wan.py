@@ -23,6 +23,25 @@ links in that same window (read from the links' counters, sampled while it train
 A trainer's sent bytes are its own link's ``bytes_out`` (connections others dialed to it) plus what it sent into
 other peers' links on connections it dialed (``WanLinks.bytes_sent_by``). ``loopback_tokens_per_second``: the
 same trainers with no links.
+
+In the same run (same ``--peers``, so the same CPU share on this machine), the same trainers **alone**, sync off,
+no links, all at once: ``alone_tokens_per_second``. ``local_experts``: each trainer its own swarm
+(``--new-swarm``) with ``training.sync_every`` huge (no outer step, nothing sent); ``remote_experts``: each trainer
+its own swarm hosting ``--experts all`` itself (its experts in its own process). The swarm-side window ends on a
+round boundary in ``local_experts`` (it holds whole rounds: ``sync_every`` micro-batches and one outer step each).
+
+Learning: ``val_loss``: the swarm's model after the run (the trainers' and the host's state dirs assembled with
+``python -m dragon_swarm.export``; in ``local_experts`` the trunk saved is the start of the round after the last
+outer step) on the config's held-out split (``training.evaluation``, ``--eval-batches`` fixed batches of 8);
+``single_process_val_loss``: the same model (same init) trained in this process on as many tokens as all trainers
+together, micro-batch by micro-batch, with the config's inner optimizer (trunk AdamW with warm-up, each expert its own
+AdamW at ``expert_lr``, clipping as the peers do), evaluated the same way. Every derived config sets
+``training.eval_every: 0``: the peers do not evaluate during the timed window; this script evaluates afterwards.
+
+``--project-125m``: from the measured bytes one trainer sends per outer round (``local_experts``), the bytes per
+hour one ``hrm-smoe-125m`` volunteer would send (scaled by the trunk size ratio, ``count_parameters``, and by the
+averaging codec's bytes per value), for micro-batch times given by ``--mb-seconds``, against the original plan's
+660 MB/hour.
 """
 
 from __future__ import annotations
@@ -31,6 +50,7 @@ import argparse
 import bisect
 import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -38,7 +58,7 @@ from pathlib import Path
 
 import yaml
 
-from benchmarks.local_peers import PeerLauncher, PeerProcess, read_stats
+from benchmarks.local_peers import REPO_ROOT, PeerLauncher, PeerProcess, read_stats
 from benchmarks.wan_peers import PeerLink, WanLinks
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "tests" / "configs" / "swarm-test.yaml"

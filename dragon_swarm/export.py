@@ -35,6 +35,7 @@ from dragon_swarm.moe.expert_uids import all_expert_uids, parse_uid
 from dragon_swarm.state.atomic import atomic_write_bytes
 from dragon_swarm.state.checkpoint import CheckpointError, load_module_checkpoint, save_tensors_atomic
 from dragon_swarm.training.checkpoint import CHECKPOINT_NAME, TrainerState, read_trainer_state
+from dragon_swarm.training.versions import kept_versions, version_path
 
 PROG = "dragon_swarm.export"
 FORMAT = "dragon_swarm.model.v1"
@@ -50,7 +51,7 @@ class ExportSummary:
     path: Path
     tokenizer_path: Path
     model_version: int
-    trunk_from: Path
+    trunk_from: str
     experts_found: int
     experts_missing: tuple[str, ...]
     metadata: dict[str, str]
@@ -129,43 +130,87 @@ def fresh_expert_state(uid: str, config: SwarmConfig) -> dict[str, torch.Tensor]
 
 
 def export_from_state_dirs(
-    state_dirs: Sequence[Path], config: SwarmConfig, out: Path, allow_missing: bool = False
+    state_dirs: Sequence[Path], config: SwarmConfig, out: Path, allow_missing: bool = False, model_version: int | None = None
 ) -> ExportSummary:
-    """Assemble, validate and write the model file and the tokenizer beside it. Raises ExportError (one line)."""
+    """Assemble, validate and write the model file and the tokenizer beside it. Raises ExportError (one line).
+    `model_version`: the trunk of that version, from a trainer's `trainer.safetensors` or its kept versions
+    (`versions/trainer-v<N>.safetensors`, `--keep-versions`); the experts are the newest the state dirs hold."""
     state_dirs = [Path(d) for d in state_dirs]
     absent = [str(d) for d in state_dirs if not d.is_dir()]
     if absent:
         raise ExportError(f"--from-state-dir: no such directory: {', '.join(absent)}")
     m = config.model
-    trainer_state, trunk_path, tokens = find_trunk(state_dirs, config)
-    model = HRMSMoE(m, LocalExperts.from_config(m))
-    try:
-        model.load_trunk_state_dict(trainer_state.trunk)
-    except (ValueError, RuntimeError) as e:  # RuntimeError: a shape that differs from the config's model
-        raise ExportError(f"{trunk_path} does not fit the config's model: {str(e).splitlines()[0]}") from None
-    bad = _finite(trainer_state.trunk)
-    if bad:
-        raise ExportError(f"{trunk_path} has non-finite values in {', '.join(bad[:5])}")
-    state = model.state_dict()
+    if model_version is None:
+        trainer_state, trunk_path, tokens = find_trunk(state_dirs, config)
+    else:
+        trainer_state, trunk_path = find_trunk_version(state_dirs, config, model_version)
+        tokens = trainer_state.tokens
     template = {k: v for k, v in ExpertFFN(m.d_model, m.expert_hidden).state_dict().items()}
-    missing: list[str] = []
-    found = 0
+    experts: dict[str, dict[str, torch.Tensor]] = {}
     for uid in all_expert_uids(config.expert_prefix, m.num_moe_layers, m.num_experts):
         weights, refused = find_expert(uid, state_dirs, template)
         for reason in refused:
             logger.warning(f"Refused a copy of expert {uid}: {reason}")
+        if weights is not None:
+            experts[uid] = weights
+        elif not allow_missing:
+            why = f"; refused: {refused[0]}" if refused else ""
+            raise ExportError(
+                f"expert {uid} is in none of the state dirs given{why} (add the state dir of a host that "
+                "served it, or --allow-missing to use fresh init weights)"
+            )
+    return write_model_file(
+        config, trainer_state.trunk, experts, out, trainer_state.local_epoch, tokens, str(trunk_path),
+        val_loss=trainer_state.val_loss, val_epoch=trainer_state.val_epoch,
+    )  # fmt: skip
+
+
+def find_trunk_version(state_dirs: Sequence[Path], config: SwarmConfig, model_version: int) -> tuple[TrainerState, Path]:
+    """A trainer's trunk of exactly `model_version`: its current checkpoint or one of its kept versions."""
+    for state_dir in state_dirs:
+        for path in (Path(state_dir) / CHECKPOINT_NAME, version_path(Path(state_dir), model_version)):
+            if path.exists():
+                state = read_trainer_state(path, config.run_prefix)
+                if state is not None and state.local_epoch == model_version:
+                    return state, path
+    kept = sorted({v for d in state_dirs for v in kept_versions(Path(d))})
+    raise ExportError(
+        f"no trainer checkpoint of model version {model_version} in {', '.join(map(str, state_dirs))} "
+        f"(kept versions there: {', '.join(map(str, kept)) or 'none'})"
+    )
+
+
+def write_model_file(
+    config: SwarmConfig,
+    trunk: dict[str, torch.Tensor],
+    experts: dict[str, dict[str, torch.Tensor]],
+    out: Path,
+    model_version: int,
+    tokens: int,
+    trunk_from: str,
+    val_loss: float | None = None,
+    val_epoch: int | None = None,
+) -> ExportSummary:
+    """The one writer of model files (state dirs and live swarm alike): `trunk` as `HRMSMoE.trunk_state_dict()`,
+    `experts` uid -> ExpertFFN state_dict (checked against the config's shapes by the caller); an expert not in
+    `experts` gets fresh init weights and is listed in the metadata's `experts_missing`. Raises ExportError."""
+    m = config.model
+    model = HRMSMoE(m, LocalExperts.from_config(m))
+    try:
+        model.load_trunk_state_dict(trunk)
+    except (ValueError, RuntimeError) as e:  # RuntimeError: a shape that differs from the config's model
+        raise ExportError(f"{trunk_from} does not fit the config's model: {str(e).splitlines()[0]}") from None
+    bad = _finite(trunk)
+    if bad:
+        raise ExportError(f"{trunk_from} has non-finite values in {', '.join(bad[:5])}")
+    state = model.state_dict()
+    missing: list[str] = []
+    for uid in all_expert_uids(config.expert_prefix, m.num_moe_layers, m.num_experts):
+        weights = experts.get(uid)
         if weights is None:
             missing.append(uid)
-            if not allow_missing:
-                why = f"; refused: {refused[0]}" if refused else ""
-                raise ExportError(
-                    f"expert {uid} is in none of the state dirs given{why} (add the state dir of a host that "
-                    "served it, or --allow-missing to use fresh init weights)"
-                )
             logger.warning(f"Expert {uid} not found: using fresh init weights (--allow-missing)")
             weights = fresh_expert_state(uid, config)
-        else:
-            found += 1
         _, layer, index = parse_uid(uid)
         for name, t in weights.items():
             state[expert_state_name(layer, index, name)] = t
@@ -184,22 +229,23 @@ def export_from_state_dirs(
         "config": json.dumps(config.to_dict(), sort_keys=True, default=list),
         "config_hash": config.swarm_hash(),
         "run_prefix": config.run_prefix,
-        "model_version": str(trainer_state.local_epoch),
-        # what the trainers whose state dirs were given trained on: a lower bound of the swarm's total
+        "model_version": str(model_version),
+        # what the trainers counted (state dirs given, or their self-reported records): a lower bound of the swarm's
         "tokens_trained": str(tokens),
         "tokenizer": config.data.tokenizer,
         "tokenizer_file": tok_out.name,
         "tokenizer_sha256": hashlib.sha256(tok_bytes).hexdigest(),
         "experts_missing": json.dumps(missing),
+        "trunk_from": trunk_from,
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    if trainer_state.val_loss is not None and math.isfinite(trainer_state.val_loss):
-        metadata["val_loss"] = f"{trainer_state.val_loss:.6f}"
-        metadata["val_loss_model_version"] = str(trainer_state.val_epoch)
+    if val_loss is not None and val_epoch is not None and math.isfinite(val_loss):
+        metadata["val_loss"] = f"{val_loss:.6f}"
+        metadata["val_loss_model_version"] = str(val_epoch)
     save_tensors_atomic(out, model.state_dict(), metadata)
     if tok_out.resolve() != tok_source.resolve():
         atomic_write_bytes(tok_out, tok_bytes)
-    return ExportSummary(out, tok_out, trainer_state.local_epoch, trunk_path, found, tuple(missing), metadata)
+    return ExportSummary(out, tok_out, model_version, trunk_from, len(experts), tuple(missing), metadata)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

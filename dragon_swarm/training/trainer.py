@@ -34,6 +34,7 @@ from dragon_swarm.training.checkpoint import CHECKPOINT_NAME, TrainerState, read
 from dragon_swarm.training.contribution import GradientContribution, HonestContribution
 from dragon_swarm.training.evaluation import EVAL_FORWARD_SEQUENCES, eval_batches, evaluate_loss
 from dragon_swarm.training.optim import decay_param_groups
+from dragon_swarm.training.versions import VersionKeeper
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +66,7 @@ class Trainer:
         gate: PauseGate | None = None,
         contribution: GradientContribution | None = None,
         val_stream=None,
+        keep_versions: int = 0,
     ):
         self.config, self.dht, self.dispatcher = config, dht, dispatcher
         # the held-out stream (`training.evaluation`); None: no held-out loss
@@ -80,6 +82,7 @@ class Trainer:
         t = config.training
         self.contribution = contribution or HonestContribution(t.clip_grad_norm, t.worker_momentum)
         self.peer_id = dht.peer_id.to_base58()
+        self.versions = VersionKeeper(state_dir, keep_versions, config.run_prefix, self.peer_id)  # `--keep-versions`
         torch.manual_seed(config.swarm.seed)  # every fresh trunk starts from the same weights
         self.model = HRMSMoE(config.model, dispatcher).to(device)
         self.micro_batches = self.tokens = self.skipped_batches = 0
@@ -135,13 +138,15 @@ class Trainer:
         logger.info(f"Resumed trainer at micro-batch {self.micro_batches}, epoch {self.optimizer.local_epoch}, {self.tokens:,} tokens")
 
     def save(self) -> None:
+        save_trainer_state(self.checkpoint_path, self._state(), self.config.run_prefix, self.peer_id)
+
+    def _state(self) -> TrainerState:
         optimizer_state = self.optimizer.state_dict()
         local_epoch = int(optimizer_state["state"].pop("local_epoch", self.optimizer.local_epoch))
-        state = TrainerState(
+        return TrainerState(
             self.model.trunk_state_dict(), optimizer_state, self.contribution.state_tensors(), self.micro_batches, self.tokens, local_epoch,
             val_loss=self.last_val_loss, val_epoch=self.last_val_epoch,
         )
-        save_trainer_state(self.checkpoint_path, state, self.config.run_prefix, self.peer_id)
 
     # --- training ---
 
@@ -168,6 +173,7 @@ class Trainer:
             report = self.train_micro_batch()
             if report is not None and self.micro_batches % save_every == 0:
                 self.save()
+            self.versions.maybe_keep(int(self.optimizer.local_epoch), self._state)
 
     def train_micro_batch(self) -> StepReport | None:
         """One micro-batch: forward, backward, the contribution, and the swarm optimizer (which all-reduces and

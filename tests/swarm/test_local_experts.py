@@ -59,6 +59,8 @@ def test_trainers_finish_and_loss_falls(scenario):
         assert records[-1]["micro_batches"] == STEPS and records[-1]["epoch"] == STEPS // 4 - 1  # reported before its outer step
         first, last = records[0]["loss"], sum(r["loss"] for r in records[-3:]) / 3
         assert last < first - 0.2, f"{path.name}: loss {first:.3f} -> {last:.3f}"
+    for trainer in scenario.trainers:  # the config evaluates every 2 model versions: after the second outer step
+        assert re.search(r"held-out loss \d+\.\d+ at model version 2", trainer.stderr()), trainer.name
 
 
 def test_outer_rounds_average_the_trunk_with_the_others(scenario):
