@@ -64,10 +64,24 @@ from benchmarks.wan_peers import PeerLink, WanLinks
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "tests" / "configs" / "swarm-test.yaml"
 SAMPLE_S = 0.25  # how often the links' counters are read while the trainers train
 MODES = ("remote_experts", "local_experts")
+NO_SYNC = 10**9  # training.sync_every of the "alone" local-expert trainers: no outer step ever happens
+DEFAULT_EVAL_BATCHES = 16  # x 8 held-out sequences: the config's eval_batches (2 in swarm-test) is too noisy to compare
+PLAN_BYTES_PER_HOUR = 660e6  # the original plan's budget per volunteer
+TARGET_125M = Path(__file__).resolve().parent.parent / "configs" / "hrm-smoe-125m.yaml"
+CODEC_BYTES_PER_VALUE = {"none": 4.0, "fp16": 2.0, "uniform8bit": 1.0, "quantile8bit": 1.0, "blockwise8bit": 1.0}
 
 
 def peer_args(config: Path, initial_peers: list[str], state_dir: Path, *extra: str) -> list[str]:
     return ["-c", str(config), "--initial-peers", *initial_peers, "--state-dir", str(state_dir), *extra]
+
+
+def derived_config(config: Path, work: Path, name: str, **training: object) -> Path:
+    """A copy of ``config`` with ``training`` fields overridden, written into ``work``."""
+    data = yaml.safe_load(config.read_text())
+    data.setdefault("training", {}).update(training)
+    derived = work / f"{config.stem}-{name}.yaml"
+    derived.write_text(yaml.safe_dump(data, sort_keys=False))
+    return derived
 
 
 def local_experts_config(config: Path, work: Path) -> Path | None:
@@ -76,11 +90,7 @@ def local_experts_config(config: Path, work: Path) -> Path | None:
 
     if "mode" not in TrainingSection.model_fields:
         return None
-    data = yaml.safe_load(config.read_text())
-    data.setdefault("training", {})["mode"] = "local_experts"
-    derived = work / f"{config.stem}-local-experts.yaml"
-    derived.write_text(yaml.safe_dump(data, sort_keys=False))
-    return derived
+    return derived_config(config, work, "local-experts", mode="local_experts")
 
 
 def _expert_count(config: Path) -> int:
@@ -102,15 +112,75 @@ def _bytes_at(samples: list[tuple[float, int]], t: float) -> float:
     return b0 + (b1 - b0) * (t - t0) / (t1 - t0) if t1 > t0 else float(b1)
 
 
+def timed_window(records: list[dict], round_len: int | None) -> tuple[dict, dict]:
+    """(first, last) stats records of the timed window. With ``round_len`` (local_experts), the window ends
+    ``k * round_len`` micro-batches after the first record, ``k`` as large as the records allow, so it holds exactly
+    ``k`` outer steps (one after every ``round_len``-th micro-batch) and no partial round. Pure."""
+    first, last = records[0], records[-1]
+    if round_len:
+        whole = [r for r in records if (r["micro_batches"] - first["micro_batches"]) % round_len == 0 and r is not first]
+        if whole:
+            last = whole[-1]
+    return first, last
+
+
+def _collect(procs, stats, trainer_links, samples, links, round_len) -> list[dict]:
+    results = []
+    for i, (proc, path, link) in enumerate(zip(procs, stats, trainer_links)):
+        records = read_stats(path)
+        result: dict = {"exit_code": proc.proc.returncode, "micro_batches": len(records)}
+        if proc.proc.returncode != 0:
+            result["stderr_tail"] = proc.stderr()[-1500:]
+        if len(records) >= 2:
+            first, last = timed_window(records, round_len)
+            window_tokens = last["tokens"] - first["tokens"]
+            window_s = last["time"] - first["time"]
+            result.update(
+                tokens=records[-1]["tokens"], window_micro_batches=last["micro_batches"] - first["micro_batches"],
+                window_s=round(window_s, 2), tokens_per_second=window_tokens / window_s if window_s > 0 else None,
+                experts_held=records[-1].get("experts_online"), loss_first=records[0]["loss"], loss_last=records[-1]["loss"],
+            )  # fmt: skip
+            if round_len:
+                result["window_rounds"] = (last["micro_batches"] - first["micro_batches"]) // round_len
+                result["rounds"] = records[-1]["epoch"]
+            if link is not None:
+                total = links.bytes_sent_by(link)
+                sent = _bytes_at(samples[i], last["time"]) - _bytes_at(samples[i], first["time"])
+                result.update(
+                    bytes_sent=total,
+                    window_bytes_sent=round(sent),
+                    bytes_received=links.bytes_received_by(link),
+                    own_link_bytes_out=link.link.bytes_out,
+                    bytes_per_token=sent / window_tokens if window_tokens else None,
+                    total_bytes_per_token=total / records[-1]["tokens"] if records[-1]["tokens"] else None,
+                )
+                if round_len and result["window_rounds"]:
+                    result["bytes_per_round"] = sent / result["window_rounds"]
+        results.append(result)
+    return results
+
+
+def _wait_all(procs: list[PeerProcess], timeout: float, steps: int, on_tick=None) -> None:
+    deadline = time.monotonic() + timeout
+    while any(p.proc.poll() is None for p in procs):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"trainers did not finish {steps} steps in {timeout} s")
+        if on_tick is not None:
+            on_tick()
+        time.sleep(SAMPLE_S)
+
+
 def run_swarm(
     config: Path, work: Path, trainers: int, steps: int, *, delay_ms: float | None, mbit: float | None,
-    expert_host: bool = True, timeout: float = 900.0,
+    expert_host: bool = True, timeout: float = 900.0, round_len: int | None = None,
 ) -> dict:  # fmt: skip
-    """One swarm; ``delay_ms=None``: no links at all (loopback). Returns the per-trainer results."""
+    """One swarm; ``delay_ms=None``: no links at all (loopback). Returns the per-trainer results and the state dirs
+    (trainers', then the expert host's) for export."""
     work.mkdir(parents=True, exist_ok=True)
     launcher = PeerLauncher(work)
     links = WanLinks()
     use_links = delay_ms is not None
+    state_dirs = [work / f"trainer{i}" for i in range(trainers)] + ([work / "host"] if expert_host else [])
 
     def flags() -> tuple[PeerLink | None, list[str]]:
         if not use_links:
@@ -137,42 +207,43 @@ def run_swarm(
             args = peer_args(config, initial, work / f"trainer{i}", *role, "--max-steps", str(steps), "--stats-file", str(stats[i]))
             procs.append(launcher.start(f"trainer{i}", [*args, *trainer_flags]))
         samples: list[list[tuple[float, int]]] = [[] for _ in range(trainers)]
-        deadline = time.monotonic() + timeout
-        while any(p.proc.poll() is None for p in procs):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"trainers did not finish {steps} steps in {timeout} s")
+
+        def sample() -> None:
             now = time.time()
             for i, link in enumerate(trainer_links):
                 if link is not None:
                     samples[i].append((now, links.bytes_sent_by(link)))
-            time.sleep(SAMPLE_S)
-        results = []
-        for i, (proc, path, link) in enumerate(zip(procs, stats, trainer_links)):
-            records = read_stats(path)
-            result: dict = {"exit_code": proc.proc.returncode, "micro_batches": len(records)}
-            if proc.proc.returncode != 0:
-                result["stderr_tail"] = proc.stderr()[-1500:]
-            if len(records) >= 2:
-                first, last = records[0], records[-1]
-                window_tokens = last["tokens"] - first["tokens"]
-                window_s = last["time"] - first["time"]
-                result.update(tokens=last["tokens"], window_s=round(window_s, 2), tokens_per_second=window_tokens / window_s if window_s > 0 else None)
-                if link is not None:
-                    total = links.bytes_sent_by(link)
-                    sent = _bytes_at(samples[i], last["time"]) - _bytes_at(samples[i], first["time"])
-                    result.update(
-                        bytes_sent=total,
-                        bytes_received=links.bytes_received_by(link),
-                        own_link_bytes_out=link.link.bytes_out,
-                        bytes_per_token=sent / window_tokens if window_tokens else None,
-                        total_bytes_per_token=total / last["tokens"] if last["tokens"] else None,
-                    )
-            results.append(result)
+
+        _wait_all(procs, timeout, steps, sample)
+        sample()
+        results = _collect(procs, stats, trainer_links, samples, links, round_len)
         # bytes the links could not attribute to a dialer: nonzero means bytes_sent undercounts
-        return {"trainers": results, "unattributed_bytes": links.unattributed_bytes() if use_links else None}
+        return {"trainers": results, "unattributed_bytes": links.unattributed_bytes() if use_links else None, "state_dirs": state_dirs}
+    finally:
+        launcher.stop_all()  # SIGTERM first: trainers and host save their trunk and experts
+        links.stop_all()  # after the peers: they leave through their links
+
+
+def run_alone(config: Path, work: Path, trainers: int, steps: int, *, mode: str, timeout: float, round_len: int | None) -> dict:
+    """The same trainers, all at once (same CPU share), each alone in its own swarm, no links, sync off."""
+    work.mkdir(parents=True, exist_ok=True)
+    launcher = PeerLauncher(work)
+    if mode == "local_experts":
+        config = derived_config(config, work, "alone", sync_every=NO_SYNC)
+        role: list[str] = []
+    else:
+        role = ["--experts", "all"]  # hosts its experts in its own process and trains on them
+    try:
+        stats = [work / f"trainer{i}.jsonl" for i in range(trainers)]
+        procs = [
+            launcher.start(f"trainer{i}", ["-c", str(config), "--new-swarm", "--state-dir", str(work / f"trainer{i}"), *role,
+                                          "--max-steps", str(steps), "--stats-file", str(stats[i])])
+            for i in range(trainers)
+        ]  # fmt: skip
+        _wait_all(procs, timeout, steps)
+        return {"trainers": _collect(procs, stats, [None] * trainers, [], None, round_len)}
     finally:
         launcher.stop_all()
-        links.stop_all()  # after the peers: they leave through their links
 
 
 def _mean(results: list[dict], key: str) -> float | None:
@@ -180,35 +251,212 @@ def _mean(results: list[dict], key: str) -> float | None:
     return statistics.fmean(values) if values else None
 
 
-def run(mode: str, config: Path, work: Path, peers: int, steps: int, delay_ms: float, mbit: float | None, loopback: bool, timeout: float) -> dict:
+# --- learning: the swarm's model and one process's, on the held-out split ---
+
+
+def load_streams(config):
+    from dragon_swarm.data.corpus import default_data_dir
+    from dragon_swarm.data.dataset import build_token_stream
+
+    data_dir = default_data_dir()
+    return build_token_stream(config.data.source, data_dir, data_dir / "cache", config.data.tokenizer, config.data.val_fraction)
+
+
+def held_out_set(config, val_stream, num_batches: int):
+    from dragon_swarm.training.evaluation import eval_batches
+
+    return eval_batches(val_stream.tokens, config.model.seq_len, num_batches, config.swarm.seed)
+
+
+def swarm_val_loss(config_path: Path, state_dirs: list[Path], out: Path, eval_set) -> dict:
+    """Export the state dirs into one model file (``python -m dragon_swarm.export``), evaluate it on ``eval_set``."""
+    from dragon_swarm.generate import load_exported_model
+    from dragon_swarm.training.evaluation import evaluate_loss
+
+    dirs = [str(d) for d in state_dirs if d.is_dir()]
+    command = [sys.executable, "-m", "dragon_swarm.export", "--from-state-dir", *dirs, "-c", str(config_path), "--out", str(out)]
+    done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        return {"error": f"export failed ({done.returncode}): {done.stderr[-1500:]}"}
+    loaded = load_exported_model(out)
+    return {
+        "val_loss": evaluate_loss(loaded.model, eval_set),
+        "model_version": int(loaded.metadata.get("model_version", -1)),
+        "experts_missing": json.loads(loaded.metadata.get("experts_missing", "[]")),
+        "tokens_trained": int(loaded.metadata.get("tokens_trained", 0)),
+    }
+
+
+def single_process_model(config):
+    """The swarm's initial model in one process: the trunk as a trainer seeds it, every expert as its host seeds it."""
+    import torch
+
+    from dragon_swarm.export import expert_state_name, fresh_expert_state
+    from dragon_swarm.model.dispatch import LocalExperts
+    from dragon_swarm.model.hrm_smoe import HRMSMoE
+    from dragon_swarm.moe.expert_uids import all_expert_uids, parse_uid
+
+    m = config.model
+    experts = LocalExperts.from_config(m)
+    torch.manual_seed(config.swarm.seed)  # as the trainers seed their fresh trunk
+    model = HRMSMoE(m, experts)
+    state = model.state_dict()
+    for uid in all_expert_uids(config.expert_prefix, m.num_moe_layers, m.num_experts):
+        _, layer, index = parse_uid(uid)
+        for name, t in fresh_expert_state(uid, config).items():
+            state[expert_state_name(layer, index, name)] = t
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def train_single_process(config, train_stream, micro_batches: int, batch_size: int):
+    """``micro_batches`` micro-batches of ``batch_size`` sequences with the peers' inner optimizers: the trunk with
+    AdamW (matrices decayed) and the warm-up schedule, clipped to ``clip_grad_norm``; each expert with its own AdamW
+    at ``expert_lr``, clipped on its own to ``expert_clip_grad_norm`` (as ``ExpertBackend.on_backward``)."""
+    import torch
+
+    from dragon_swarm.training.optim import decay_param_groups, make_adamw
+    from dragon_swarm.training.trainer import warmup_schedule
+
+    t, m = config.training, config.model
+    model = single_process_model(config)
+    trunk = list(model.named_trunk_parameters())
+    trunk_params = [p for _, p in trunk]
+    inner = torch.optim.AdamW(decay_param_groups(trunk, t.weight_decay), lr=t.lr, betas=tuple(t.betas))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(inner, warmup_schedule(t.warmup_steps))
+    expert_modules = [e for layer in model.dispatcher.experts for e in layer]
+    expert_opts = [make_adamw(e.named_parameters(), t.expert_lr, t.betas, t.weight_decay) for e in expert_modules]
+    losses, started = [], time.perf_counter()
+    for step in range(micro_batches):
+        inputs, targets = train_stream.batch(config.swarm.seed, "wan-single-process", step, batch_size, m.seq_len)
+        loss, ce, _ = model.compute_loss(inputs, targets)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trunk_params, t.clip_grad_norm)
+        inner.step()
+        scheduler.step()
+        inner.zero_grad(set_to_none=True)
+        for module, opt in zip(expert_modules, expert_opts):
+            if any(p.grad is not None for p in module.parameters()):  # as a host: only experts that got tokens step
+                torch.nn.utils.clip_grad_norm_(list(module.parameters()), t.expert_clip_grad_norm)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        losses.append(float(ce.detach()))
+    elapsed = time.perf_counter() - started
+    tokens = micro_batches * batch_size * m.seq_len
+    return model, {"micro_batches": micro_batches, "tokens": tokens, "loss_first": losses[0] if losses else None,
+                   "loss_last": losses[-1] if losses else None, "tokens_per_second": tokens / elapsed if elapsed else None}  # fmt: skip
+
+
+# --- the hrm-smoe-125m projection ---
+
+
+def project_volunteer_bytes_per_hour(
+    bytes_per_round: float, measured_config: Path, mb_seconds: list[float], target_config: Path = TARGET_125M
+) -> dict:
+    """Bytes per hour one local-expert volunteer of ``target_config`` sends, from the bytes one trainer of
+    ``measured_config`` sent per outer round. Assumptions: what a round sends grows with the trunk (the all-reduce of
+    start, pseudo-gradient and momentum is 3 trunk-sized vectors; the held experts' merge is assumed to grow the same
+    way) and with the averaging codec's bytes per value; the group size and the overheads stay as measured; a round
+    lasts ``sync_every`` micro-batches of ``mb_seconds`` each (the outer step's own time is left out: it adds to the
+    round and so lowers the rate)."""
+    from dragon_swarm.config import load_config
+    from dragon_swarm.model.hrm_smoe import count_parameters
+
+    measured, target = load_config(str(measured_config)), load_config(str(target_config))
+    trunk_m, trunk_t = count_parameters(measured.model)["trunk"], count_parameters(target.model)["trunk"]
+    codec_m = CODEC_BYTES_PER_VALUE.get(measured.averaging.compression, 4.0)
+    codec_t = CODEC_BYTES_PER_VALUE.get(target.averaging.compression, 4.0)
+    per_round = bytes_per_round * (trunk_t / trunk_m) * (codec_t / codec_m)
+    per_round_fp32 = bytes_per_round * (trunk_t / trunk_m)
+    rows = []
+    for s in mb_seconds:
+        round_s = target.training.sync_every * s
+        per_hour = per_round * 3600.0 / round_s
+        rows.append({
+            "micro_batch_s": s, "round_s": round_s, "bytes_per_hour": per_hour, "mb_per_hour": per_hour / 1e6,
+            "mb_per_hour_if_fp32": per_round_fp32 * 3600.0 / round_s / 1e6, "vs_plan": per_hour / PLAN_BYTES_PER_HOUR,
+        })  # fmt: skip
+    return {
+        "target_config": str(target_config),
+        "measured_bytes_per_round": bytes_per_round,
+        "trunk_params_measured": trunk_m,
+        "trunk_params_target": trunk_t,
+        "trunk_ratio": trunk_t / trunk_m,
+        "codec_measured": measured.averaging.compression,
+        "codec_target": target.averaging.compression,
+        "bytes_per_round_target": per_round,
+        "sync_every_target": target.training.sync_every,
+        "plan_mb_per_hour": PLAN_BYTES_PER_HOUR / 1e6,
+        "rows": rows,
+    }
+
+
+def run(
+    mode: str, config: Path, work: Path, peers: int, steps: int, delay_ms: float, mbit: float | None, loopback: bool,
+    timeout: float, *, alone: bool = True, learning: bool = True, eval_batches: int = DEFAULT_EVAL_BATCHES,
+) -> dict:  # fmt: skip
+    from dragon_swarm.config import load_config
+
     expert_host = mode == "remote_experts"
+    cfg = load_config(str(config))
+    round_len = cfg.training.sync_every if mode == "local_experts" else None
     started = time.monotonic()
-    wan = run_swarm(config, work / "wan", peers, steps, delay_ms=delay_ms, mbit=mbit, expert_host=expert_host, timeout=timeout)
+    wan = run_swarm(config, work / "wan", peers, steps, delay_ms=delay_ms, mbit=mbit, expert_host=expert_host, timeout=timeout, round_len=round_len)
     wan_s = time.monotonic() - started
     base = None
     if loopback:
-        base = run_swarm(config, work / "loopback", peers, steps, delay_ms=None, mbit=None, expert_host=expert_host, timeout=timeout)
+        base = run_swarm(config, work / "loopback", peers, steps, delay_ms=None, mbit=None, expert_host=expert_host, timeout=timeout, round_len=round_len)
+    lone = run_alone(config, work / "alone", peers, steps, mode=mode, timeout=timeout, round_len=round_len) if alone else None
     tps = _mean(wan["trainers"], "tokens_per_second")
     loop_tps = _mean(base["trainers"], "tokens_per_second") if base else None
-    return {
+    alone_tps = _mean(lone["trainers"], "tokens_per_second") if lone else None
+    result = {
         "mode": mode,
+        "config": str(config),
         "peers": peers,
         "steps": steps,
         "delay_ms": delay_ms,
         "rtt_ms": 2 * delay_ms,
         "mbit": mbit,
         "tokens_per_second": tps,  # mean over trainers
+        "alone_tokens_per_second": alone_tps,
+        "over_alone": tps / alone_tps if tps and alone_tps else None,
         "loopback_tokens_per_second": loop_tps,
+        "over_loopback": tps / loop_tps if tps and loop_tps else None,
         "slowdown": loop_tps / tps if tps and loop_tps else None,
         "bytes_per_token": _mean(wan["trainers"], "bytes_per_token"),
         "total_bytes_per_token": _mean(wan["trainers"], "total_bytes_per_token"),
+        "bytes_per_round": _mean(wan["trainers"], "bytes_per_round"),
         "unattributed_bytes": wan["unattributed_bytes"],
-        "per_trainer": wan["trainers"],
-        "loopback_per_trainer": base["trainers"] if base else None,
-        "wan_wall_s": round(wan_s, 1),
-        "wall_s": round(time.monotonic() - started, 1),
-        "logs": str(work),
     }
+    if learning:
+        train_stream, val_stream = load_streams(cfg)
+        eval_set = held_out_set(cfg, val_stream, eval_batches)
+        swarm = swarm_val_loss(config, wan["state_dirs"], work / "wan" / "model.safetensors", eval_set)
+        tokens = sum(r.get("tokens", 0) for r in wan["trainers"])
+        batch = cfg.training.batch_size
+        micro_batches = tokens // (batch * cfg.model.seq_len)
+        model, single = train_single_process(cfg, train_stream, micro_batches, batch)
+        from dragon_swarm.training.evaluation import evaluate_loss
+
+        single["val_loss"] = evaluate_loss(model, eval_set)
+        result.update(
+            val_loss=swarm.get("val_loss"),
+            single_process_val_loss=single["val_loss"],
+            val_loss_ratio=swarm["val_loss"] / single["val_loss"] if swarm.get("val_loss") else None,
+            eval_sequences=sum(len(t) for t, _ in eval_set),
+            swarm_model=swarm,
+            single_process=single,
+        )
+    result.update(
+        per_trainer=wan["trainers"],
+        loopback_per_trainer=base["trainers"] if base else None,
+        alone_per_trainer=lone["trainers"] if lone else None,
+        wan_wall_s=round(wan_s, 1),
+        wall_s=round(time.monotonic() - started, 1),
+        logs=str(work),
+    )
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -220,6 +468,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--delay-ms", type=float, default=25.0, help="one-way delay of every link (RTT = 2x)")
     p.add_argument("--mbit", type=float, default=20.0, help="rate cap of every link, each direction, Mbit/s (0: none)")
     p.add_argument("--no-loopback", action="store_true", help="skip the comparison run without links")
+    p.add_argument("--no-alone", action="store_true", help="skip the comparison run of the trainers alone, sync off")
+    p.add_argument("--no-learning", action="store_true", help="skip val_loss and single_process_val_loss")
+    p.add_argument("--eval-batches", type=int, default=DEFAULT_EVAL_BATCHES, help="held-out batches of 8 sequences")
+    p.add_argument("--project-125m", action="store_true", help="local_experts: project bytes/hour of an hrm-smoe-125m volunteer")
+    p.add_argument("--mb-seconds", type=float, nargs="+", default=[0.5, 2.0, 40.0],
+                   help="hrm-smoe-125m micro-batch times to project for (default: fast GPU, slow GPU, 2-core CPU)")  # fmt: skip
     p.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for the trainers, per run")
     p.add_argument("--keep-logs", type=Path, default=None, help="put the peers' logs here instead of a temporary folder")
     args = p.parse_args(argv)
@@ -227,6 +481,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--peers must be >= 1 and --steps >= 2 (throughput is measured between the first and last step)")
     if args.delay_ms < 0 or args.mbit < 0:
         p.error("--delay-ms and --mbit must be >= 0")
+    if args.project_125m and args.mode != "local_experts":
+        p.error("--project-125m needs --mode local_experts (it scales the bytes of an outer round)")
     work = args.keep_logs or Path(tempfile.mkdtemp(prefix="dragon-wan-"))
     work.mkdir(parents=True, exist_ok=True)
     config = args.config
@@ -236,7 +492,17 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({"mode": args.mode, "error": "local_experts mode is not available yet: the config has no training.mode"}))
             return 2
         config = derived
-    result = run(args.mode, config, work, args.peers, args.steps, args.delay_ms, args.mbit or None, not args.no_loopback, args.timeout)
+    # the peers do not evaluate during the timed window (this script evaluates afterwards)
+    config = derived_config(config, work, "bench", eval_every=0)
+    result = run(
+        args.mode, config, work, args.peers, args.steps, args.delay_ms, args.mbit or None, not args.no_loopback, args.timeout,
+        alone=not args.no_alone, learning=not args.no_learning, eval_batches=args.eval_batches,
+    )  # fmt: skip
+    if args.project_125m:
+        if result.get("bytes_per_round"):
+            result["project_125m"] = project_volunteer_bytes_per_hour(result["bytes_per_round"], config, args.mb_seconds)
+        else:
+            result["project_125m"] = {"error": "no outer round inside the timed window: raise --steps"}
     print(json.dumps(result))
     return 0 if all(t["exit_code"] == 0 for t in result["per_trainer"]) else 1
 

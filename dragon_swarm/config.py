@@ -146,6 +146,8 @@ class ExpertsSection(Schema):
     # measured up to 0.94 apart; a sign flip is ~2, random outputs of honest size ~1.4 (scale lies: a norm check)
     cross_check_tolerance: Positive = 1.2
     max_requests_per_s: Positive = 200.0  # expert requests one peer may send one host per second
+    # expert activations and gradients on the wire: float16 (scaled per tensor, half the bytes) or float32
+    wire_dtype: Literal["float16", "float32"] = "float16"
 
     @model_validator(mode="after")
     def _expire_after_refresh(self) -> "ExpertsSection":

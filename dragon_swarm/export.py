@@ -7,8 +7,12 @@ expert from `experts/<uid>.safetensors` in any of them (the copy with the most u
 Everything is checked against the config's model (names, shapes, finite values) before anything is written. The
 file holds the weights only, named as the state_dict of `HRMSMoE` with `LocalExperts` (what `dragon_swarm.generate`
 loads), and metadata: the config (JSON), its hash, the model version, tokens trained, the latest held-out loss,
-the date. The tokenizer file is copied next to it. No network: the live-swarm variant (`--initial-peers`) is not
-available yet.
+the date. The tokenizer file is copied next to it. `--model-version N` takes the trunk of that version from a
+trainer's kept versions (`--keep-versions`), e.g. to roll a swarm back (`dragon_swarm.peer --new-swarm --init-from`).
+
+    python -m dragon_swarm.export --initial-peers /ip4/.../p2p/Qm... -c dragon-tiny --out model.safetensors
+
+exports from a live swarm instead, as a DHT client (`dragon_swarm.live_export`).
 """
 
 from __future__ import annotations
@@ -251,23 +255,30 @@ def write_model_file(
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=f"python -m {PROG}", description=__doc__.splitlines()[0])
     parser.add_argument("--from-state-dir", nargs="+", type=Path, metavar="DIR", help="state dirs of trainers and hosts")
-    parser.add_argument("--initial-peers", nargs="+", metavar="MADDR", help="export from a live swarm (not available yet)")
+    parser.add_argument("--initial-peers", nargs="+", metavar="MADDR", help="export from a live swarm (any of its peers, e.g. a bootstrap)")
     parser.add_argument("-c", "--config", required=True, help="the swarm's config: a YAML path or a shipped name")
     parser.add_argument("--out", type=Path, required=True, help="the model file to write (safetensors)")
     parser.add_argument("--allow-missing", action="store_true", help="fill experts found nowhere with fresh init weights")
+    parser.add_argument("--model-version", type=int, metavar="N", help="with --from-state-dir: the trunk of this model version (a trainer's kept versions)")
+    parser.add_argument("--timeout", type=float, default=60.0, help="with --initial-peers: seconds to wait for a trainer's state")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.initial_peers:
-        print(f"{PROG}: error: --initial-peers (export from a live swarm) is not available yet; use --from-state-dir", file=sys.stderr)
+    if bool(args.initial_peers) == bool(args.from_state_dir):
+        print(f"{PROG}: error: give either --from-state-dir DIR [DIR...] or --initial-peers MADDR [MADDR...]", file=sys.stderr)
         return 2
-    if not args.from_state_dir:
-        print(f"{PROG}: error: give --from-state-dir DIR [DIR...]", file=sys.stderr)
+    if args.model_version is not None and args.initial_peers:
+        print(f"{PROG}: error: --model-version goes with --from-state-dir (a live swarm has only its current version)", file=sys.stderr)
         return 2
     started = time.perf_counter()
     try:
         config = load_config(args.config)
-        summary = export_from_state_dirs(args.from_state_dir, config, args.out, args.allow_missing)
+        if args.initial_peers:
+            from dragon_swarm.live_export import export_from_swarm
+
+            summary = export_from_swarm(args.initial_peers, config, args.out, args.allow_missing, args.timeout, args.config)
+        else:
+            summary = export_from_state_dirs(args.from_state_dir, config, args.out, args.allow_missing, args.model_version)
     except (ConfigError, ExportError, OSError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 1

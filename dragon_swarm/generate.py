@@ -4,7 +4,13 @@
 
 The config comes from the file's metadata, the tokenizer from the file beside it (checked against its pinned
 sha256) or else the shipped one the config names. Same file, prompt, settings and `--seed`: same text.
-`--temperature 0` is greedy. Sampling from a live swarm (`--initial-peers`) is not available yet.
+`--temperature 0` is greedy.
+
+    python -m dragon_swarm.generate --initial-peers /ip4/.../p2p/Qm... -c dragon-tiny --prompt "ROMEO:" --seed 1
+
+samples from a live swarm: the current model is exported into a temporary folder first (`dragon_swarm.live_export`:
+the robust choice of the trainers' trunks, every expert from its hosts) and sampled here with the same sampler, so
+the text is exactly what `--model` on that export would give, and one export serves every token.
 """
 
 from __future__ import annotations
@@ -138,7 +144,9 @@ def generate_text(
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=f"python -m {PROG}", description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, help="a file written by python -m dragon_swarm.export")
-    parser.add_argument("--initial-peers", nargs="+", metavar="MADDR", help="sample from a live swarm (not available yet)")
+    parser.add_argument("--initial-peers", nargs="+", metavar="MADDR", help="sample from a live swarm (needs -c: the swarm's config)")
+    parser.add_argument("-c", "--config", help="with --initial-peers: the swarm's config, a YAML path or a shipped name")
+    parser.add_argument("--allow-missing", action="store_true", help="with --initial-peers: experts nobody serves get init weights")
     parser.add_argument("--prompt", default="", help="text to continue (default: the start of a new document)")
     parser.add_argument("--max-new-tokens", type=int, default=100)
     parser.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
@@ -148,20 +156,42 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--log-level", default="WARNING")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.initial_peers:
-        print(f"{PROG}: error: --initial-peers (sampling from a live swarm) is not available yet; use --model", file=sys.stderr)
+    if (args.model is None) == (not args.initial_peers):
+        print(f"{PROG}: error: give --model FILE (written by python -m dragon_swarm.export) or --initial-peers MADDR... -c CONFIG", file=sys.stderr)
         return 2
-    if args.model is None:
-        print(f"{PROG}: error: give --model FILE (written by python -m dragon_swarm.export)", file=sys.stderr)
+    if args.initial_peers and args.config is None:
+        print(f"{PROG}: error: --initial-peers needs -c CONFIG (the swarm's config)", file=sys.stderr)
         return 2
     try:
-        loaded = load_exported_model(args.model, args.device)
-        text = generate_text(loaded, args.prompt, args.max_new_tokens, args.temperature, args.top_k or None, args.seed)
+        if args.initial_peers:
+            text = _generate_live(args)
+        else:
+            loaded = load_exported_model(args.model, args.device)
+            text = generate_text(loaded, args.prompt, args.max_new_tokens, args.temperature, args.top_k or None, args.seed)
     except (GenerateError, ValueError, OSError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 1
     print(text)
     return 0
+
+
+def _generate_live(args: argparse.Namespace) -> str:
+    """Export the live swarm's current model into a temporary folder, then sample from it. Raises GenerateError."""
+    import tempfile
+
+    from dragon_swarm.config import load_config
+    from dragon_swarm.export import ExportError
+    from dragon_swarm.live_export import export_from_swarm
+
+    try:
+        config = load_config(args.config)
+        with tempfile.TemporaryDirectory(prefix="dragon-generate-") as folder:
+            summary = export_from_swarm(args.initial_peers, config, Path(folder) / "model.safetensors", args.allow_missing, config_name=args.config)
+            loaded = load_exported_model(summary.path, args.device)
+    except (ConfigError, ExportError) as e:
+        raise GenerateError(str(e)) from None
+    logger.info(f"Sampling from model version {summary.model_version} of the live swarm")
+    return generate_text(loaded, args.prompt, args.max_new_tokens, args.temperature, args.top_k or None, args.seed)
 
 
 if __name__ == "__main__":

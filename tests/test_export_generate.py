@@ -136,5 +136,6 @@ def test_wrong_config_or_no_trainer_is_a_clear_error(run, tmp_path, capsys):
     _, _, _, dirs, _ = run
     code, _ = _export(run, tmp_path, dirs=[dirs["host-a"], dirs["host-b"]])
     assert code == 1 and "no usable trainer.safetensors" in capsys.readouterr().err
-    assert export.main(["--initial-peers", "/ip4/127.0.0.1/tcp/1/p2p/Qm", "-c", str(TEST_CONFIG), "--out", str(tmp_path / "x")]) == 2
-    assert "not available yet" in capsys.readouterr().err
+    both = ["--initial-peers", "/ip4/127.0.0.1/tcp/1/p2p/Qm", "--from-state-dir", str(dirs["host-a"])]
+    assert export.main([*both, "-c", str(TEST_CONFIG), "--out", str(tmp_path / "x")]) == 2
+    assert "give either --from-state-dir" in capsys.readouterr().err

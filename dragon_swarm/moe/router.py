@@ -11,12 +11,18 @@ input's RMS) is refused and its host banned from that expert for `BYZANTINE_BAN_
 relative difference exceeds `cross_check_tolerance` disagree. The trainer's own copy of an expert is trusted; with
 three or more replicas a third one decides by majority; between two remote replicas nobody can tell who lied, so the
 disagreement is logged and counted and that output dropped, but nobody is banned.
+
+Traffic (`experts.wire_dtype`): tensors travel in fp16 (scaled per tensor, see `dragon_swarm.moe.handler`) or
+float32, and arrive as float32. A forward that will get a backward carries a fresh request id; the host keeps its
+inputs, and the backward sends only the output gradients and that id. A host that no longer has them (expired,
+evicted, restarted) answers `UNKNOWN_REQUEST` and the call is repeated with the inputs, within the same deadline.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 import threading
 import time
@@ -26,11 +32,11 @@ from typing import Mapping, Sequence
 
 import hivemind
 import torch
-from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
 from hivemind.moe.client.expert import get_server_stub
 from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
 from hivemind.moe.server.module_backend import ModuleBackend
-from hivemind.p2p import PeerID
+from hivemind.p2p import P2PHandlerError, PeerID
+from hivemind.utils import MSGPackSerializer
 from hivemind.proto import runtime_pb2
 from torch.autograd.function import once_differentiable
 
@@ -39,11 +45,14 @@ from dragon_swarm.config import ExpertsSection
 from dragon_swarm.events import EventBus, ExpertBanReport
 from dragon_swarm.moe.backend import ExpertTamper
 from dragon_swarm.moe.expert_uids import all_expert_uids, expert_uid
+from dragon_swarm.moe.handler import FLOAT16, UNKNOWN_REQUEST, decode_tensors, encode_tensors, parse_metadata
 from dragon_swarm.moe.registry import Replica, find_replicas
 
 logger = logging.getLogger(__name__)
 
 NO_COMPRESSION = runtime_pb2.CompressionType.NONE
+WIRE_COMPRESSION = {"float16": FLOAT16, "float32": NO_COMPRESSION}
+REQUEST_ID_BYTES = 16  # random: a restarted trainer (same peer id) must never reuse an id a host still keeps
 
 # A host caught lying about an expert is refused that expert this many times `expiration` (the time a dead host's
 # record lingers, which is what an unreachable host is banned for): long enough that a host lying on every call costs
@@ -269,6 +278,9 @@ class RemoteExpertDispatcher:
         self.unresolved_disagreements = 0  # ...of which nobody could be blamed (two remote replicas, no majority)
         self.max_agreeing_difference = 0.0  # the largest relative difference seen between replicas that agreed
         self.max_agreeing_scale = 1.0  # ...and the largest ratio of their output norms
+        self.wire_compression = WIRE_COMPRESSION[settings.wire_dtype]
+        self.cached_backwards = 0  # backward calls that sent only the output gradients, the host had the inputs
+        self.resent_inputs = 0  # ...and those whose host had lost them, repeated with the inputs
 
     @property
     def byzantine_bans(self) -> int:
@@ -297,7 +309,8 @@ class RemoteExpertDispatcher:
             f"disagreements {self.disagreements} ({self.unresolved_disagreements} unresolved), Byzantine bans "
             f"{self.byzantine_bans} of {len(self.table.byzantine_peers)} host(s); largest difference between agreeing "
             f"replicas {self.max_agreeing_difference:.3f} (tolerance {self.settings.cross_check_tolerance:g}), norms up to "
-            f"{self.max_agreeing_scale:.2f}x apart"
+            f"{self.max_agreeing_scale:.2f}x apart; backward calls using inputs kept by the host {self.cached_backwards}, "
+            f"inputs re-sent {self.resent_inputs}"
         )
 
     def refresh(self) -> None:
@@ -347,21 +360,30 @@ class RemoteExpertDispatcher:
                     peers.append(peer)
         if not indices:
             return {}
-        call = _LayerCall(self, [expert_uid(self.prefix, layer, i) for i in indices], peers)  # forward may re-point peers
+        # ask hosts to keep the inputs only when a backward can follow (not in the no-grad cycles of one-step grad)
+        request_ids = [os.urandom(REQUEST_ID_BYTES) for _ in indices] if torch.is_grad_enabled() else None
+        call = _LayerCall(self, [expert_uid(self.prefix, layer, i) for i in indices], peers, request_ids)  # forward may re-point peers
         answered_mask, *outputs = _RemoteLayerFunction.apply(_DUMMY, call, *[inputs[i] for i in indices])
         return {index: out for index, out, ok in zip(indices, outputs, answered_mask.tolist()) if ok}
 
     # --- RPC plumbing ---
 
-    def _run_calls(self, kind: str, uids: Sequence[str], peers: list[str], payloads: Sequence[Sequence[torch.Tensor]], timeout: float) -> list[torch.Tensor | None]:
+    def _run_calls(
+        self, kind: str, uids: Sequence[str], peers: list[str], payloads: Sequence[Sequence[torch.Tensor]], timeout: float,
+        request_ids: Sequence[bytes] | None = None,
+    ) -> list[torch.Tensor | None]:  # fmt: skip
         """One round of calls, one per (uid, peer, payload); None where a call failed or its output was refused.
 
         Forward calls may be cross-checked on a second replica; when that shows the chosen replica lied and another
         replica's output is used instead, `peers` is updated in place, so that the backward goes where the used
-        output came from."""
+        output came from. request_ids: forward: ask the hosts to keep the inputs under these ids (references of
+        cross-checks too: the backward may go to one of them); backward: the ids the forward used."""
         checks = self._plan_cross_checks(uids, peers) if kind == "forward" else {}
         jobs = [(u, p, t) for u, p, t in zip(uids, peers, payloads)] + [(uids[i], ref, payloads[i]) for i, ref in checks.items()]
-        results = self._gather(kind, jobs, timeout)
+        if request_ids is None:
+            results = self._gather(kind, jobs, timeout)
+        else:
+            results = self._gather(kind, jobs, timeout, request_ids=[*request_ids, *(request_ids[i] for i in checks)])
         outputs = [self._accept(kind, u, p, t, r) for u, p, t, r in zip(uids, peers, payloads, results)]
         for (i, reference), result in zip(checks.items(), results[len(uids):]):
             reference_output = self._accept(kind, uids[i], reference, payloads[i], result, primary=False)
@@ -460,29 +482,57 @@ class RemoteExpertDispatcher:
         if self.bus is not None:
             self.bus.publish(ExpertBanReport(peer_id=peer, uid=uid, seconds=seconds, reason=reason, calls=calls))
 
-    def _gather(self, kind: str, jobs: Sequence[tuple[str, str, Sequence[torch.Tensor]]], timeout: float) -> list[object]:
-        """Run the calls concurrently: per job, (output, seconds) or the exception it raised."""
+    async def _rpc(self, rpc, uid: str, tensors: Sequence[torch.Tensor], meta: dict) -> torch.Tensor:
+        """One expert RPC in the configured wire format; the first answer tensor as float32."""
+        serialized, exponents = encode_tensors(tensors, self.wire_compression)
+        if any(exponents):
+            meta = {**meta, "exp": exponents}
+        metadata = MSGPackSerializer.dumps(meta) if meta else b""
+        response = await rpc(runtime_pb2.ExpertRequest(uid=uid, tensors=serialized, metadata=metadata))
+        if not response.tensors:
+            raise ValueError("empty answer")
+        answer = parse_metadata(response.metadata).get("exp")
+        return decode_tensors(response.tensors[:1], answer[:1] if answer else None)[0]
 
-        async def _call(uid: str, peer: str, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    async def _remote_call(self, kind: str, uid: str, peer: str, tensors: Sequence[torch.Tensor], rid: bytes | None) -> torch.Tensor:
+        stub = get_server_stub(self._p2p, PeerID.from_base58(peer))
+        if kind == "forward":
+            return await self._rpc(stub.rpc_forward, uid, tensors, {"rid": rid} if rid is not None else {})
+        if rid is not None:
+            try:
+                output = await self._rpc(stub.rpc_backward, uid, tensors[1:], {"rid": rid, "cached": True})
+                self.cached_backwards += 1
+                return output
+            except P2PHandlerError as e:
+                if UNKNOWN_REQUEST not in str(e):
+                    raise
+                self.resent_inputs += 1  # the stock call below; a host lying about it only costs us bandwidth
+        return await self._rpc(stub.rpc_backward, uid, tensors, {})
+
+    def _gather(
+        self, kind: str, jobs: Sequence[tuple[str, str, Sequence[torch.Tensor]]], timeout: float, request_ids: Sequence[bytes] | None = None
+    ) -> list[object]:
+        """Run the calls concurrently: per job (uid, peer, tensors), (output, seconds) or the exception it raised.
+        request_ids: one per job (see `_run_calls`), or None: nothing kept (forward), inputs sent again (backward)."""
+
+        async def _call(uid: str, peer: str, tensors: Sequence[torch.Tensor], rid: bytes | None) -> torch.Tensor:
             if peer == self.own_peer_id and uid in self.local_backends:
                 backend = self.local_backends[uid]
                 pool = backend.forward_pool if kind == "forward" else backend.backward_pool
                 outputs = await asyncio.wait_for(pool.submit_task(*tensors), timeout=timeout)
                 return outputs[0]
-            stub = get_server_stub(self._p2p, PeerID.from_base58(peer))
-            request = runtime_pb2.ExpertRequest(uid=uid, tensors=[serialize_torch_tensor(t, NO_COMPRESSION) for t in tensors])
-            rpc = stub.rpc_forward if kind == "forward" else stub.rpc_backward
-            response = await asyncio.wait_for(rpc(request), timeout=timeout)
-            return deserialize_torch_tensor(response.tensors[0])
+            # one deadline for the call, a repeat after a cache miss included
+            return await asyncio.wait_for(self._remote_call(kind, uid, peer, tensors, rid), timeout=timeout)
 
-        async def _timed(uid: str, peer: str, tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, float]:
+        async def _timed(uid: str, peer: str, tensors: Sequence[torch.Tensor], rid: bytes | None) -> tuple[torch.Tensor, float]:
             # this call's own time: the layer's calls run concurrently, and the round lasts as long as the slowest
             started = time.perf_counter()
-            output = await _call(uid, peer, tensors)
+            output = await _call(uid, peer, tensors, rid)
             return output, time.perf_counter() - started
 
         async def _all():
-            return await asyncio.gather(*[_timed(u, p, t) for u, p, t in jobs], return_exceptions=True)
+            rids = request_ids if request_ids is not None else [None] * len(jobs)
+            return await asyncio.gather(*[_timed(*job, rid) for job, rid in zip(jobs, rids)], return_exceptions=True)
 
         if not jobs:
             return []
@@ -511,9 +561,12 @@ class _LayerCall:
     dispatcher: RemoteExpertDispatcher
     uids: list[str]
     peers: list[str]  # where each output came from: forward re-points one when a cross-check shows its replica lied
+    request_ids: list[bytes] | None = None  # under which the hosts keep the inputs for the backward (None: not kept)
 
     def forward(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:
-        return self.dispatcher._run_calls("forward", self.uids, self.peers, [[x] for x in inputs], self.dispatcher.settings.forward_timeout)
+        return self.dispatcher._run_calls(
+            "forward", self.uids, self.peers, [[x] for x in inputs], self.dispatcher.settings.forward_timeout, self.request_ids
+        )
 
     def backward(self, inputs: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], answered: Sequence[bool]) -> list[torch.Tensor | None]:
         todo = [i for i, ok in enumerate(answered) if ok]
@@ -526,6 +579,7 @@ class _LayerCall:
             [self.peers[i] for i in todo],
             [[inputs[i], grads[i]] for i in todo],
             self.dispatcher.settings.backward_timeout,
+            [self.request_ids[i] for i in todo] if self.request_ids is not None else None,
         )
         grad_inputs: list[torch.Tensor | None] = [None] * len(inputs)
         for i, g in zip(todo, results):

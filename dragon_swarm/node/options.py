@@ -50,6 +50,11 @@ class PeerFlags(BaseModel):
     max_steps: int | None = flag(
         None, "stop once this peer has trained this many micro-batches, counted across restarts (the state dir "
         "keeps the count)", ge=0)  # fmt: skip
+    keep_versions: int | None = flag(
+        None, "keep the trunk of the last K model versions in <state-dir>/versions for rollback (default: 3; 0: none)", ge=0)
+    init_from: Path | None = flag(
+        None, "with --new-swarm: start from a model file written by python -m dragon_swarm.export (rollback): its trunk, "
+        "experts and model version", metavar="MODEL")  # fmt: skip
     stats_file: Path | None = flag(
         None, "append one JSON object per micro-batch of this peer here (its 'micro_batches' counts across restarts)")
     state_dir: Path | None = flag(None, "identity, checkpoints and counters (default: ./dragon-state/<swarm>)")
@@ -131,6 +136,8 @@ class PeerFlags(BaseModel):
     def _no_contradiction(self) -> "PeerFlags":
         if self.no_host and self.experts:
             raise ValueError("--experts and --no-host contradict each other")
+        if self.init_from is not None and not self.new_swarm:
+            raise ValueError("--init-from starts a new swarm: add --new-swarm (joining peers download the swarm's state)")
         return self
 
 
@@ -162,6 +169,8 @@ class PeerOptions:
     batch_size_auto: bool = False
     log_level: str = "INFO"
     max_experts: int | None = None  # with host_spec "auto"
+    keep_versions: int = 3
+    init_from: Path | None = None  # with --new-swarm: a model file to start from (`node.init_from`)
 
 
 def build_parser() -> configargparse.ArgParser:
@@ -241,6 +250,8 @@ def resolve(flags: PeerFlags, profile=None) -> PeerOptions:
         batch_size_auto=batch_size == "auto",
         log_level=flags.log_level,
         max_experts=flags.max_experts,
+        keep_versions=3 if flags.keep_versions is None else flags.keep_versions,
+        init_from=flags.init_from,
     )
 
 

@@ -73,6 +73,10 @@ class PeerNode:
             raise StartupError(str(e)) from None
         except OSError as e:  # the state dir cannot be created or written
             raise StartupError(f"--state-dir {o.state_dir}: {e.strerror or e}") from None
+        if o.init_from is not None:  # rollback: the state dir starts from an exported model, before anything reads it
+            from dragon_swarm.node.init_from import init_state_dir
+
+            init_state_dir(o.init_from, o.config, o.state_dir, train=o.train, host=o.host_spec != "")
         self.views.start_display()  # the volunteer sees JOINING from now on
         try:
             self.views.start_dashboard()
@@ -143,6 +147,7 @@ class PeerNode:
             self.trainer = Trainer(
                 o.config, self.dht, self.dispatcher, train_stream, o.state_dir, o.batch_size, o.device,
                 bus=self.bus, gate=self.gate, contribution=self.contribution, val_stream=self.val_stream,
+                keep_versions=o.keep_versions,
             )  # fmt: skip
 
     # --- run ---

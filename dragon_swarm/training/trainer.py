@@ -125,6 +125,8 @@ class Trainer:
     def _restore(self, saved: TrainerState) -> None:
         names = {name for name, _ in self.trunk_params}
         self.contribution.load_state_tensors({k: v for k, v in saved.momentum.items() if k in names})
+        if not saved.optimizer["param_groups"]:  # a trunk without optimizer state (`--init-from`): fresh moments
+            saved.optimizer = self.optimizer.state_dict()
         saved.optimizer["state"]["local_epoch"] = saved.local_epoch
         try:
             self.optimizer.load_state_dict(saved.optimizer)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import random
 import time
 from types import SimpleNamespace
@@ -18,7 +19,7 @@ from dragon_swarm.config import load_config
 from dragon_swarm.moe.backend import build_expert_backends
 from dragon_swarm.moe.host import ExpertHost
 from dragon_swarm.moe.registry import find_replicas
-from dragon_swarm.moe.router import RemoteExpertDispatcher
+from dragon_swarm.moe.router import RemoteExpertDispatcher, relative_difference
 from dragon_swarm.node.startup import choose_experts
 from dragon_swarm.swarm.dht_node import start_dht, visible_maddrs
 from tests.swarm.paths import TEST_CONFIG
@@ -133,6 +134,40 @@ def test_router_skips_a_dead_host_within_the_deadline(swarm):
         assert set(out) == {0, 1, 3}
         sum(o.sum() for o in out.values()).backward()
         assert torch.isfinite(x.grad).all()
+    finally:
+        dispatcher.shutdown()
+
+
+def test_router_sends_fp16_and_the_backward_reuses_the_inputs_the_host_kept(swarm):
+    """fp16 on the wire, inputs kept by the host for the backward: the outputs and input gradients are the expert's
+    own (within fp16 error); when the host has lost the inputs, the router sends them again and still gets them."""
+    client, hosts, uids = swarm
+    host = hosts["A"]  # the only host of experts 0.2 and 0.3
+    settings = CONFIG.experts.model_copy(update={"cross_check_fraction": 0.0, "wire_dtype": "float16"})
+    dispatcher = RemoteExpertDispatcher(client, CONFIG.expert_prefix, 1, 4, D, settings)
+    dispatcher.start()
+    try:
+        assert dispatcher.wait_for_experts(30.0)
+        cache = host.handlers[0].input_cache  # shared by the host's handler processes
+        for lose_inputs in (False, True):
+            reference = {i: copy.deepcopy(host.backends[uids[i]].module) for i in (2, 3)}  # each backward steps them
+            x = {i: torch.randn(6, D, requires_grad=True) for i in (2, 3)}
+            grads = {i: torch.randn(6, D) * 1e-6 for i in (2, 3)}  # as small as a mean loss over many tokens makes them
+            out = dispatcher.dispatch(0, x)
+            assert set(out) == {2, 3}
+            if lose_inputs:
+                cache.clear()
+            torch.autograd.backward([out[i] for i in (2, 3)], [grads[i] for i in (2, 3)])
+            for i in (2, 3):
+                x_ref = x[i].detach().clone().requires_grad_()
+                expected = reference[i](x_ref)
+                expected.backward(grads[i])
+                assert not torch.equal(out[i], expected)  # it did travel in fp16...
+                assert relative_difference(out[i], expected) < 5e-3  # ...which costs ~1e-3
+                assert relative_difference(x[i].grad, x_ref.grad) < 5e-3, f"lost inputs: {lose_inputs}"
+        assert (dispatcher.cached_backwards, dispatcher.resent_inputs) == (2, 2)
+        stats = cache.stats()
+        assert (stats["hits"], stats["misses"], stats["entries"]) == (2, 2, 0)
     finally:
         dispatcher.shutdown()
 
