@@ -213,6 +213,15 @@ class ReputationBook:
         with self._lock:
             self._ban(peer, self._record(peer, now), now, reason)
 
+    def restore_ban(self, peer: str, seconds_left: float, reason: str, now: float | None = None) -> None:
+        """Ban ``peer`` for what was left of a ban this peer saved before it restarted (``averaging.ban_store``)."""
+        now = _now(now)
+        seconds_left = min(max(float(seconds_left), 0.0), self.ban_seconds)  # a saved file cannot extend a ban
+        with self._lock:
+            record = self._record(peer, now)
+            record.banned_until = max(record.banned_until, now + seconds_left)
+            record.ban_reason = f"{reason} (kept across a restart)"
+
     # ------------------------------------------------------------------ reads
 
     def is_banned(self, peer: str, now: float | None = None) -> bool:

@@ -71,10 +71,13 @@ class RobustOptimizer(hivemind.Optimizer):
     """hivemind.Optimizer with robust gradient and state averaging (`robust` picks the aggregator) and a progress
     tracker that a minority cannot push ahead (:class:`RobustProgressTracker`)."""
 
-    def __init__(self, *, robust: RobustAveragingSettings, **kwargs):
+    def __init__(self, *, robust: RobustAveragingSettings, reputation: Optional[ReputationBook] = None, **kwargs):
+        """:param reputation: seeds the gradient averager's book (e.g. bans kept across a restart)"""
         self._robust_settings = robust  # read by _make_state_averager, which the base __init__ calls
         # hivemind documents averager_opts as going to both averagers but gives them to the state averager only
-        kwargs.setdefault("grad_averager_factory", make_grad_averager_factory(robust, **(kwargs.get("averager_opts") or {})))
+        kwargs.setdefault(
+            "grad_averager_factory", make_grad_averager_factory(robust, reputation, **(kwargs.get("averager_opts") or {}))
+        )
         super().__init__(**kwargs)
 
     def _make_state_averager(self, **kwargs) -> TrainingStateAverager:

@@ -84,7 +84,15 @@ class ValidatingConnectionHandler(ConnectionHandler):
         self.hidden_dim, self.max_tokens = hidden_dim, max_tokens
         self.limiter = None if max_requests_per_s is None else RateLimiter(max_requests_per_s, max_requests_per_s * BURST_SECONDS)
         self._refusals: dict[str, tuple[int, float]] = {}  # caller -> (refused since the last log line, its time)
-        self.input_cache = _shared_input_cache(module_backends, input_cache_seconds, input_cache_mb)
+        self._input_cache_settings = (input_cache_seconds, input_cache_mb)
+        self.input_cache: InputCache | None = None  # a proxy of the host's shared one, from `start()` on
+
+    def start(self) -> None:
+        # the cache's server process is forked here, before the handler itself: then it exists for the handler's
+        # whole life and a handler that is built but never started costs nothing
+        if self.input_cache is None:
+            self.input_cache = _shared_input_cache(self.module_backends, *self._input_cache_settings)
+        super().start()
 
     def _admit(self, context: P2PContext) -> None:
         if self.limiter is None:
@@ -103,7 +111,9 @@ class ValidatingConnectionHandler(ConnectionHandler):
 
     def shutdown(self) -> None:
         super().shutdown()
-        _release_input_cache(self.module_backends)
+        if self.input_cache is not None:
+            self.input_cache = None
+            _release_input_cache(self.module_backends)
 
     # hivemind's ServicerBase reads the protobuf types from these annotations: keep them
     async def rpc_forward(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
@@ -113,7 +123,7 @@ class ValidatingConnectionHandler(ConnectionHandler):
         expert = self._expert(request.uid)
         check_request_tensors(inputs, 1, self.hidden_dim, self.max_tokens)
         outputs = await expert.forward_pool.submit_task(*inputs)
-        if "rid" in meta:  # only once the forward worked: a failed one gets no backward
+        if "rid" in meta and self.input_cache is not None:  # only once the forward worked: a failed one gets no backward
             key = (context.remote_id.to_base58(), request.uid, meta["rid"])
             value = (request.tensors[0].SerializeToString(), _exponents(meta, 1)[0])
             await self._in_executor(self.input_cache.put, key, value, time.monotonic())
@@ -128,7 +138,7 @@ class ValidatingConnectionHandler(ConnectionHandler):
             if "rid" not in meta or len(tensors) != 1:
                 raise RequestError("a cached backward carries a request id and exactly one tensor (the output gradients)")
             key = (context.remote_id.to_base58(), request.uid, meta["rid"])
-            kept = await self._in_executor(self.input_cache.take, key, time.monotonic())
+            kept = None if self.input_cache is None else await self._in_executor(self.input_cache.take, key, time.monotonic())
             if kept is None:
                 raise RequestError(f"{UNKNOWN_REQUEST}: inputs expired, evicted or never seen here; send them again")
             serialized, exponent = kept
@@ -139,9 +149,7 @@ class ValidatingConnectionHandler(ConnectionHandler):
         return self._reply(grad_inputs, request)
 
     def _expert(self, uid: str) -> ModuleBackend:
-        if uid not in self.module_backends:
-            raise RequestError(f"no expert {uid!r} here")
-        return self.module_backends[uid]
+        return self.module_backends[uid]  # a KeyError for an unknown uid, as stock hivemind answers
 
     @staticmethod
     def _reply(outputs: Sequence[torch.Tensor], request: runtime_pb2.ExpertRequest) -> runtime_pb2.ExpertResponse:

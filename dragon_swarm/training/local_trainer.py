@@ -35,6 +35,7 @@ from hivemind.compression import CompressionInfo
 from hivemind.utils import get_dht_time
 import torch
 
+from dragon_swarm.averaging.ban_store import BANS_FILE, bans_from_snapshot, load_bans, save_bans, seed_book
 from dragon_swarm.averaging.compression import make_compression
 from dragon_swarm.averaging.robust_allreduce import RobustDecentralizedAverager
 from dragon_swarm.averaging.settings import RobustAveragingSettings
@@ -192,11 +193,13 @@ class LocalExpertsTrainer:
         self._lock = threading.Lock()  # the averager's state download reads the trunk from its own thread
         self.last_round_peers = 0
         self.layout = RoundLayout([p.shape for p in self.params])
+        robust = RobustAveragingSettings.from_config(config.averaging, t.target_batch_size)
         self.averager = _OuterAverager(
             self.layout.empty(),
             dht,
             trainer=self,
-            settings=RobustAveragingSettings.from_config(config.averaging, t.target_batch_size),
+            settings=robust,
+            reputation=seed_book(robust.make_reputation_book(), load_bans(state_dir / BANS_FILE)),
             prefix=f"{config.run_prefix}_outer",
             start=True,
             min_matchmaking_time=OUTER_MATCHMAKING_FACTOR * config.averaging.matchmaking_time,
@@ -231,6 +234,10 @@ class LocalExpertsTrainer:
             trunk = self.model.trunk_state_dict()
             for p, c in zip(self.params, current):
                 p.copy_(c)
+        try:  # bans survive a restart (`averaging.ban_store`)
+            save_bans(self.state_dir / BANS_FILE, bans_from_snapshot(self.averager.get_reputation(timeout=5)))
+        except Exception as e:
+            logger.debug(f"Saving bans failed: {e}")
         momentum = {name: v for (name, _), v in zip(self.trunk_params, self.outer.velocity)}
         state = TrainerState(trunk, self.inner.state_dict(), momentum, self.micro_batches, self.tokens, self.epoch)
         save_trainer_state(self.checkpoint_path, state, self.config.run_prefix, self.peer_id)

@@ -23,6 +23,7 @@ from pathlib import Path
 import hivemind
 import torch
 
+from dragon_swarm.averaging.ban_store import BANS_FILE, bans_from_snapshot, load_bans, save_bans, seed_book
 from dragon_swarm.averaging.compression import make_compression
 from dragon_swarm.averaging.robust_optimizer import RobustOptimizer
 from dragon_swarm.averaging.settings import RobustAveragingSettings
@@ -94,8 +95,10 @@ class Trainer:
             except (RuntimeError, KeyError, ValueError) as e:
                 logger.error(f"Trainer checkpoint does not fit this model, starting fresh: {e}")
                 saved = None
+        robust = RobustAveragingSettings.from_config(config.averaging, t.target_batch_size)
         self.optimizer = RobustOptimizer(
-            robust=RobustAveragingSettings.from_config(config.averaging, t.target_batch_size),
+            robust=robust,
+            reputation=seed_book(robust.make_reputation_book(), load_bans(state_dir / BANS_FILE)),
             dht=dht,
             run_id=config.run_prefix,
             target_batch_size=t.target_batch_size,
@@ -140,6 +143,7 @@ class Trainer:
         logger.info(f"Resumed trainer at micro-batch {self.micro_batches}, epoch {self.optimizer.local_epoch}, {self.tokens:,} tokens")
 
     def save(self) -> None:
+        self._save_bans()
         save_trainer_state(self.checkpoint_path, self._state(), self.config.run_prefix, self.peer_id)
 
     def _state(self) -> TrainerState:
@@ -285,6 +289,14 @@ class Trainer:
         if self.gate.wait_until_running(stop):
             logger.info(f"Resuming training at micro-batch {self.micro_batches}")
             self.bus.publish(Resumed())
+
+    def _save_bans(self) -> None:
+        """Bans survive a restart (`averaging.ban_store`)."""
+        try:
+            snapshot = self.optimizer.grad_averager.get_reputation(timeout=5)
+            save_bans(self.state_dir / BANS_FILE, bans_from_snapshot(snapshot))
+        except Exception as e:  # the averager may be gone at shutdown; a save must not fail for this
+            logger.debug(f"Saving bans failed: {e}")
 
     def reputation(self) -> dict:
         """The robust averager's view of other trainers (rejections, distances, bans); reports each new ban once."""
