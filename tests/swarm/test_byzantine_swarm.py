@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from dragon_swarm.averaging.ban_store import BANS_FILE, load_bans
 from benchmarks.local_peers import PeerLauncher, PeerProcess, read_stats
 from tests.swarm.paths import TEST_CONFIG
 
@@ -140,6 +141,9 @@ def test_nan_sender_is_rejected_and_banned_while_training_continues(nan_run):
         if any(nan_peer in r["banned_peers"] for r in records):
             assert f"Banned trainer {nan_peer}" in trainer.process.stderr()
             banned_by.append(trainer.process.name)
+            # the ban is in the state dir, where a restart picks it up (`averaging.ban_store`)
+            state_dir = trainer.stats.parent / f"t{trainer.process.name.rsplit('trainer', 1)[1]}"
+            assert nan_peer in load_bans(state_dir / BANS_FILE), f"{trainer.process.name} did not save its ban"
     # bans are local: each peer judges what it was sent itself. A peer that never shared a group with the NaN
     # sender before the others banned it (and so refused it in matchmaking) has nothing to reject; a peer that
     # was sent a NaN part holds proof and bans at once
