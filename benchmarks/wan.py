@@ -113,14 +113,23 @@ def _bytes_at(samples: list[tuple[float, int]], t: float) -> float:
 
 
 def timed_window(records: list[dict], round_len: int | None) -> tuple[dict, dict]:
-    """(first, last) stats records of the timed window. With ``round_len`` (local_experts), the window ends
-    ``k * round_len`` micro-batches after the first record, ``k`` as large as the records allow, so it holds exactly
-    ``k`` outer steps (one after every ``round_len``-th micro-batch) and no partial round. Pure."""
+    """(first, last) stats records of the timed window: from the first to the last record, start-up excluded.
+    With ``round_len`` (local_experts, outer step after every ``round_len``-th micro-batch) the window starts at the
+    first record after the first outer step (that step also waits for the slowest trainer to start up) and ends
+    ``k * round_len`` micro-batches later, ``k`` as large as the records allow, so it holds exactly ``k`` whole rounds
+    (``k * round_len`` micro-batches and ``k`` outer steps). Falls back to a shorter start when the records hold no
+    whole round after the first one. Pure."""
     first, last = records[0], records[-1]
-    if round_len:
-        whole = [r for r in records if (r["micro_batches"] - first["micro_batches"]) % round_len == 0 and r is not first]
-        if whole:
-            last = whole[-1]
+    if not round_len:
+        return first, last
+    by_mb = {r["micro_batches"]: r for r in records}
+    for start_mb in (first["micro_batches"] + round_len, first["micro_batches"]):
+        start = by_mb.get(start_mb)
+        if start is None:
+            continue
+        ends = [r for r in records if r["micro_batches"] > start_mb and (r["micro_batches"] - start_mb) % round_len == 0]
+        if ends:
+            return start, ends[-1]
     return first, last
 
 
@@ -403,6 +412,12 @@ def run(
     started = time.monotonic()
     wan = run_swarm(config, work / "wan", peers, steps, delay_ms=delay_ms, mbit=mbit, expert_host=expert_host, timeout=timeout, round_len=round_len)
     wan_s = time.monotonic() - started
+    eval_set = train_stream = None
+    swarm = None
+    if learning:
+        train_stream, val_stream = load_streams(cfg)
+        eval_set = held_out_set(cfg, val_stream, eval_batches)
+        swarm = swarm_val_loss(config, wan["state_dirs"], work / "wan" / "model.safetensors", eval_set)
     base = None
     if loopback:
         base = run_swarm(config, work / "loopback", peers, steps, delay_ms=None, mbit=None, expert_host=expert_host, timeout=timeout, round_len=round_len)
@@ -430,9 +445,6 @@ def run(
         "unattributed_bytes": wan["unattributed_bytes"],
     }
     if learning:
-        train_stream, val_stream = load_streams(cfg)
-        eval_set = held_out_set(cfg, val_stream, eval_batches)
-        swarm = swarm_val_loss(config, wan["state_dirs"], work / "wan" / "model.safetensors", eval_set)
         tokens = sum(r.get("tokens", 0) for r in wan["trainers"])
         batch = cfg.training.batch_size
         micro_batches = tokens // (batch * cfg.model.seq_len)
@@ -500,7 +512,10 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     if args.project_125m:
         if result.get("bytes_per_round"):
-            result["project_125m"] = project_volunteer_bytes_per_hour(result["bytes_per_round"], config, args.mb_seconds)
+            try:
+                result["project_125m"] = project_volunteer_bytes_per_hour(result["bytes_per_round"], config, args.mb_seconds)
+            except Exception as e:  # a config that does not load must not lose the measurements
+                result["project_125m"] = {"error": f"{type(e).__name__}: {e}"}
         else:
             result["project_125m"] = {"error": "no outer round inside the timed window: raise --steps"}
     print(json.dumps(result))

@@ -19,6 +19,7 @@ import asyncio
 import logging
 import math
 import multiprocessing as mp
+import signal
 import threading
 import time
 from collections import OrderedDict
@@ -126,7 +127,10 @@ class ValidatingConnectionHandler(ConnectionHandler):
         if "rid" in meta and self.input_cache is not None:  # only once the forward worked: a failed one gets no backward
             key = (context.remote_id.to_base58(), request.uid, meta["rid"])
             value = (request.tensors[0].SerializeToString(), _exponents(meta, 1)[0])
-            await self._in_executor(self.input_cache.put, key, value, time.monotonic())
+            try:
+                await self._in_executor(self.input_cache.put, key, value, time.monotonic())
+            except Exception as e:  # the cache is an optimisation: without it the router re-sends the inputs
+                logger.warning(f"Could not keep a forward's inputs: {type(e).__name__}: {e}")
         return self._reply(outputs, request)
 
     async def rpc_backward(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
@@ -138,7 +142,12 @@ class ValidatingConnectionHandler(ConnectionHandler):
             if "rid" not in meta or len(tensors) != 1:
                 raise RequestError("a cached backward carries a request id and exactly one tensor (the output gradients)")
             key = (context.remote_id.to_base58(), request.uid, meta["rid"])
-            kept = None if self.input_cache is None else await self._in_executor(self.input_cache.take, key, time.monotonic())
+            kept = None
+            try:
+                if self.input_cache is not None:
+                    kept = await self._in_executor(self.input_cache.take, key, time.monotonic())
+            except Exception as e:
+                logger.warning(f"Could not read the kept inputs: {type(e).__name__}: {e}")
             if kept is None:
                 raise RequestError(f"{UNKNOWN_REQUEST}: inputs expired, evicted or never seen here; send them again")
             serialized, exponent = kept
@@ -153,9 +162,10 @@ class ValidatingConnectionHandler(ConnectionHandler):
 
     @staticmethod
     def _reply(outputs: Sequence[torch.Tensor], request: runtime_pb2.ExpertRequest) -> runtime_pb2.ExpertResponse:
-        """Answer in the compression the request's last tensor (the caller's own data, never cached inputs) used."""
+        """Answer in the compression the request's last tensor (the caller's own data, never cached inputs) used;
+        scaled only for callers that speak our metadata (stock clients send none and would not undo a scale)."""
         compression = request.tensors[-1].compression
-        tensors, exponents = encode_tensors(outputs, compression)
+        tensors, exponents = encode_tensors(outputs, compression, scale=bool(request.metadata))
         metadata = MSGPackSerializer.dumps({"exp": exponents}) if any(exponents) else b""
         return runtime_pb2.ExpertResponse(tensors=tensors, metadata=metadata)
 
@@ -236,28 +246,29 @@ def _exponents(meta: dict[str, Any], count: int) -> list[int]:
     return list(exponents)
 
 
-def encode_tensor(tensor: torch.Tensor, compression: int) -> tuple[runtime_pb2.Tensor, int]:
+def encode_tensor(tensor: torch.Tensor, compression: int, scale: bool = True) -> tuple[runtime_pb2.Tensor, int]:
     """(serialized tensor, scale exponent): the receiver multiplies by 2^-exp after deserializing.
 
-    FLOAT16: scaled by a power of two (exact in float32) to use fp16's range fully; a tensor with NaN or Inf goes in
-    float32 instead, so the receiver sees and refuses the real values (hivemind would clamp Inf to ±65504, a
-    plausible-looking number). Other compressions are hivemind's own, unscaled."""
+    FLOAT16: scaled by a power of two (exact in float32) to use fp16's range fully; a tensor with NaN or Inf, or
+    (scale=False, for stock clients, which never read an exponent) one past fp16's range, goes in float32 instead, so
+    the receiver gets the real values (hivemind would clamp them to ±65504, a plausible-looking number).
+    Other compressions are hivemind's own, unscaled."""
     tensor = tensor.detach()
     if compression != FLOAT16:
         return serialize_torch_tensor(tensor, compression), 0
     amax = float(tensor.abs().max()) if tensor.numel() else 0.0
     if not math.isfinite(amax):
         return serialize_torch_tensor(tensor.float(), NO_COMPRESSION), 0
-    exponent = 0 if amax == 0.0 else FP16_TARGET_EXPONENT - math.frexp(amax)[1]
+    exponent = 0 if amax == 0.0 or not scale else FP16_TARGET_EXPONENT - math.frexp(amax)[1]
     exponent = max(-MAX_SCALE_EXPONENT, min(MAX_SCALE_EXPONENT, exponent))
     scaled = tensor.float() * (2.0**exponent) if exponent else tensor.float()
-    if float(scaled.abs().max() if scaled.numel() else 0.0) > FP16_MAX:  # only past the exponent bound: keep fp32
+    if float(scaled.abs().max() if scaled.numel() else 0.0) > FP16_MAX:  # unscaled, or past the exponent bound
         return serialize_torch_tensor(tensor.float(), NO_COMPRESSION), 0
     return serialize_torch_tensor(scaled, FLOAT16), exponent
 
 
-def encode_tensors(tensors: Sequence[torch.Tensor], compression: int) -> tuple[list[runtime_pb2.Tensor], list[int]]:
-    encoded = [encode_tensor(t, compression) for t in tensors]
+def encode_tensors(tensors: Sequence[torch.Tensor], compression: int, scale: bool = True) -> tuple[list[runtime_pb2.Tensor], list[int]]:
+    encoded = [encode_tensor(t, compression, scale) for t in tensors]
     return [e[0] for e in encoded], [e[1] for e in encoded]
 
 
@@ -381,7 +392,8 @@ def _shared_input_cache(module_backends: dict, ttl_s: float, cache_mb: float):
         if shared is None:
             # forked like hivemind's own handlers: a spawned server would import torch again (~1 s, ~200 MB)
             manager = _CacheManager(ctx=mp.get_context("fork"))
-            manager.start()
+            # Ctrl-C reaches the whole process group: the cache must outlive the handlers' graceful shutdown
+            manager.start(initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN))
             shared = _SHARED_CACHES[id(module_backends)] = [manager, manager.InputCache(int(cache_mb * 2**20), ttl_s), 0]
         shared[2] += 1
         return shared[1]

@@ -47,6 +47,9 @@ class PeerFlags(BaseModel):
     max_experts: int | None = flag(None, "with placement (no --experts, or --experts auto): host at most this many experts (default: what a quarter of the memory cap holds)", ge=1)
     no_train: bool = flag(False, "only host experts")
     no_host: bool = flag(False, "only train")
+    client_mode: bool = flag(
+        False, "behind a NAT or firewall that others cannot dial: train without accepting connections (implies "
+        "--no-host; averaging and expert calls only go out)")  # fmt: skip
     max_steps: int | None = flag(
         None, "stop once this peer has trained this many micro-batches, counted across restarts (the state dir "
         "keeps the count)", ge=0)  # fmt: skip
@@ -136,6 +139,8 @@ class PeerFlags(BaseModel):
     def _no_contradiction(self) -> "PeerFlags":
         if self.no_host and self.experts:
             raise ValueError("--experts and --no-host contradict each other")
+        if self.client_mode and (self.experts or self.no_train):
+            raise ValueError("--client-mode only trains: nobody can call experts on a peer that accepts no connections")
         if self.init_from is not None and not self.new_swarm:
             raise ValueError("--init-from starts a new swarm: add --new-swarm (joining peers download the swarm's state)")
         return self
@@ -171,6 +176,7 @@ class PeerOptions:
     max_experts: int | None = None  # with host_spec "auto"
     keep_versions: int = 3
     init_from: Path | None = None  # with --new-swarm: a model file to start from (`node.init_from`)
+    client_mode: bool = False  # accept no connections (behind NAT): only trains, dials out
 
 
 def build_parser() -> configargparse.ArgParser:
@@ -215,7 +221,9 @@ def resolve(flags: PeerFlags, profile=None) -> PeerOptions:
         return default if value is None else value
 
     no_train = flags.no_train or (profile is not None and not profile.train and not flags.no_host)
-    no_host = flags.no_host or (profile is not None and not profile.host_experts and not no_train and not flags.experts)
+    no_host = flags.no_host or flags.client_mode or (
+        profile is not None and not profile.host_experts and not no_train and not flags.experts
+    )
     batch_size = pick("batch_size")
     overrides = {"training.batch_size": batch_size} if isinstance(batch_size, int) else {}
     config = _load_config(flags.config, overrides)
@@ -252,6 +260,7 @@ def resolve(flags: PeerFlags, profile=None) -> PeerOptions:
         max_experts=flags.max_experts,
         keep_versions=3 if flags.keep_versions is None else flags.keep_versions,
         init_from=flags.init_from,
+        client_mode=flags.client_mode,
     )
 
 

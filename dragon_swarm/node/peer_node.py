@@ -101,7 +101,8 @@ class PeerNode:
         o = self.options
         try:
             self.dht = start_dht(
-                initial_peers=o.initial_peers, host_maddrs=o.host_maddrs, announce_maddrs=o.announce_maddrs, identity_path=o.identity
+                initial_peers=o.initial_peers, host_maddrs=o.host_maddrs, announce_maddrs=o.announce_maddrs,
+                identity_path=o.identity, client_mode=o.client_mode,
             )
         except Exception as e:  # p2pd errors: bad multiaddr, taken identity, unreachable peers
             raise StartupError(f"could not join the swarm: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
@@ -121,7 +122,8 @@ class PeerNode:
         o = self.options
         local_mode = o.train and o.config.training.mode == "local_experts"
         if local_mode and o.host_spec == "":
-            raise StartupError("training.mode local_experts trains the experts this peer holds: drop --no-host")
+            why = "--client-mode (a peer nobody can dial hosts nothing)" if o.client_mode else "--no-host"
+            raise StartupError(f"training.mode local_experts trains the experts this peer holds: drop {why}")
         uids = startup.choose_experts(self.dht, o)
         if uids:
             # in local-expert mode the trainer merges its experts with their other holders between micro-batches
@@ -147,7 +149,7 @@ class PeerNode:
             self.trainer = Trainer(
                 o.config, self.dht, self.dispatcher, train_stream, o.state_dir, o.batch_size, o.device,
                 bus=self.bus, gate=self.gate, contribution=self.contribution, val_stream=self.val_stream,
-                keep_versions=o.keep_versions,
+                keep_versions=o.keep_versions, client_mode=o.client_mode,
             )  # fmt: skip
 
     # --- run ---

@@ -68,6 +68,7 @@ class Trainer:
         contribution: GradientContribution | None = None,
         val_stream=None,
         keep_versions: int = 0,
+        client_mode: bool = False,
     ):
         self.config, self.dht, self.dispatcher = config, dht, dispatcher
         # the held-out stream (`training.evaluation`); None: no held-out loss
@@ -110,6 +111,7 @@ class Trainer:
             averaging_timeout=config.averaging.averaging_timeout,
             load_state_timeout=config.averaging.load_state_timeout,
             grad_compression=make_compression(config.averaging.compression),
+            client_mode=client_mode,  # behind NAT: sends its parts, reduces none (nobody can dial it)
             # hivemind's advice (and its start-up warning): a leader's answer must be awaited for less than the
             # matchmaking time, or two peers asking each other at once can deadlock a round
             averager_opts={"request_timeout": min(3.0, 0.9 * config.averaging.matchmaking_time)},

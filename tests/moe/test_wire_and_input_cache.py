@@ -49,6 +49,16 @@ def test_float32_wire_is_exact_and_zero_tensors_are_fine():
     assert exponent == 0 and torch.equal(decode_tensors([proto], [exponent])[0], torch.zeros(2, 3))
 
 
+def test_unscaled_fp16_for_stock_clients_falls_back_to_float32_past_the_range():
+    """Stock hivemind clients never read our exponent: a host answering one in fp16 must not scale, nor clamp."""
+    small, big = torch.randn(4, 8), torch.randn(4, 8) * 1e6
+    proto, exponent = encode_tensor(small, FLOAT16, scale=False)
+    assert (proto.compression, exponent) == (FLOAT16, 0)
+    assert torch.allclose(decode_tensors([proto])[0], small, rtol=1e-3, atol=1e-3)
+    proto, exponent = encode_tensor(big, FLOAT16, scale=False)
+    assert (proto.compression, exponent) == (NO_COMPRESSION, 0) and torch.equal(decode_tensors([proto])[0], big)
+
+
 @pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
 def test_non_finite_values_travel_as_they_are_and_are_refused(bad):
     """fp16 must not turn an Inf into a plausible 65504: the tensor goes in float32 and the host's check refuses it."""

@@ -1,0 +1,45 @@
+"""A trainer behind a NAT (`--client-mode`: it accepts no connections) trains with two normal trainers on a real
+loopback swarm: it averages with them (its parts go out, it reduces none) and the model version advances for all."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks.local_peers import read_stats
+from tests.swarm.paths import TEST_CONFIG
+
+pytestmark = pytest.mark.swarm
+
+STEPS = 12
+
+
+@pytest.fixture(scope="module")
+def swarm(module_launcher):
+    log_dir = module_launcher.log_dir
+    initial = module_launcher.bootstrap().initial_peers()
+    common = ["-c", str(TEST_CONFIG), "--initial-peers", *initial]
+    host = module_launcher.start("host", [*common, "--no-train", "--experts", "all", "--state-dir", str(log_dir / "host")])
+    host.wait_for_log("Serving 8 expert(s)", timeout=120)
+    trainers = []
+    for name, extra in (("trainer0", ["--no-host"]), ("trainer1", ["--no-host"]), ("behind-nat", ["--client-mode"])):
+        args = [*common, *extra, "--max-steps", str(STEPS), "--state-dir", str(log_dir / name), "--stats-file", str(log_dir / f"{name}.jsonl")]
+        trainers.append(module_launcher.start(name, args))
+    codes = [t.wait(timeout=400) for t in trainers]
+    return log_dir, trainers, codes
+
+
+def test_the_client_mode_trainer_trains_and_averages_with_the_others(swarm):
+    log_dir, trainers, codes = swarm
+    assert codes == [0, 0, 0], [t.stderr()[-2000:] for t in trainers]
+    nat = read_stats(log_dir / "behind-nat.jsonl")
+    assert len(nat) == STEPS
+    assert max(r["peers"] for r in nat) >= 3  # it saw the other trainers' progress: it is in the same swarm
+    assert nat[-1]["epoch"] >= 2  # the swarm stepped with it
+    assert sum(r["loss"] for r in nat[-3:]) / 3 < nat[0]["loss"] - 0.1
+    others = [read_stats(log_dir / f"trainer{i}.jsonl") for i in range(2)]
+    assert all(o[-1]["epoch"] >= 2 for o in others)
+
+
+def test_client_mode_refuses_to_host(swarm):
+    _, trainers, _ = swarm
+    assert "Serving" not in trainers[2].stderr()  # it hosts nothing: nobody could call it
