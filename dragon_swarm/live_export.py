@@ -105,18 +105,22 @@ def robust_trunk_choice(answers: Sequence[TrunkAnswer]) -> TrunkAnswer:
     return answers[min(range(len(answers)), key=lambda i: (totals[i], -answers[i].epoch))]
 
 
+def _run(coroutine: Any) -> Any:
+    # the event loop hivemind's expert clients (and `moe.state_service`) use in this process
+    from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
+
+    return RemoteExpertWorker.run_coroutine(coroutine)
+
+
 class TrunkDownloader:
-    """Downloads the trunk from this swarm's trainers over `dht` (a client is enough: we only dial out)."""
+    """Downloads the trunk from this swarm's trainers over `dht` (a client is enough: we only dial out). `p2p`: a
+    replica of the DHT's daemon connection (`dht.replicate_p2p()`), on `_run`'s loop; the caller shuts it down."""
 
-    def __init__(self, dht: hivemind.DHT, config: SwarmConfig):
-        from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
-
-        self.dht, self.config = dht, config
+    def __init__(self, dht: hivemind.DHT, config: SwarmConfig, p2p: Any):
+        self.dht, self.config, self._p2p = dht, config, p2p
         self.prefix = trunk_state_prefix(config)
         self.order = trunk_parameter_order(config)
         self.max_bytes = SIZE_FACTOR * sum(4 * shape.numel() for _, shape in self.order) + (1 << 20)
-        self._run = RemoteExpertWorker.run_coroutine
-        self._p2p = self._run(dht.replicate_p2p())
         self.own_peer_id = dht.peer_id.to_base58()
 
     def _servicer_class(self) -> type:
@@ -151,7 +155,7 @@ class TrunkDownloader:
     def fetch(self, peer_id: str, timeout: float) -> TrunkAnswer:
         """One trainer's trunk, validated. Raises TrunkStateError."""
         try:
-            metadata, tensors = self._run(asyncio.wait_for(self._download(peer_id), timeout=timeout))
+            metadata, tensors = _run(asyncio.wait_for(self._download(peer_id), timeout=timeout))
         except TrunkStateError:
             raise
         except Exception as e:  # timeouts, dropped streams, unreachable peers, garbled messages
@@ -204,7 +208,7 @@ class TrunkDownloader:
 
 
 def download_experts(
-    dht: hivemind.DHT, config: SwarmConfig, timeout: float = EXPERT_TIMEOUT_S
+    dht: hivemind.DHT, config: SwarmConfig, p2p: Any, timeout: float = EXPERT_TIMEOUT_S
 ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, str]]:
     """(uid -> weights of every expert some host served, uid -> why each of the others is missing)."""
     from dragon_swarm.moe.expert_state import make_template
@@ -214,23 +218,22 @@ def download_experts(
     m = config.model
     uids = all_expert_uids(config.expert_prefix, m.num_moe_layers, m.num_experts)
     template = make_template(m.d_model, m.expert_hidden, config.training)
-    service = ExpertStateService(dht, f"{config.run_prefix}.experts", lambda uid: None)  # serves nothing
-    service.start()
+    service = ExpertStateService(dht, f"{config.run_prefix}.experts", lambda uid: None)
+    # client side only: `start()` would also register a handler for experts we do not serve (and a listener task
+    # that outlives the export); fetching needs nothing but the daemon connection
+    service._p2p = p2p
     experts: dict[str, dict[str, torch.Tensor]] = {}
     missing: dict[str, str] = {}
-    try:
-        replicas = find_replicas(dht, uids)
-        for uid in uids:
-            hosts = [r.record.peer_id for r in replicas.get(uid, [])]
-            got = service.fetch_robust(hosts, uid, template, timeout) if hosts else None
-            if got is None:
-                missing[uid] = "no host serves it" if not hosts else f"no host gave a usable state ({len(hosts)} tried)"
-                continue
-            state, source, _ = got
-            experts[uid] = {name: t.detach().clone() for name, t in state.module.items()}
-            logger.info(f"{uid}: from {source[-8:]} (version {state.version}, {len(hosts)} host(s))")
-    finally:
-        service.shutdown()
+    replicas = find_replicas(dht, uids)
+    for uid in uids:
+        hosts = [r.record.peer_id for r in replicas.get(uid, [])]
+        got = service.fetch_robust(hosts, uid, template, timeout) if hosts else None
+        if got is None:
+            missing[uid] = "no host serves it" if not hosts else f"no host gave a usable state ({len(hosts)} tried)"
+            continue
+        state, source, _ = got
+        experts[uid] = {name: t.detach().clone() for name, t in state.module.items()}
+        logger.info(f"{uid}: from {source[-8:]} (version {state.version}, {len(hosts)} host(s))")
     return experts, missing
 
 
@@ -265,11 +268,13 @@ def export_from_swarm(
         dht = start_dht(initial_peers=initial_peers, host_maddrs=default_host_maddrs(initial_peers), client_mode=True)
     except Exception as e:  # p2pd errors: bad multiaddr, unreachable peers
         raise ExportError(f"could not join the swarm: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    p2p = None
     try:
         others = other_config_hashes(dht, config)
         if others:
             raise ExportError(mismatch_message(config, others, config_name))
-        chosen, answers, problems = TrunkDownloader(dht, config).fetch_robust(timeout)
+        p2p = _run(dht.replicate_p2p())
+        chosen, answers, problems = TrunkDownloader(dht, config, p2p).fetch_robust(timeout)
         if chosen is None:
             why = f" ({problems[-1]})" if problems else ""
             raise ExportError(
@@ -278,7 +283,7 @@ def export_from_swarm(
             )
         epochs = sorted(a.epoch for a in answers)
         logger.info(f"Trunk of model version {chosen.epoch} from trainer {chosen.peer_id[-8:]} ({len(answers)} answer(s), epochs {epochs})")
-        experts, missing = download_experts(dht, config)
+        experts, missing = download_experts(dht, config, p2p)
         if missing and not allow_missing:
             uid, why = next(iter(missing.items()))
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
@@ -289,4 +294,6 @@ def export_from_swarm(
             val_loss=val_loss, val_epoch=val_epoch,
         )  # fmt: skip
     finally:
+        if p2p is not None:
+            _run(p2p.shutdown())  # this replica only: the daemon is the DHT's, stopped next
         dht.shutdown()

@@ -21,7 +21,7 @@ import yaml
 from benchmarks.local_peers import PeerLauncher, PeerProcess, read_stats
 from tests.swarm.paths import TEST_CONFIG
 
-pytestmark = pytest.mark.swarm
+pytestmark = [pytest.mark.swarm, pytest.mark.slow]
 
 STEPS = 25
 BAN = re.compile(r"Expert (\S+) on (\S+) refused as Byzantine: .* after (\d+) call\(s\) to this host\)")

@@ -19,7 +19,7 @@ from dragon_swarm.averaging.ban_store import BANS_FILE, load_bans
 from benchmarks.local_peers import PeerLauncher, PeerProcess, read_stats
 from tests.swarm.paths import TEST_CONFIG
 
-pytestmark = pytest.mark.swarm
+pytestmark = [pytest.mark.swarm, pytest.mark.slow]
 
 STEPS = 25
 NAN_STEPS = 16

@@ -8,7 +8,7 @@ import pytest
 from benchmarks.local_peers import read_stats
 from tests.swarm.paths import TEST_CONFIG
 
-pytestmark = pytest.mark.swarm
+pytestmark = [pytest.mark.swarm, pytest.mark.slow]
 
 STEPS = 12
 

@@ -28,7 +28,7 @@ from dragon_swarm.state.checkpoint import load_module_checkpoint
 from dragon_swarm.swarm.dht_node import start_dht
 from tests.swarm.paths import TEST_CONFIG
 
-pytestmark = pytest.mark.swarm
+pytestmark = [pytest.mark.swarm, pytest.mark.slow]
 
 CONFIG = load_config(str(TEST_CONFIG))
 UIDS = all_expert_uids(CONFIG.expert_prefix, CONFIG.model.num_moe_layers, CONFIG.model.num_experts)

@@ -13,7 +13,7 @@ import yaml
 from benchmarks.local_peers import read_stats
 from tests.swarm.paths import TEST_CONFIG
 
-pytestmark = pytest.mark.swarm
+pytestmark = [pytest.mark.swarm, pytest.mark.slow]
 
 STEPS = 16  # 4 outer rounds: bans take 3 (averaging.ban_rounds)
 HONEST = 3

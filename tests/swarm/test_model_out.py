@@ -95,15 +95,17 @@ def scenario(module_launcher) -> Scenario:
     trainer.wait_for_log("Paused at micro-batch", timeout=60)
     time.sleep(2.5)  # longer than experts.update_period: the host applies what the last backward passes sent
 
+    # the export, sampling from the live swarm and the test's own look at the host's experts, all at once: the
+    # swarm is paused, so they all see the same model
     model_file = log_dir / "out" / "model.safetensors"
     export = module_launcher.start(
         "export", ["--initial-peers", *initial_peers, "-c", str(TEST_CONFIG), "--out", str(model_file)], module="dragon_swarm.export"
     )
-    export.wait(timeout=180)
-    host_experts = _fetch_host_experts(initial_peers)
     live = module_launcher.start(
         "generate-live", ["--initial-peers", *initial_peers, "-c", str(TEST_CONFIG), *PROMPT], module="dragon_swarm.generate"
     )
+    host_experts = _fetch_host_experts(initial_peers)
+    export.wait(timeout=180)
     live.wait(timeout=180)
     trainer_state = read_trainer_state(log_dir / "trainer" / "trainer.safetensors", load_config(TEST_CONFIG).run_prefix)
     assert trainer_state is not None, trainer.stderr()[-2000:]

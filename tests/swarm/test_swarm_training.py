@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from tests.swarm.paths import TEST_CONFIG
 from benchmarks.local_peers import PeerProcess, read_stats, wait_for_stats
 
-pytestmark = pytest.mark.swarm
+pytestmark = [pytest.mark.swarm, pytest.mark.slow]
 
 MAX_STEPS = 40
 
