@@ -86,10 +86,11 @@ def scenario(module_launcher) -> Scenario:
         args = ["-c", str(TEST_CONFIG), "--initial-peers", *initial_peers, "--state-dir", str(log_dir / name), *extra]
         return module_launcher.start(name, args)
 
+    # started together: a trainer waits for the experts to come online before its first micro-batch
     host = peer("host", "--no-train", "--experts", "all")
-    host.wait_for_log("Serving 8 expert(s)", timeout=120)
     port, stats = _free_port(), log_dir / "trainer.jsonl"
     trainer = peer("trainer", "--no-host", "--stats-file", str(stats), "--dashboard", str(port), "--keep-versions", "50")
+    host.wait_for_log("Serving 8 expert(s)", timeout=120)
     wait_for_stats(stats, lambda r: r[-1]["micro_batches"] >= STEPS and r[-1]["epoch"] >= 2, timeout=240, processes=[trainer, host])
     urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/api/stop", data=b"", method="POST"), timeout=10)
     trainer.wait_for_log("Paused at micro-batch", timeout=60)
