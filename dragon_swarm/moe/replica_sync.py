@@ -13,8 +13,10 @@ far from the robust result round after round is banned like a trainer (the confi
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 import torch
@@ -33,6 +35,7 @@ logger = logging.getLogger(__name__)
 # sync period were measured up to ~0.4 apart early in training (Adam moves small weights fast); 2 is garbage
 MAX_RELATIVE_DISTANCE = 2.0
 MAX_PEERS_PER_SYNC = 4
+MAX_PARALLEL_MERGES = 8
 ROUND_SNAPSHOT_WAIT_S = 20.0  # how long to wait for another holder to reach the same outer round
 REBALANCE_COOLDOWN = 3  # placement checks between two moves of one peer: the swarm's records settle first
 JITTER = 0.3
@@ -44,6 +47,7 @@ class ReplicaSync(PeriodicThread):
         self.hosting = hosting
         avg = hosting.config.averaging
         self.ban_ratio, self.ban_rounds, self.ban_seconds = avg.ban_distance_ratio, avg.ban_rounds, avg.ban_seconds
+        self._book_lock = threading.Lock()  # merges of several experts run in parallel threads
         self.strikes: dict[tuple[str, str], int] = defaultdict(int)  # (uid, peer) -> rounds in a row far away
         self.banned_until: dict[tuple[str, str], float] = {}
         self.rounds = 0
@@ -91,7 +95,8 @@ class ReplicaSync(PeriodicThread):
         before = max(float(torch.linalg.vector_norm(s.parameter_vector() - own_vector)) for s in others) / own_norm
         self.last_distance[uid] = before
         apply_delta(backend, own, merged.state)
-        self.rounds += 1
+        with self._book_lock:
+            self.rounds += 1
         logger.info(
             f"Replica sync {uid}: merged {len(others) + 1} replicas (farthest was {before:.2%} of the weights' norm away)"
         )
@@ -111,26 +116,36 @@ class ReplicaSync(PeriodicThread):
             try:
                 return self.hosting.state_service.fetch(peer, uid, backend, timeout=30.0, tag=tag)
             except ExpertStateError as e:
-                if "no snapshot" not in str(e) or time.monotonic() > deadline:
+                if ("no snapshot" not in str(e) and "too many" not in str(e)) or time.monotonic() > deadline:
                     raise
-                time.sleep(0.5)
+                time.sleep(1.0)
 
     def merge_round(self, tag: str, snapshots: dict[str, ExpertState]) -> int:
         """Local-expert mode's outer step for the experts: merge each held expert's `tag` snapshot with the other
         holders' snapshots of the same round. Returns how many experts were merged."""
         backends = self.hosting.backends
         found = find_replicas(self.hosting.dht, list(backends))
-        now, merged = time.monotonic(), 0
+        now, jobs = time.monotonic(), []
         for uid, backend in backends.items():
             peers = [
                 r.record.peer_id for r in found.get(uid, [])
                 if r.record.peer_id != self.hosting.own_peer_id and self.banned_until.get((uid, r.record.peer_id), 0.0) <= now
             ]  # fmt: skip
-            if peers and uid in snapshots and self.sync_one(uid, backend, peers[:MAX_PEERS_PER_SYNC], tag=tag, own=snapshots[uid]):
-                merged += 1
-        return merged
+            if peers and uid in snapshots:
+                jobs.append((uid, backend, peers[:MAX_PEERS_PER_SYNC]))
+        if not jobs:
+            return 0
+        # the experts are independent: their downloads overlap (one at a time, a round's merge took ~1 s per expert
+        # at 50 ms RTT); each expert's merge touches only its own backend
+        with ThreadPoolExecutor(max_workers=min(len(jobs), MAX_PARALLEL_MERGES), thread_name_prefix="merge") as pool:
+            done = pool.map(lambda job: self.sync_one(job[0], job[1], job[2], tag=tag, own=snapshots[job[0]]), jobs)
+            return sum(1 for ok in done if ok)
 
     def _strike(self, uid: str, peer: str, why: str) -> None:
+        with self._book_lock:
+            self._strike_locked(uid, peer, why)
+
+    def _strike_locked(self, uid: str, peer: str, why: str) -> None:
         self.strikes[(uid, peer)] += 1
         if self.strikes[(uid, peer)] >= self.ban_rounds:
             self.banned_until[(uid, peer)] = time.monotonic() + self.ban_seconds

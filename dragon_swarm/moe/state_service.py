@@ -48,14 +48,15 @@ class ExpertStateServicer(ServicerBase):
         if tokens < 1.0:
             yield runtime_pb2.ExpertResponse(metadata=b"error: too many state requests, retry in a second")
             return
-        self._buckets[requester] = (tokens - 1.0, now)
         uid, _, tag = request.uid.partition("@")
         loop = asyncio.get_running_loop()
         if tag:
             frozen = self.snapshot(uid, tag) if self.snapshot is not None else None
-            if frozen is None:
+            if frozen is None:  # a cheap answer that holders poll for: it costs the requester no token
+                self._buckets[requester] = (tokens, now)
                 yield runtime_pb2.ExpertResponse(metadata=b"error: no snapshot of that round here (yet)")
                 return
+        self._buckets[requester] = (tokens - 1.0, now)
             data = await loop.run_in_executor(None, lambda: expert_state.to_bytes(frozen))
         else:
             backend = self.lookup(uid)

@@ -52,6 +52,7 @@ from dragon_swarm.training.trainer import warmup_schedule
 
 logger = logging.getLogger(__name__)
 
+OUTER_CODEC_FALLBACK = "fp16"
 OUTER_MATCHMAKING_FACTOR = 3.0  # trainers reach a round boundary seconds apart: wait longer than a gradient round
 
 
@@ -205,7 +206,8 @@ class LocalExpertsTrainer:
             min_matchmaking_time=OUTER_MATCHMAKING_FACTOR * config.averaging.matchmaking_time,
             request_timeout=min(3.0, 0.9 * config.averaging.matchmaking_time),
             allreduce_timeout=config.averaging.averaging_timeout,
-            compression=make_compression(config.averaging.compression),
+            # pseudo-gradients always travel compressed (fp16 when the config averages gradients uncompressed)
+            compression=make_compression(OUTER_CODEC_FALLBACK if config.averaging.compression == "none" else config.averaging.compression),
             allow_state_sharing=True,
         )
 
