@@ -56,9 +56,10 @@ class ExpertStateServicer(ServicerBase):
                 self._buckets[requester] = (tokens, now)
                 yield runtime_pb2.ExpertResponse(metadata=b"error: no snapshot of that round here (yet)")
                 return
-        self._buckets[requester] = (tokens - 1.0, now)
+            self._buckets[requester] = (tokens - 1.0, now)
             data = await loop.run_in_executor(None, lambda: expert_state.to_bytes(frozen))
         else:
+            self._buckets[requester] = (tokens - 1.0, now)
             backend = self.lookup(uid)
             if backend is None:
                 yield runtime_pb2.ExpertResponse(metadata=b"error: expert not hosted here")
