@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
 import sys
 import tempfile
@@ -37,22 +36,9 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.local_peers import PeerLauncher, PeerProcess, read_stats
+from benchmarks.local_peers import PeerLauncher, read_stats
 
-_PEER_ID = re.compile(r"peer id (Qm\w+)")
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "tests" / "configs" / "swarm-test.yaml"
-
-
-def peer_id_of(process: PeerProcess, timeout: float = 120.0) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        match = _PEER_ID.search(process.stderr())
-        if match:
-            return match.group(1)
-        if process.proc.poll() is not None:
-            raise RuntimeError(f"{process.name} exited:\n{process.stderr()[-2000:]}")
-        time.sleep(0.3)
-    raise TimeoutError(f"{process.name} logged no peer id")
 
 
 class Observer:
@@ -119,7 +105,7 @@ def takeover(config: Path, work: Path) -> dict:
     try:
         initial = launcher.bootstrap().initial_peers()
         hosts = [launcher.start(f"host{i}", peer_args(config, initial, work / f"host{i}", "--no-train", "--max-experts", "3")) for i in range(3)]
-        by_id = {peer_id_of(p): p for p in hosts}
+        by_id = {p.peer_id(): p for p in hosts}
         observer = Observer(config, initial)
         started = time.monotonic()
         settled = wait_until(lambda: _settled(observer, 9), 120.0, 1.0)
@@ -182,7 +168,7 @@ def sync(config: Path, work: Path, steps: int, sample_s: float, after_s: float) 
     try:
         initial = launcher.bootstrap().initial_peers()
         hosts = [launcher.start(f"host{i}", peer_args(config, initial, work / f"host{i}", "--no-train", "--experts", "all")) for i in range(2)]
-        ids = [peer_id_of(p) for p in hosts]
+        ids = [p.peer_id() for p in hosts]
         for host in hosts:
             host.wait_for_log("Serving 8 expert(s)", 120)
         observer = Observer(config, initial)
@@ -237,7 +223,7 @@ def _expert_run(config: Path, work: Path, steps: int, attacked: bool) -> dict:
         honest = launcher.start("host-honest", peer_args(config, initial, work / "host-honest", "--no-train", "--experts", "all"))
         extra = ("--expert-attack", "scale_outputs") if attacked else ()
         other = launcher.start("host-other", peer_args(config, initial, work / "host-other", "--no-train", "--experts", "all", *extra))
-        other_id = peer_id_of(other)
+        other_id = other.peer_id()
         for host in (honest, other):
             host.wait_for_log("Serving 8 expert(s)", 120)
         stats = [work / f"trainer{i}.jsonl" for i in range(2)]

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+_PEER_ID = re.compile(r"peer id (Qm\w+)")
 _MADDR = re.compile(r"--initial-peers ((?:/\S+ ?)+)")
 
 
@@ -58,6 +59,18 @@ class PeerProcess:
                 raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.stderr()[-3000:]}")
             time.sleep(0.2)
         raise TimeoutError(f"{self.name} printed no --initial-peers line in {timeout} s:\n{self.stderr()[-3000:]}")
+
+    def peer_id(self, timeout: float = 120.0) -> str:
+        """The peer id this peer logged at start (`... peer id Qm...`)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            match = _PEER_ID.search(self.stderr())
+            if match:
+                return match.group(1)
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.stderr()[-3000:]}")
+            time.sleep(0.3)
+        raise TimeoutError(f"{self.name} logged no peer id in {timeout} s")
 
     def wait_for_log(self, text: str, timeout: float) -> None:
         deadline = time.monotonic() + timeout

@@ -7,7 +7,6 @@ One scenario per module (about three minutes on 2 cores); the tests run in file 
 
 from __future__ import annotations
 
-import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -33,7 +32,6 @@ pytestmark = [pytest.mark.swarm, pytest.mark.slow]
 CONFIG = load_config(str(TEST_CONFIG))
 UIDS = all_expert_uids(CONFIG.expert_prefix, CONFIG.model.num_moe_layers, CONFIG.model.num_experts)
 TRAIN_STEPS = 12
-_PEER_ID = re.compile(r"peer id (Qm\w+)")
 
 
 @dataclass
@@ -56,18 +54,6 @@ class Swarm:
 
 def args(initial_peers: list[str], state_dir: Path, *extra: str) -> list[str]:
     return ["-c", str(TEST_CONFIG), "--initial-peers", *initial_peers, "--state-dir", str(state_dir), *extra]
-
-
-def peer_id_of(process: PeerProcess, timeout: float = 120.0) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        match = _PEER_ID.search(process.stderr())
-        if match:
-            return match.group(1)
-        if process.proc.poll() is not None:
-            raise RuntimeError(f"{process.name} exited:\n{process.stderr()[-3000:]}")
-        time.sleep(0.3)
-    raise TimeoutError(f"{process.name} logged no peer id")
 
 
 def wait_until(condition, timeout: float, what: str):
@@ -94,7 +80,7 @@ def swarm(module_launcher):
         module_launcher.start(f"host{i}", args(initial_peers, log_dir / f"host{i}", "--no-train", "--max-experts", "3"))
         for i in range(3)
     ]  # started together, without --experts: placement chooses
-    hosts = {peer_id_of(p): p for p in processes}
+    hosts = {p.peer_id(): p for p in processes}
     client = start_dht(initial_peers=initial_peers)
     service = ExpertStateService(client, f"{CONFIG.run_prefix}.experts", lambda uid: None)
     service.start()
@@ -159,7 +145,7 @@ def test_a_new_replica_starts_from_a_current_host_weights(swarm, module_launcher
     online = swarm.online()
     uid = next(u for u, peers in online.items() if peers)
     late = module_launcher.start("late-replica", args(swarm.initial_peers, swarm.log_dir / "late", "--no-train", "--experts", uid.rsplit("_", 1)[1].removeprefix("ffn.")))
-    late_id = peer_id_of(late)
+    late_id = late.peer_id()
     late.wait_for_log("Serving 1 expert(s)", timeout=120)
     assert f"{uid}: downloaded from" in late.stderr()
     current = swarm.download(online[uid][0], uid)
