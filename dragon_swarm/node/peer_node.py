@@ -138,6 +138,7 @@ class PeerNode:
             self.trainer = LocalExpertsTrainer(
                 o.config, self.dht, self.host, train_stream, o.state_dir, o.batch_size, o.device,
                 bus=self.bus, gate=self.gate, contribution=self.contribution, val_stream=self.val_stream,
+                keep_versions=o.keep_versions,
             )  # fmt: skip
         elif o.train:
             from dragon_swarm.training.trainer import Trainer

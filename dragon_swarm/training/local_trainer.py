@@ -47,6 +47,7 @@ from dragon_swarm.moe.expert_uids import expert_uid
 from dragon_swarm.training.checkpoint import CHECKPOINT_NAME, TrainerState, read_trainer_state, save_trainer_state
 from dragon_swarm.training.contribution import GradientContribution, HonestContribution
 from dragon_swarm.training.evaluation import EVAL_FORWARD_SEQUENCES, eval_batches, evaluate_loss
+from dragon_swarm.training.versions import VersionKeeper
 from dragon_swarm.training.optim import decay_param_groups
 from dragon_swarm.training.trainer import warmup_schedule
 
@@ -162,6 +163,7 @@ class LocalExpertsTrainer:
         gate: PauseGate | None = None,
         contribution: GradientContribution | None = None,
         val_stream=None,
+        keep_versions: int = 0,
     ):
         t, m = config.training, config.model
         self.config, self.dht, self.hosting = config, dht, hosting
@@ -178,6 +180,7 @@ class LocalExpertsTrainer:
         self.params = [p for _, p in self.trunk_params]
         self.micro_batches = self.tokens = self.skipped_batches = 0
         self.epoch = 0
+        self.versions = VersionKeeper(state_dir, keep_versions, config.run_prefix, self.peer_id)  # `--keep-versions`
         self.val_stream = val_stream  # held-out loss after outer steps (`training.evaluation`); None: none
         self._eval_set = None
         self._pending_eval: tuple[float | None, float | None] = (None, None)  # reported with the next micro-batch
@@ -227,7 +230,7 @@ class LocalExpertsTrainer:
         self.micro_batches, self.tokens, self.epoch = saved.micro_batches, saved.tokens, saved.local_epoch
         logger.info(f"Resumed local-expert trainer at micro-batch {self.micro_batches}, epoch {self.epoch}, {self.tokens:,} tokens")
 
-    def save(self) -> None:
+    def _state(self) -> TrainerState:
         # the start of the round is what every trainer agrees on: save it, not the half-trained current weights
         with torch.no_grad(), self._lock:
             current = [p.detach().clone() for p in self.params]
@@ -236,13 +239,15 @@ class LocalExpertsTrainer:
             trunk = self.model.trunk_state_dict()
             for p, c in zip(self.params, current):
                 p.copy_(c)
+        momentum = {name: v for (name, _), v in zip(self.trunk_params, self.outer.velocity)}
+        return TrainerState(trunk, self.inner.state_dict(), momentum, self.micro_batches, self.tokens, self.epoch)
+
+    def save(self) -> None:
         try:  # bans survive a restart (`averaging.ban_store`)
             save_bans(self.state_dir / BANS_FILE, bans_from_snapshot(self.averager.get_reputation(timeout=5)))
         except Exception as e:
             logger.debug(f"Saving bans failed: {e}")
-        momentum = {name: v for (name, _), v in zip(self.trunk_params, self.outer.velocity)}
-        state = TrainerState(trunk, self.inner.state_dict(), momentum, self.micro_batches, self.tokens, self.epoch)
-        save_trainer_state(self.checkpoint_path, state, self.config.run_prefix, self.peer_id)
+        save_trainer_state(self.checkpoint_path, self._state(), self.config.run_prefix, self.peer_id)
 
     def current_state(self) -> tuple[dict, list[torch.Tensor]]:
         """What a late joiner downloads: the start of the current round and the outer momentum."""
@@ -381,6 +386,7 @@ class LocalExpertsTrainer:
             f"Outer step {self.epoch}: trunk averaged with {self.last_round_peers - 1} other trainer(s), "
             f"{synced} held expert(s) merged with their other holders, {time.perf_counter() - started:.1f} s"
         )
+        self.versions.maybe_keep(self.epoch, self._state)
         every = self.config.training.eval_every
         if self.val_stream is not None and every > 0 and self.epoch % every == 0:
             self._pending_eval = self._evaluate()

@@ -70,6 +70,12 @@ def test_outer_rounds_average_the_trunk_with_the_others(scenario):
         assert all(int(others) == HONEST - 1 for _, others in rounds), rounds
 
 
+def test_every_model_version_is_kept(scenario):
+    for i in range(HONEST):
+        kept = sorted(p.name for p in (scenario.log_dir / f"trainer{i}" / "versions").glob("*.safetensors"))
+        assert kept == [f"trainer-v{v}.safetensors" for v in range(1, STEPS // 4 + 1)], kept
+
+
 def test_the_trunk_is_the_same_on_every_honest_trainer(scenario):
     trunks = [load_file(str(scenario.log_dir / f"trainer{i}" / "trainer.safetensors")) for i in range(HONEST)]
     names = [n for n in trunks[0] if n.startswith("trunk.")] or list(trunks[0])
