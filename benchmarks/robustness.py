@@ -4,6 +4,14 @@ without attackers, on this machine. Prints one JSON object. TEST/BENCHMARK ONLY 
     python -m benchmarks.robustness --simulate --peers 16 --byzantine 7 --attack sign_flip \\
         --aggregator centered_clip --steps 30 [--tau 1.0] [--seed 0] [--clean-cache FILE]
     python -m benchmarks.robustness --peers 4 --byzantine 1 --attack sign_flip --aggregator centered_clip --steps 30
+    python -m benchmarks.robustness --peers 5 --byzantine 2 --attack sign_flip --aggregator centered_clip --steps 40 \
+        --repeat 5 --seed 11
+
+``--repeat N``: N independent repetitions (seeds ``--seed``, ``--seed + 1``, ...), each with its own clean run;
+the JSON gives every ratio, their median and maximum, and each run's report. On the real network each run's
+``details.accounting`` says, per honest trainer, which rounds did not average and why, how many seconds after the
+attack started it first banned each attacker (and for what), which parts it refused and why, and any honest
+peer it banned (``benchmarks.round_accounting``): a bad run can be explained from its JSON alone.
 
 ``ratio = final_loss / clean_final_loss``. The clean run is the same run with the Byzantine peers removed: the
 same ``N - F`` honest peers (``peer0 .. peer{N-F-1}``, the same data shards and seeds), the same aggregator with
@@ -91,6 +99,7 @@ from dragon_swarm.data.corpus import default_data_dir
 from dragon_swarm.data.dataset import TokenStream, build_token_stream
 from dragon_swarm.model.dispatch import LocalExperts
 from dragon_swarm.model.hrm_smoe import HRMSMoE
+from benchmarks.round_accounting import account_trainer, attack_start
 from benchmarks.local_peers import PeerLauncher, read_stats
 
 logger = logging.getLogger(__name__)
@@ -522,10 +531,18 @@ def run_network(settings: RobustnessSettings, work_dir: Path) -> RunResult:
     shortest = min(len(trace) for trace in losses)
     curve_steps = sorted({max(1, round(shortest * k / CURVE_POINTS)) for k in range(1, CURVE_POINTS + 1)})
     curve = [{"step": s, "train_loss": sum(trace[s - 1] for trace in losses) / len(losses)} for s in curve_steps]
+    attackers = {}
+    for attacker in trainers[settings.honest :]:
+        try:
+            attackers[attacker.peer_id(timeout=1.0)] = attack_start(attacker.stderr())
+        except (RuntimeError, TimeoutError):  # an attacker that never got as far as logging its id
+            continue
     details = {
         "honest_steps": [len(trace) for trace in losses],
         "honest_final_epochs": [trace[-1]["epoch"] for trace in records],
         "byzantine_exit_codes": [t.proc.returncode for t in trainers[settings.honest :]],
+        # per honest trainer: rounds not averaged and why, time to its first ban of each attacker, refused parts
+        "accounting": [account_trainer(t.stderr(), attackers) for t in trainers[: settings.honest]],
     }
     return RunResult(None if diverged else final, diverged, curve, time.perf_counter() - started, details)
 
@@ -641,6 +658,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[RobustnessSettings, Path 
                    help="torch CPU threads (default 1: on a busy 2-core machine 2 threads ran ~20x slower)")
     p.add_argument("--clean-cache", type=Path, default=None, help="JSON file that stores clean runs for reuse")
     p.add_argument("--keep-logs", type=Path, default=None, help="network mode: keep every peer's log under this folder")
+    p.add_argument("--repeat", type=int, default=1, help="independent repetitions (seeds --seed, --seed+1, ...): median and max ratio")
     args = p.parse_args(argv)
     try:
         settings = RobustnessSettings(
@@ -666,7 +684,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[RobustnessSettings, Path 
     torch.set_num_threads(args.threads)
     if args.keep_logs is not None:
         args.keep_logs.mkdir(parents=True, exist_ok=True)
-    return settings, args.clean_cache, args.keep_logs
+    if args.repeat < 1:
+        p.error(f"--repeat must be >= 1, got {args.repeat}")
+    return settings, args.clean_cache, args.keep_logs, args.repeat
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -675,8 +695,19 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("dragon_swarm.averaging.robust_reducer").setLevel(logging.ERROR)
     # nor is a ban line per attacker (the report lists who was banned)
     logging.getLogger("dragon_swarm.averaging.reputation").setLevel(logging.ERROR)
-    settings, clean_cache, keep_logs = parse_args(argv)
-    print(json.dumps(run(settings, clean_cache, keep_logs)))
+    settings, clean_cache, keep_logs, repeat = parse_args(argv)
+    if repeat == 1:
+        print(json.dumps(run(settings, clean_cache, keep_logs)))
+        return
+    # independent repetitions: seeds S, S+1, ... (model init, data, attackers); each with its own clean run
+    reports = [run(dataclasses.replace(settings, seed=settings.seed + k), clean_cache, keep_logs) for k in range(repeat)]
+    ratios = [r["ratio"] for r in reports]
+    finite = [x for x in ratios if x is not None]
+    print(json.dumps({
+        "benchmark": "robustness", "repeat": repeat, "settings": settings.to_json(), "ratios": ratios,
+        "median_ratio": statistics.median(finite) if finite else None, "max_ratio": max(finite) if finite else None,
+        "diverged_or_failed": sum(1 for x in ratios if x is None), "runs": reports,
+    }))  # fmt: skip
 
 
 if __name__ == "__main__":
