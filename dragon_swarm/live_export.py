@@ -219,9 +219,7 @@ def download_experts(
     uids = all_expert_uids(config.expert_prefix, m.num_moe_layers, m.num_experts)
     template = make_template(m.d_model, m.expert_hidden, config.training)
     service = ExpertStateService(dht, f"{config.run_prefix}.experts", lambda uid: None)
-    # client side only: `start()` would also register a handler for experts we do not serve (and a listener task
-    # that outlives the export); fetching needs nothing but the daemon connection
-    service._p2p = p2p
+    service.start(serve=False, p2p=p2p)  # download only: no handler for experts we do not serve
     experts: dict[str, dict[str, torch.Tensor]] = {}
     missing: dict[str, str] = {}
     replicas = find_replicas(dht, uids)

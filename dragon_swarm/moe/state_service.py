@@ -84,18 +84,23 @@ class ExpertStateService:
         self.servicer = ExpertStateServicer(lookup, snapshot)
         self.own_peer_id = dht.peer_id.to_base58()
         self._p2p = None
+        self._serving = False
 
-    def start(self) -> None:
-        self._p2p = RemoteExpertWorker.run_coroutine(self.dht.replicate_p2p())
-        RemoteExpertWorker.run_coroutine(self.servicer.add_p2p_handlers(self._p2p, namespace=self.namespace))
+    def start(self, serve: bool = True, p2p=None) -> None:
+        """Connect to the daemon (or use `p2p`); with `serve`, also answer other peers' downloads. A download-only
+        client (an exporter) serves nothing: no handler, no listener task outliving it."""
+        self._p2p = p2p if p2p is not None else RemoteExpertWorker.run_coroutine(self.dht.replicate_p2p())
+        self._serving = serve
+        if serve:
+            RemoteExpertWorker.run_coroutine(self.servicer.add_p2p_handlers(self._p2p, namespace=self.namespace))
 
     def shutdown(self) -> None:
-        if self._p2p is not None:
+        if self._p2p is not None and self._serving:
             try:
                 RemoteExpertWorker.run_coroutine(self.servicer.remove_p2p_handlers(self._p2p, namespace=self.namespace))
             except Exception as e:  # the daemon may already be gone when the peer stops
                 logger.debug(f"Removing the expert state handler failed: {e}")
-            self._p2p = None
+        self._p2p, self._serving = None, False
 
     def fetch(
         self, peer_id: str, uid: str, template: ExpertTemplate | ExpertBackend, timeout: float, tag: str | None = None
