@@ -73,9 +73,11 @@ MIN_INPUT_RMS = 1e-3
 CROSS_CHECK_INPUT_FLOOR = 0.1
 # Two replicas' outputs also disagree when one's norm is this many times the other's. ‖a − b‖ / max(‖a‖, ‖b‖) cannot
 # exceed 0.99 for a x100 liar, and honest replicas that have drifted apart were measured up to 0.94: the norms tell
-# them apart (honest pairs measured up to 4.4x apart in tests/swarm/test_byzantine_experts.py; a x100 liar ~100x). Norms are floored at SCALE_FLOOR x the
-# input's norm so two near-zero outputs never look far apart.
-CROSS_CHECK_SCALE_LIMIT = 10.0
+# them apart. Honest pairs early in training (outputs ~0.003 x the input, each trainer training its own copy between
+# replica syncs) were measured up to 12.8x apart (a CI run of tests/swarm/test_byzantine_experts.py; 10.8x in
+# benchmarks/experts.py), a x100 liar ~100x: the limit sits between. Norms are floored at SCALE_FLOOR x the input's
+# norm so two near-zero outputs never look far apart.
+CROSS_CHECK_SCALE_LIMIT = 30.0
 SCALE_FLOOR = 1e-3
 
 

@@ -33,11 +33,14 @@ def test_the_client_mode_trainer_trains_and_averages_with_the_others(swarm):
     assert codes == [0, 0, 0], [t.stderr()[-2000:] for t in trainers]
     nat = read_stats(log_dir / "behind-nat.jsonl")
     assert len(nat) == STEPS
-    assert max(r["peers"] for r in nat) >= 3  # it saw the other trainers' progress: it is in the same swarm
-    assert nat[-1]["epoch"] >= 2  # the swarm stepped with it
+    assert nat[-1]["epoch"] >= 2
     assert sum(r["loss"] for r in nat[-3:]) / 3 < nat[0]["loss"] - 0.1
     others = [read_stats(log_dir / f"trainer{i}.jsonl") for i in range(2)]
     assert all(o[-1]["epoch"] >= 2 for o in others)
+    # it averaged with them: a round of three happened (the client's own progress view may lag: in one CI run its
+    # tracker never counted the others, while they averaged with it)
+    joint = max(r["peers"] for r in nat) >= 3 or any("Averaged gradients with 3 peers" in t.stderr() for t in trainers)
+    assert joint, "no averaging round had all three trainers"
 
 
 def test_client_mode_refuses_to_host(swarm):
