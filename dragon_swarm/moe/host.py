@@ -20,10 +20,9 @@ from hivemind.utils import get_dht_time
 from dragon_swarm.background import PeriodicThread
 from dragon_swarm.config import ExpertsSection
 from dragon_swarm.events import EventBus, HostReport
-from dragon_swarm.moe.backend import ExpertBackend, load_expert, move_optimizer_state_to_parameters, save_expert
+from dragon_swarm.moe.backend import ExpertBackend, move_optimizer_state_to_parameters, save_expert
 from dragon_swarm.moe.handler import ValidatingConnectionHandler
 from dragon_swarm.moe.registry import ExpertHostRecord, declare_hosted_experts
-from dragon_swarm.state.checkpoint import CheckpointError
 
 logger = logging.getLogger(__name__)
 
@@ -105,25 +104,6 @@ class ExpertHost:
     @property
     def uids(self) -> list[str]:
         return list(self.backends)
-
-    def load_checkpoints(self) -> int:
-        """Resume experts from checkpoint_dir; a corrupt file is reported and the expert starts fresh."""
-        if self.checkpoint_dir is None:
-            return 0
-        loaded = 0
-        for uid, backend in self.backends.items():
-            path = self.checkpoint_dir / f"{uid}.safetensors"
-            if not path.exists():
-                continue
-            try:
-                load_expert(path, backend)
-            except (CheckpointError, RuntimeError, KeyError, ValueError) as e:
-                logger.error(f"{uid}: checkpoint unusable, starting this expert fresh: {e}")
-                continue
-            loaded += 1
-        if loaded:
-            logger.info(f"Resumed {loaded} expert(s) from {self.checkpoint_dir}")
-        return loaded
 
     def save_checkpoints(self) -> None:
         if self.checkpoint_dir is None:

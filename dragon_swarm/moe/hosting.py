@@ -65,7 +65,7 @@ class ExpertHosting:
         self.device, self.bus, self.tamper, self.adaptive = device, bus if bus is not None else EventBus(), tamper, adaptive
         self.all_uids = all_expert_uids(config.expert_prefix, m.num_moe_layers, m.num_experts)
         self.budget = budget if budget is not None else len(self.all_uids)
-        # False in local-expert mode: the trainer merges replicas itself, between micro-batches (`sync_replicas`)
+        # False in local-expert mode: the trainer merges replicas itself, between micro-batches (`merge_round`)
         self.periodic_sync = periodic_sync
         self.replica_sync = ReplicaSync(self)
         self.own_peer_id = dht.peer_id.to_base58()
@@ -221,12 +221,6 @@ class ExpertHosting:
         # this round and the previous one: a holder that is a round behind still finds what it asks for
         self._rounds = {**{t: v for t, v in list(self._rounds.items())[-1:]}, tag: snapshots}
         return self.replica_sync.merge_round(tag, snapshots)
-
-    def sync_replicas(self) -> int:
-        """One replica-sync round now, in the caller's thread; returns how many experts were merged."""
-        before = self.replica_sync.rounds
-        self.replica_sync.tick()
-        return self.replica_sync.rounds - before
 
     # --- the host's interface, for the lifecycle owner ---
 

@@ -55,7 +55,7 @@ def test_optimizer_state_follows_the_module_to_the_gpu(tmp_path):
     train(backend, d_model, steps=1)
     save_expert(tmp_path / "e.safetensors", backend)
     restored, _ = expert()
-    load_expert(tmp_path / "e.safetensors", restored)  # read on the CPU, as ExpertHost.load_checkpoints does
+    load_expert(tmp_path / "e.safetensors", restored)  # read on the CPU, as a host reads its checkpoints
     restored.module.to("cuda")  # what hivemind's Runtime does when it starts
     move_optimizer_state_to_parameters(restored.optimizer)  # what ExpertHost.start does once the runtime is ready
     for p in restored.module.parameters():
