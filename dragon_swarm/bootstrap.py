@@ -20,7 +20,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from dragon_swarm.node.parent_death import install_parent_death_signal
     from dragon_swarm.node.processes import become_subreaper, stop_descendants
-    from dragon_swarm.swarm.dht_node import initial_peers_line, start_dht
+    from dragon_swarm.swarm.admission import admission_policy
+    from dragon_swarm.swarm.dht_node import initial_peers_line, join_error, start_dht
 
     become_subreaper()  # an orphaned p2pd stays ours to stop
     install_parent_death_signal()  # forked children die with this node, even on SIGKILL
@@ -32,10 +33,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             host_maddrs=options.host_maddrs,
             announce_maddrs=options.announce_maddrs,
             identity_path=options.identity,
+            admission=admission_policy(options.identity_bits, options.swarm_key, options.initial_peers),
         )
     except Exception as e:
         stop_descendants()
-        fail(PROG, f"could not start the DHT node: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+        fail(PROG, join_error(e) if options.initial_peers else f"could not start the DHT node: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
     session = None
     try:
         logger.info(f"Bootstrap node up, peer id {dht.peer_id.to_base58()}")

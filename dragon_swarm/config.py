@@ -37,6 +37,9 @@ class ConfigError(ValueError):
 class SwarmSection(Schema):
     name: str = "dragon"  # letters, digits, '-' and '_': it starts the swarm's DHT prefix
     seed: int = 0
+    # Sybil cost: a peer id must carry this many bits of memory-hard work (about 2**bits x 10 ms of one CPU core,
+    # once per identity; dragon_swarm.swarm.identity_work); peers refuse every request from ids without it. 0: off
+    identity_bits: Annotated[int, Field(ge=0, le=32)] = 0
 
     @field_validator("name")
     @classmethod

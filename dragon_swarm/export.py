@@ -261,6 +261,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--allow-missing", action="store_true", help="fill experts found nowhere with fresh init weights")
     parser.add_argument("--model-version", type=int, metavar="N", help="with --from-state-dir: the trunk of this model version (a trainer's kept versions)")
     parser.add_argument("--timeout", type=float, default=60.0, help="with --initial-peers: seconds to wait for a trainer's state")
+    parser.add_argument("--swarm-key", type=Path, metavar="FILE", help="with --initial-peers: a private swarm's key file")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -276,10 +277,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.initial_peers:
             from dragon_swarm.live_export import export_from_swarm
 
-            summary = export_from_swarm(args.initial_peers, config, args.out, args.allow_missing, args.timeout, args.config)
+            from dragon_swarm.swarm.admission import read_swarm_key
+
+            key = None if args.swarm_key is None else read_swarm_key(args.swarm_key)
+            summary = export_from_swarm(args.initial_peers, config, args.out, args.allow_missing, args.timeout, args.config, key)
         else:
             summary = export_from_state_dirs(args.from_state_dir, config, args.out, args.allow_missing, args.model_version)
-    except (ConfigError, ExportError, OSError) as e:
+    except (ConfigError, ExportError, OSError, ValueError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 1
     val = summary.metadata.get("val_loss")

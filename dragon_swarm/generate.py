@@ -147,6 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--initial-peers", nargs="+", metavar="MADDR", help="sample from a live swarm (needs -c: the swarm's config)")
     parser.add_argument("-c", "--config", help="with --initial-peers: the swarm's config, a YAML path or a shipped name")
     parser.add_argument("--allow-missing", action="store_true", help="with --initial-peers: experts nobody serves get init weights")
+    parser.add_argument("--swarm-key", type=Path, metavar="FILE", help="with --initial-peers: a private swarm's key file")
     parser.add_argument("--prompt", default="", help="text to continue (default: the start of a new document)")
     parser.add_argument("--max-new-tokens", type=int, default=100)
     parser.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
@@ -182,13 +183,16 @@ def _generate_live(args: argparse.Namespace) -> str:
     from dragon_swarm.config import load_config
     from dragon_swarm.export import ExportError
     from dragon_swarm.live_export import export_from_swarm
+    from dragon_swarm.swarm.admission import read_swarm_key
 
     try:
         config = load_config(args.config)
+        key = None if args.swarm_key is None else read_swarm_key(args.swarm_key)
         with tempfile.TemporaryDirectory(prefix="dragon-generate-") as folder:
-            summary = export_from_swarm(args.initial_peers, config, Path(folder) / "model.safetensors", args.allow_missing, config_name=args.config)
+            summary = export_from_swarm(args.initial_peers, config, Path(folder) / "model.safetensors", args.allow_missing,
+                                        config_name=args.config, swarm_key=key)  # fmt: skip
             loaded = load_exported_model(summary.path, args.device)
-    except (ConfigError, ExportError) as e:
+    except (ConfigError, ExportError, ValueError) as e:
         raise GenerateError(str(e)) from None
     logger.info(f"Sampling from model version {summary.model_version} of the live swarm")
     return generate_text(loaded, args.prompt, args.max_new_tokens, args.temperature, args.top_k or None, args.seed)

@@ -256,16 +256,22 @@ def export_from_swarm(
     allow_missing: bool = False,
     timeout: float = TRUNK_TIMEOUT_S,
     config_name: str = "-c",
+    swarm_key: bytes | None = None,
 ) -> ExportSummary:
-    """Join, download, validate, write. Raises ExportError (one line)."""
+    """Join, download, validate, write. Raises ExportError (one line). A private swarm needs its `swarm_key`; a
+    swarm with identity work gets it from this client too (its peers challenge every caller)."""
     from dragon_swarm.node.options import default_host_maddrs
     from dragon_swarm.swarm.config_check import mismatch_message, other_config_hashes
-    from dragon_swarm.swarm.dht_node import start_dht
+    from dragon_swarm.swarm.admission import admission_policy
+    from dragon_swarm.swarm.dht_node import join_error, start_dht
 
     try:
-        dht = start_dht(initial_peers=initial_peers, host_maddrs=default_host_maddrs(initial_peers), client_mode=True)
+        dht = start_dht(
+            initial_peers=initial_peers, host_maddrs=default_host_maddrs(initial_peers), client_mode=True,
+            admission=admission_policy(config.swarm.identity_bits, swarm_key, initial_peers),
+        )
     except Exception as e:  # p2pd errors: bad multiaddr, unreachable peers
-        raise ExportError(f"could not join the swarm: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        raise ExportError(join_error(e)) from None
     p2p = None
     try:
         others = other_config_hashes(dht, config)

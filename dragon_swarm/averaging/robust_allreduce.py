@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import multiprocessing as mp
 from typing import AsyncIterator, Callable, Optional, Sequence
 
 import torch
@@ -202,6 +203,14 @@ class _RobustAveragerMixin:
         self.robust_settings = settings
         self.reputation = reputation if reputation is not None else settings.make_reputation_book()
         self._aggregator: Optional[Aggregator] = None  # built in the averager process, see run()
+        # shared with the averager process (made before it forks): what share of the values the last all-reduce
+        # brought back averaged; hivemind keeps a peer's own values for any part whose reducer did not answer
+        self._received_fraction = mp.Value("d", 1.0)
+
+    @property
+    def last_round_received_fraction(self) -> float:
+        """Of the last all-reduce's values, the share that came back averaged (1.0: all; the rest kept local)."""
+        return float(self._received_fraction.value)
 
     def __del__(self):
         if "_parent_pid" in self.__dict__:  # hivemind's __del__ fails on an object whose __init__ raised early
@@ -303,11 +312,14 @@ class _RobustAveragerMixin:
             # tensor and returns while the runner still serves its partition to the others (see
             # RobustAllReduceRunner._outputs_then_finish_serving); the group would be unregistered and senders
             # still on their way would get BAD_GROUP_ID and keep their own values for our whole partition
+            self._received_fraction.value = 1.0
             remaining = iter(tensors)
             async for update in runner:
                 next(remaining).add_(update, alpha=self._averaging_alpha)
                 self.last_updated = get_dht_time()
                 self._state_updated.set()
+            parts = runner.tensor_part_container
+            self._received_fraction.value = 1.0 - parts.failed_size / max(1, parts.total_size)
         else:
             async for _ in runner:
                 raise ValueError("aux peers should not receive averaged tensors")

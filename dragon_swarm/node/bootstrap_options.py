@@ -30,6 +30,10 @@ class BootstrapFlags(BaseModel):
     announce_maddrs: tuple[str, ...] = flag((), "public addresses others should dial")
     identity: Path | None = flag(None, "private key file; same peer id across restarts (created if missing)")
     initial_peers: tuple[str, ...] = flag((), "other bootstrap nodes to link with")
+    swarm_key: Path | None = flag(None, "a private swarm's key file: only peers holding it are served", metavar="FILE")
+    identity_bits: int = flag(
+        0, "refuse peer ids without this many bits of identity work (the swarm config's swarm.identity_bits); this "
+        "node's own identity gets the work too", ge=0, le=32)  # fmt: skip
     monitor: bool = flag(False, "also watch the swarm of -c CONFIG: read-only dashboard and /metrics")
     config: str | None = flag(None, "the swarm's config (YAML path or name in configs/), needed by --monitor", short="-c")
     dashboard: ListenAddress = flag(
@@ -52,6 +56,8 @@ class BootstrapOptions:
     config: SwarmConfig | None  # set with --monitor
     dashboard: tuple[str, int] | None  # set with --monitor
     log_level: str = "INFO"
+    swarm_key: bytes | None = None
+    identity_bits: int = 0
 
 
 def build_parser() -> configargparse.ArgParser:
@@ -76,4 +82,17 @@ def parse_bootstrap_options(argv: Sequence[str] | None = None, env: Mapping[str,
         config=config,
         dashboard=dashboard,
         log_level=flags.log_level,
+        swarm_key=_read_swarm_key(flags.swarm_key),
+        identity_bits=flags.identity_bits,
     )
+
+
+def _read_swarm_key(path: Path | None) -> bytes | None:
+    if path is None:
+        return None
+    from dragon_swarm.swarm.admission import read_swarm_key
+
+    try:
+        return read_swarm_key(path)
+    except ValueError as e:
+        fail(PROG, f"--swarm-key: {e}")

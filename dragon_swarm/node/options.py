@@ -62,6 +62,9 @@ class PeerFlags(BaseModel):
         None, "append one JSON object per micro-batch of this peer here (its 'micro_batches' counts across restarts)")
     state_dir: Path | None = flag(None, "identity, checkpoints and counters (default: ./dragon-state/<swarm>)")
     identity: Path | None = flag(None, "private key file; the peer id is stable across restarts")
+    swarm_key: Path | None = flag(
+        None, "a private swarm's key file (python -m dragon_swarm.keys swarm-key FILE): peers without it can neither "
+        "read its DHT, call its experts, download its state nor average with it", metavar="FILE")  # fmt: skip
     name: str | None = flag(None, "public name on the swarm's leaderboard (default: volunteer-<end of peer id>)")
     dashboard: ListenAddress = flag(
         None, "serve a web dashboard with Start/Stop here (e.g. 8080; loopback unless HOST is given)", metavar="[HOST:]PORT")
@@ -177,6 +180,7 @@ class PeerOptions:
     keep_versions: int = 3
     init_from: Path | None = None  # with --new-swarm: a model file to start from (`node.init_from`)
     client_mode: bool = False  # accept no connections (behind NAT): only trains, dials out
+    swarm_key: bytes | None = None  # a private swarm's shared key (`swarm.admission`)
 
 
 def build_parser() -> configargparse.ArgParser:
@@ -261,6 +265,7 @@ def resolve(flags: PeerFlags, profile=None) -> PeerOptions:
         keep_versions=3 if flags.keep_versions is None else flags.keep_versions,
         init_from=flags.init_from,
         client_mode=flags.client_mode,
+        swarm_key=_read_swarm_key(flags.swarm_key),
     )
 
 
@@ -278,3 +283,14 @@ def _check_expert_spec(spec: str, config: SwarmConfig) -> None:
         expand_expert_spec(spec, config.expert_prefix, config.model.num_moe_layers, config.model.num_experts)
     except ExpertSpecError as e:
         fail(PROG, f"--experts: {e}")
+
+
+def _read_swarm_key(path: Path | None) -> bytes | None:
+    if path is None:
+        return None
+    from dragon_swarm.swarm.admission import read_swarm_key
+
+    try:
+        return read_swarm_key(path)
+    except ValueError as e:
+        fail(PROG, f"--swarm-key: {e}")

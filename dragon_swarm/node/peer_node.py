@@ -96,27 +96,36 @@ class PeerNode:
 
     def _join(self) -> None:
         from dragon_swarm.swarm.config_check import mismatch_message, other_config_hashes
-        from dragon_swarm.swarm.dht_node import initial_peers_line, start_dht
+        from dragon_swarm.swarm.admission import admission_policy
+        from dragon_swarm.swarm.dht_node import initial_peers_line, join_error, start_dht
 
         o = self.options
         try:
             self.dht = start_dht(
                 initial_peers=o.initial_peers, host_maddrs=o.host_maddrs, announce_maddrs=o.announce_maddrs,
                 identity_path=o.identity, client_mode=o.client_mode,
+                admission=admission_policy(o.config.swarm.identity_bits, o.swarm_key, o.initial_peers),
             )
         except Exception as e:  # p2pd errors: bad multiaddr, taken identity, unreachable peers
-            raise StartupError(f"could not join the swarm: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+            raise StartupError(join_error(e)) from None
         if o.initial_peers:
             others = other_config_hashes(self.dht, o.config)
             if others:
                 raise StartupError(mismatch_message(o.config, others, o.config_name))
         logger.info(f"Swarm {o.config.run_prefix}, peer id {self.dht.peer_id.to_base58()}")
         print_line(f"To join this swarm: {startup.join_command()} -c {o.config_name} {initial_peers_line(self.dht)}")
-        if all(maddr.startswith("/ip4/127.") for maddr in o.host_maddrs):
+        loopback_only = all(maddr.startswith("/ip4/127.") for maddr in o.host_maddrs)
+        if loopback_only and not o.announce_maddrs:
             logger.info(
                 "This peer listens on 127.0.0.1 only: peers on other machines cannot join it. To open it, add "
                 "--host-maddrs /ip4/0.0.0.0/tcp/31338 --announce-maddrs /ip4/<this machine's public IP>/tcp/31338"
             )
+        elif o.initial_peers and not o.client_mode:  # ask the initial peers to dial us back, in one line
+            from dragon_swarm.swarm.admission import peer_ids_of
+            from dragon_swarm.swarm.dht_node import visible_maddrs
+            from dragon_swarm.swarm.reachability import check_reachability_in_background
+
+            check_reachability_in_background(self.dht, peer_ids_of(o.initial_peers), o.announce_maddrs or visible_maddrs(self.dht))
 
     def _start_roles(self, train_stream) -> None:
         o = self.options

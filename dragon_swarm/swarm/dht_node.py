@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+from functools import partial
 from pathlib import Path
 from typing import Sequence
 
 import hivemind
 from hivemind.dht.crypto import RSASignatureValidator
+
+from dragon_swarm.swarm.admission import AdmissionPolicy, check_peers, install, peer_ids_of, register_daemon
 
 logger = logging.getLogger(__name__)
 
@@ -28,11 +31,18 @@ def start_dht(
     announce_maddrs: Sequence[str] = (),
     identity_path: Path | None = None,
     client_mode: bool = False,
+    admission: AdmissionPolicy | None = None,
 ) -> hivemind.DHT:
-    """Start a DHT node. With identity_path the peer id is the same across restarts (the key is created once)."""
+    """Start a DHT node. With identity_path the peer id is the same across restarts (the key is created once).
+    With `admission`, every RPC this peer serves (from this and forked processes) goes through the admission gate
+    (`swarm.admission`), and the initial peers are checked against it (one warning line each that fails)."""
     use_fork_start_method()
     if identity_path is not None:
         identity_path.parent.mkdir(parents=True, exist_ok=True)
+    extra = {}
+    if admission is not None:
+        install()
+        extra["admission"] = admission
     dht = hivemind.DHT(
         initial_peers=list(initial_peers),
         host_maddrs=list(host_maddrs),
@@ -41,8 +51,36 @@ def start_dht(
         client_mode=client_mode,
         record_validators=[RSASignatureValidator()],
         start=True,
+        **extra,
     )
+    from dragon_swarm.swarm.reachability import serve_in_dht
+
+    dht.run_coroutine(serve_in_dht)  # answer other peers' "can you dial me?" (swarm.reachability)
+    if admission is not None:
+        register_daemon(dht.run_coroutine(_daemon_listen_maddr), admission)
+        if admission.challenges:
+            _warn_about_initial_peers(dht, admission, initial_peers)
     return dht
+
+
+async def _daemon_listen_maddr(_dht: hivemind.DHT, node) -> str:
+    return str(node.p2p.daemon_listen_maddr)
+
+
+async def _check_peers(peer_ids: list[str], policy: AdmissionPolicy, _dht: hivemind.DHT, node) -> dict[str, str]:
+    return await check_peers(node.p2p, policy, peer_ids)
+
+
+def _warn_about_initial_peers(dht: hivemind.DHT, admission: AdmissionPolicy, initial_peers: Sequence[str]) -> None:
+    peers = peer_ids_of(initial_peers)
+    if not peers:
+        return
+    problems = dht.run_coroutine(partial(_check_peers, peers, admission))
+    for peer, why in problems.items():
+        logger.warning(
+            f"Initial peer {peer[-12:]} would not be admitted by this swarm's peers ({why}): start it with the same "
+            f"--swarm-key and --identity-bits {admission.identity_bits}, or the swarm splits around it"
+        )
 
 
 def visible_maddrs(dht: hivemind.DHT) -> list[str]:
@@ -52,3 +90,14 @@ def visible_maddrs(dht: hivemind.DHT) -> list[str]:
 def initial_peers_line(dht: hivemind.DHT) -> str:
     """The exact flag another peer passes to join through this node."""
     return "--initial-peers " + " ".join(visible_maddrs(dht))
+
+
+def join_error(error: BaseException) -> str:
+    """One line for a DHT that could not start; a refused bootstrap looks like an unreachable one, so say both."""
+    first = str(error).splitlines()[0] if str(error) else type(error).__name__
+    if "none of the initial_peers responded" in first:
+        return (
+            "could not join the swarm: none of the initial peers answered (are the addresses right and the peers "
+            "up? a private swarm also refuses peers without its --swarm-key)"
+        )
+    return f"could not join the swarm: {first}"

@@ -381,9 +381,13 @@ class LocalExpertsTrainer:
             self.outer.step(start, pseudo)
             self.epoch += 1
         self.last_round_peers = len(group) if group else 1
+        received = self.averager.last_round_received_fraction if group else 1.0
         synced = self.hosting.merge_round(f"{self.config.run_prefix}-r{self.epoch}") if self.hosting is not None else 0
+        # a reducer that did not answer in time leaves this trainer's own values in its part: the trunk differs
+        # there until the next round, whose averaged start brings it back
+        partial = f" ({received:.1%} of values; the rest kept this trainer's own until the next round)" if received < 1.0 else ""
         logger.info(
-            f"Outer step {self.epoch}: trunk averaged with {self.last_round_peers - 1} other trainer(s), "
+            f"Outer step {self.epoch}: trunk averaged with {self.last_round_peers - 1} other trainer(s){partial}, "
             f"{synced} held expert(s) merged with their other holders, {time.perf_counter() - started:.1f} s"
         )
         self.versions.maybe_keep(self.epoch, self._state)

@@ -17,7 +17,8 @@ from hivemind.utils.tensor_descr import BatchTensorDescriptor
 from dragon_swarm.config import ExpertsSection
 from dragon_swarm.events import EventBus, ExpertBanReport
 from dragon_swarm.moe.backend import ExpertBackend, SingleRequestTaskPool
-from dragon_swarm.moe.handler import RateLimiter, RequestError, ValidatingConnectionHandler
+from dragon_swarm.moe.handler import RequestError, ValidatingConnectionHandler
+from dragon_swarm.rate_limit import RateLimiter
 from dragon_swarm.moe.router import VERIFY_FIRST_CALLS, RemoteExpertDispatcher
 
 UID = "ffn.0.0"

@@ -45,7 +45,9 @@ class CliPeer(PeerProcess):
             return
         for pid in descendant_pids(self.pid):
             info = process_info(pid)
-            if info is not None and (pid not in self.seen or self.seen[pid].starttime != info.starttime):
+            seen = self.seen.get(pid)
+            # a process caught between fork and exec still shows its parent's name: take the newer look at it
+            if info is not None and (seen is None or seen.starttime != info.starttime or seen.comm != info.comm):
                 self.seen[pid] = info
 
     def wait_until(self, done, what: str, timeout: float) -> None:
