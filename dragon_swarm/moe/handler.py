@@ -24,7 +24,7 @@ import threading
 import time
 from collections import OrderedDict
 from multiprocessing.managers import BaseManager
-from typing import Any, AsyncIterator, Hashable, Sequence
+from typing import Any, AsyncIterator, Sequence
 
 import hivemind
 import torch

@@ -14,6 +14,7 @@ from dragon_swarm.config import ConfigError, SwarmConfig, load_config
 from dragon_swarm.node import flags as flags_cli
 from dragon_swarm.node.cli import fail
 from dragon_swarm.node.flags import ListenAddress, flag
+from dragon_swarm.node.options import swarm_key_from_flag
 
 PROG = "dragon_swarm.bootstrap"
 ENV_PREFIX = "DRAGON_BOOTSTRAP_"
@@ -82,17 +83,7 @@ def parse_bootstrap_options(argv: Sequence[str] | None = None, env: Mapping[str,
         config=config,
         dashboard=dashboard,
         log_level=flags.log_level,
-        swarm_key=_read_swarm_key(flags.swarm_key),
+        swarm_key=swarm_key_from_flag(flags.swarm_key, PROG),
         identity_bits=flags.identity_bits,
     )
 
-
-def _read_swarm_key(path: Path | None) -> bytes | None:
-    if path is None:
-        return None
-    from dragon_swarm.swarm.admission import read_swarm_key
-
-    try:
-        return read_swarm_key(path)
-    except ValueError as e:
-        fail(PROG, f"--swarm-key: {e}")

@@ -265,7 +265,7 @@ def resolve(flags: PeerFlags, profile=None) -> PeerOptions:
         keep_versions=3 if flags.keep_versions is None else flags.keep_versions,
         init_from=flags.init_from,
         client_mode=flags.client_mode,
-        swarm_key=_read_swarm_key(flags.swarm_key),
+        swarm_key=swarm_key_from_flag(flags.swarm_key),
     )
 
 
@@ -285,7 +285,8 @@ def _check_expert_spec(spec: str, config: SwarmConfig) -> None:
         fail(PROG, f"--experts: {e}")
 
 
-def _read_swarm_key(path: Path | None) -> bytes | None:
+def swarm_key_from_flag(path: Path | None, prog: str = PROG) -> bytes | None:
+    """The key of `--swarm-key FILE` (None without it); a bad file ends the program with one line."""
     if path is None:
         return None
     from dragon_swarm.swarm.admission import read_swarm_key
@@ -293,4 +294,4 @@ def _read_swarm_key(path: Path | None) -> bytes | None:
     try:
         return read_swarm_key(path)
     except ValueError as e:
-        fail(PROG, f"--swarm-key: {e}")
+        fail(prog, f"--swarm-key: {e}")

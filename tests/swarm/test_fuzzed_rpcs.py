@@ -28,6 +28,7 @@ from dragon_swarm.moe.host import ExpertHost
 from dragon_swarm.moe.state_service import ExpertStateService, ExpertStateServicer
 from dragon_swarm.swarm.dht_node import start_dht, visible_maddrs
 from tests.swarm.paths import TEST_CONFIG
+from tests.swarm.shutdowns import shutdowns
 
 pytestmark = pytest.mark.swarm
 
@@ -53,36 +54,29 @@ def payloads(rng: random.Random) -> list[bytes]:
 
 @pytest.fixture(scope="module")
 def swarm():
-    stack = []
-    try:
+    with shutdowns() as later:
         host_dht = start_dht()
-        stack.append(host_dht.shutdown)
+        later(host_dht.shutdown)
         backends = build_expert_backends([UID], D, CONFIG.model.expert_hidden, CONFIG.training, 64, CONFIG.swarm.seed)
         host = ExpertHost(host_dht, backends, CONFIG.experts, hidden_dim=D, checkpoint_dir=None, throughput=100.0)
         host.start()
-        stack.append(host.shutdown)
+        later(host.shutdown)
         service = ExpertStateService(host_dht, NAMESPACE, backends.get)
         service.start()
-        stack.append(service.shutdown)
+        later(service.shutdown)
         other_dht = start_dht(initial_peers=visible_maddrs(host_dht))
-        stack.append(other_dht.shutdown)
+        later(other_dht.shutdown)
         averagers = []
         for dht in (host_dht, other_dht):
             averager = RobustDecentralizedAverager(
                 [torch.zeros(1000)], dht, prefix=PREFIX, start=True, min_matchmaking_time=2.0, request_timeout=1.0,
                 target_group_size=2,
             )  # fmt: skip
-            stack.append(averager.shutdown)
+            later(averager.shutdown)
             averagers.append(averager)
         fuzzer_dht = start_dht(initial_peers=visible_maddrs(host_dht))
-        stack.append(fuzzer_dht.shutdown)
+        later(fuzzer_dht.shutdown)
         yield host_dht, host, backends, service, averagers, fuzzer_dht
-    finally:
-        for shutdown in reversed(stack):
-            try:
-                shutdown()
-            except Exception:
-                pass
 
 
 def handler_names() -> list[tuple[str, bool]]:

@@ -31,6 +31,7 @@ from dragon_swarm.swarm.admission import AdmissionPolicy, new_swarm_key
 from dragon_swarm.swarm.dht_node import start_dht, visible_maddrs
 from dragon_swarm.swarm.identity_work import load_work
 from tests.swarm.paths import TEST_CONFIG
+from tests.swarm.shutdowns import shutdowns
 
 pytestmark = [pytest.mark.swarm, pytest.mark.slow]
 
@@ -50,26 +51,25 @@ def run(coro):
 
 @pytest.fixture(scope="module")
 def swarm():
-    stack = []
-    try:
+    with shutdowns() as later:
         host_dht = start_dht(admission=MEMBER)
-        stack.append(host_dht.shutdown)
+        later(host_dht.shutdown)
         backends = build_expert_backends([UID], D, CONFIG.model.expert_hidden, CONFIG.training, 64, CONFIG.swarm.seed)
         host = ExpertHost(host_dht, backends, CONFIG.experts, hidden_dim=D, checkpoint_dir=None, throughput=100.0)
         host.start()
-        stack.append(host.shutdown)
+        later(host.shutdown)
         service = ExpertStateService(host_dht, NAMESPACE, backends.get)
         service.start()
-        stack.append(service.shutdown)
+        later(service.shutdown)
         member_dht = start_dht(initial_peers=visible_maddrs(host_dht), admission=MEMBER)
-        stack.append(member_dht.shutdown)
+        later(member_dht.shutdown)
         averagers = []
         for dht in (host_dht, member_dht):
             averager = RobustDecentralizedAverager(
                 [torch.zeros(100)], dht, prefix=PREFIX, start=True, min_matchmaking_time=2.0, request_timeout=1.0,
                 target_group_size=2,
             )  # fmt: skip
-            stack.append(averager.shutdown)
+            later(averager.shutdown)
             averagers.append(averager)
         outsiders = {}
         for name, policy in (
@@ -78,17 +78,11 @@ def swarm():
             ("no identity work", AdmissionPolicy(swarm_key=KEY, identity_bits=0)),
         ):
             dht = start_dht(admission=policy)  # cannot bootstrap through a member: it dials the member directly
-            stack.append(dht.shutdown)
+            later(dht.shutdown)
             p2p = run(dht.replicate_p2p())
             run(p2p._client.connect(host_dht.peer_id, [Multiaddr(m.split("/p2p/")[0]) for m in visible_maddrs(host_dht)]))
             outsiders[name] = dht
         yield host_dht, backends, member_dht, averagers, outsiders
-    finally:
-        for shutdown in reversed(stack):
-            try:
-                shutdown()
-            except Exception:
-                pass
 
 
 def served_handlers() -> list[tuple[str, bool]]:

@@ -11,6 +11,7 @@ import pytest
 from benchmarks.wan_link import free_port
 from dragon_swarm.swarm.dht_node import start_dht, visible_maddrs
 from dragon_swarm.swarm.reachability import check_reachability, dialable_maddrs, verdict_line
+from tests.swarm.shutdowns import shutdowns
 
 
 def test_only_tcp_addresses_on_the_asking_ip_are_dialed():
@@ -33,26 +34,19 @@ def test_the_verdict_is_one_line_saying_what_to_do():
 
 @pytest.mark.swarm
 def test_peers_dial_back_what_others_announce():
-    stack = []
-    try:
+    with shutdowns() as later:
         helper = start_dht()
-        stack.append(helper.shutdown)
+        later(helper.shutdown)
         reachable = start_dht(initial_peers=visible_maddrs(helper))
-        stack.append(reachable.shutdown)
+        later(reachable.shutdown)
         answers = check_reachability(reachable, [helper.peer_id.to_base58()], visible_maddrs(reachable))
         assert list(answers.values())[0][0] is True, answers
 
         dead_port = free_port()  # announced, but nothing listens there: a router without port forwarding
         hidden = start_dht(initial_peers=visible_maddrs(helper), announce_maddrs=[f"/ip4/127.0.0.1/tcp/{dead_port}"])
-        stack.append(hidden.shutdown)
+        later(hidden.shutdown)
         ok, detail = check_reachability(hidden, [helper.peer_id.to_base58()], [f"/ip4/127.0.0.1/tcp/{dead_port}"])[helper.peer_id.to_base58()]
         assert not ok and "failed" in detail
 
         ok, detail = check_reachability(reachable, [helper.peer_id.to_base58()], ["/ip4/10.9.8.7/tcp/4000"])[helper.peer_id.to_base58()]
         assert not ok and "no announced TCP address on the IP" in detail  # no dialing of third parties
-    finally:
-        for shutdown in reversed(stack):
-            try:
-                shutdown()
-            except Exception:
-                pass
