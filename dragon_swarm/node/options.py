@@ -50,6 +50,9 @@ class PeerFlags(BaseModel):
     client_mode: bool = flag(
         False, "behind a NAT or firewall that others cannot dial: train without accepting connections (implies "
         "--no-host; averaging and expert calls only go out)")  # fmt: skip
+    auto_relay: bool = flag(
+        False, "behind a NAT: keep a slot on a relay (by default the bootstraps, which relay for others) so that "
+        "peers reach this one through it; slower than a direct connection, but it can host experts and lead rounds")  # fmt: skip
     max_steps: int | None = flag(
         None, "stop once this peer has trained this many micro-batches, counted across restarts (the state dir "
         "keeps the count)", ge=0)  # fmt: skip
@@ -144,6 +147,8 @@ class PeerFlags(BaseModel):
             raise ValueError("--experts and --no-host contradict each other")
         if self.client_mode and (self.experts or self.no_train):
             raise ValueError("--client-mode only trains: nobody can call experts on a peer that accepts no connections")
+        if self.client_mode and self.auto_relay:
+            raise ValueError("--auto-relay makes a peer behind a NAT reachable; --client-mode gives that up: pick one")
         if self.init_from is not None and not self.new_swarm:
             raise ValueError("--init-from starts a new swarm: add --new-swarm (joining peers download the swarm's state)")
         return self
@@ -180,6 +185,7 @@ class PeerOptions:
     keep_versions: int = 3
     init_from: Path | None = None  # with --new-swarm: a model file to start from (`node.init_from`)
     client_mode: bool = False  # accept no connections (behind NAT): only trains, dials out
+    auto_relay: bool = False  # behind NAT: reachable through a relay
     swarm_key: bytes | None = None  # a private swarm's shared key (`swarm.admission`)
 
 
@@ -265,6 +271,7 @@ def resolve(flags: PeerFlags, profile=None) -> PeerOptions:
         keep_versions=3 if flags.keep_versions is None else flags.keep_versions,
         init_from=flags.init_from,
         client_mode=flags.client_mode,
+        auto_relay=flags.auto_relay,
         swarm_key=swarm_key_from_flag(flags.swarm_key),
     )
 

@@ -103,7 +103,7 @@ class PeerNode:
         try:
             self.dht = start_dht(
                 initial_peers=o.initial_peers, host_maddrs=o.host_maddrs, announce_maddrs=o.announce_maddrs,
-                identity_path=o.identity, client_mode=o.client_mode,
+                identity_path=o.identity, client_mode=o.client_mode, auto_relay=o.auto_relay,
                 admission=admission_policy(o.config.swarm.identity_bits, o.swarm_key, o.initial_peers),
             )
         except Exception as e:  # p2pd errors: bad multiaddr, taken identity, unreachable peers
@@ -120,7 +120,7 @@ class PeerNode:
                 "This peer listens on 127.0.0.1 only: peers on other machines cannot join it. To open it, add "
                 "--host-maddrs /ip4/0.0.0.0/tcp/31338 --announce-maddrs /ip4/<this machine's public IP>/tcp/31338"
             )
-        elif o.initial_peers and not o.client_mode:  # ask the initial peers to dial us back, in one line
+        elif o.initial_peers and not o.client_mode and not o.auto_relay:  # ask the initial peers to dial us back, in one line
             from dragon_swarm.swarm.admission import peer_ids_of
             from dragon_swarm.swarm.dht_node import visible_maddrs
             from dragon_swarm.swarm.reachability import check_reachability_in_background

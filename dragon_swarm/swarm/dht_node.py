@@ -32,6 +32,7 @@ def start_dht(
     identity_path: Path | None = None,
     client_mode: bool = False,
     admission: AdmissionPolicy | None = None,
+    auto_relay: bool = False,
 ) -> hivemind.DHT:
     """Start a DHT node. With identity_path the peer id is the same across restarts (the key is created once).
     With `admission`, every RPC this peer serves (from this and forked processes) goes through the admission gate
@@ -49,6 +50,7 @@ def start_dht(
         announce_maddrs=list(announce_maddrs) or None,
         identity_path=str(identity_path) if identity_path is not None else None,
         client_mode=client_mode,
+        use_auto_relay=auto_relay,
         record_validators=[RSASignatureValidator()],
         start=True,
         **extra,

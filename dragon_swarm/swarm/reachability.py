@@ -146,8 +146,8 @@ def verdict_line(answers: dict[str, tuple[bool, str]], maddrs: Sequence[str]) ->
     detail = next(iter(answers.values()))[1]
     return logging.WARNING, (
         f"Other peers cannot dial this peer ({detail}). Forward TCP port {port} on your router to this machine and "
-        f"pass --announce-maddrs /ip4/<your public IP>/tcp/{port}, or run with --client-mode (train only, accept no "
-        "connections)"
+        f"pass --announce-maddrs /ip4/<your public IP>/tcp/{port}; or run with --auto-relay (reachable through a "
+        "relay, slower) or --client-mode (train only, accept no connections)"
     )
 
 
