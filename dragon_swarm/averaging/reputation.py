@@ -52,6 +52,9 @@ __all__ = ["ReputationBook", "SenderRecord"]
 logger = logging.getLogger(__name__)
 
 
+MAX_RATIO = 100.0  # one observation's distance ratio is capped here; a ban ratio of MAX_RATIO never bans
+
+
 @dataclass
 class SenderRecord:
     """What the book knows about one sender (a peer id string)."""
@@ -94,7 +97,7 @@ class ReputationBook:
         min_observations: int = 3,
         ema_alpha: float = 0.2,
         min_senders: int = 3,
-        max_ratio: float = 100.0,
+        max_ratio: float = MAX_RATIO,
         max_records: int = 10_000,
     ):
         _require(math.isfinite(ban_seconds) and ban_seconds >= 0, f"ban_seconds must be >= 0, got {ban_seconds!r}")

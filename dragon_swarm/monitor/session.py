@@ -199,17 +199,19 @@ class VolunteerSession:
 
     # --- leaving ---
 
-    def publish_and_save(self, timeout_s: float = 15.0) -> None:
+    def publish_and_save(self, timeout_s: float = 15.0) -> bool:
         """Counters to disk, then the record to the DHT (on Stop and on the way out). The disk comes first and the
         DHT call is bounded: a DHT process that died under us (hivemind's can, while averagers shut down) would
-        otherwise block the peer from leaving."""
+        otherwise block the peer from leaving. True when the counters reached the disk."""
+        saved = False
         if self.counters is not None and self.counters_path is not None:
             try:
                 self.counters.save(self.counters_path)
+                saved = True
             except OSError as e:
                 logger.error(f"Saving contribution counters failed: {e}")
         if self.publisher is None or self._dht is None or not self._dht.is_alive():
-            return
+            return saved
 
         def publish() -> None:
             try:
@@ -222,6 +224,7 @@ class VolunteerSession:
         thread.join(timeout_s)
         if thread.is_alive():
             logger.warning(f"Publishing the contribution record took over {timeout_s:.0f} s; it is saved on disk")
+        return saved
 
     def leave(self, save: bool = True) -> None:
         """Stop background DHT traffic and publish the final record; call while the DHT is still healthy, after the
@@ -236,9 +239,9 @@ class VolunteerSession:
                 part.stop()
         if save and self.counters is not None and self.publisher is not None:  # joined: else there is nothing to tell
             self.show_counters()
-            self.publish_and_save()
+            saved = self.publish_and_save()
             logger.info(
-                f"Contribution saved: {self.counters.batches:,} micro-batches, {self.counters.tokens:,} tokens, "
+                f"Contribution {'saved' if saved else 'published (not saved: see above)'}: {self.counters.batches:,} micro-batches, {self.counters.tokens:,} tokens, "
                 f"{self.counters.expert_requests:,} expert requests, uptime {self.counters.uptime_s() / 3600:.2f} h"
             )
 

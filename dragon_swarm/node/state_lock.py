@@ -9,9 +9,12 @@ takes it over.
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import time
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
 
 LOCK_FILE = "peer.lock"
 
@@ -148,6 +151,8 @@ class StateDirLock:
                     os.unlink(self.path)  # before unlocking: a peer waiting on this file then retries the new one
             except FileNotFoundError:
                 pass
+            except OSError as e:  # a read-only or replaced state dir: the lock is released all the same
+                logger.warning(f"Could not remove the lock file {self.path}: {e.strerror or e}")
             # explicitly: forked children share this open file and would otherwise keep it locked
             fcntl.flock(fd, fcntl.LOCK_UN)
         finally:

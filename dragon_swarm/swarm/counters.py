@@ -265,6 +265,8 @@ class ContributionPublisher(PeriodicThread):
     def _save(self) -> None:
         try:
             self.counters.save(self.counters_path)
+        except OSError as e:  # a full or read-only disk: one line each period, not a traceback
+            logger.error(f"Could not save contribution counters to {self.counters_path}: {e.strerror or e}")
         except Exception:
             logger.exception(f"Could not save contribution counters to {self.counters_path}")
 

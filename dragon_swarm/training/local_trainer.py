@@ -242,12 +242,21 @@ class LocalExpertsTrainer:
         momentum = {name: v for (name, _), v in zip(self.trunk_params, self.outer.velocity)}
         return TrainerState(trunk, self.inner.state_dict(), momentum, self.micro_batches, self.tokens, self.epoch)
 
-    def save(self) -> None:
+    def save(self) -> bool:
+        """True when the checkpoint was written. A disk that refuses (full, read-only, gone) costs one error line
+        and training goes on: the write is atomic, so the last good checkpoint stays as it was."""
         try:  # bans survive a restart (`averaging.ban_store`)
             save_bans(self.state_dir / BANS_FILE, bans_from_snapshot(self.averager.get_reputation(timeout=5)))
         except Exception as e:
             logger.debug(f"Saving bans failed: {e}")
-        save_trainer_state(self.checkpoint_path, self._state(), self.config.run_prefix, self.peer_id)
+        try:
+            return save_trainer_state(self.checkpoint_path, self._state(), self.config.run_prefix, self.peer_id)
+        except OSError as e:
+            logger.error(
+                f"Could not save the trainer checkpoint {self.checkpoint_path} at micro-batch {self.micro_batches}: "
+                f"{e.strerror or e}; the last one saved is kept"
+            )
+            return False
 
     def current_state(self) -> tuple[dict, list[torch.Tensor]]:
         """What a late joiner downloads: the start of the current round and the outer momentum."""

@@ -144,9 +144,18 @@ class Trainer:
             self._next_eval_epoch = (saved.val_epoch // every + 1) * every
         logger.info(f"Resumed trainer at micro-batch {self.micro_batches}, epoch {self.optimizer.local_epoch}, {self.tokens:,} tokens")
 
-    def save(self) -> None:
+    def save(self) -> bool:
+        """True when the checkpoint was written. A disk that refuses (full, read-only, gone) costs one error line and
+        training goes on: the write is atomic, so the last good checkpoint stays as it was."""
         self._save_bans()
-        save_trainer_state(self.checkpoint_path, self._state(), self.config.run_prefix, self.peer_id)
+        try:
+            return save_trainer_state(self.checkpoint_path, self._state(), self.config.run_prefix, self.peer_id)
+        except OSError as e:
+            logger.error(
+                f"Could not save the trainer checkpoint {self.checkpoint_path} at micro-batch {self.micro_batches}: "
+                f"{e.strerror or e}; the last one saved is kept"
+            )
+            return False
 
     def _state(self) -> TrainerState:
         optimizer_state = self.optimizer.state_dict()

@@ -358,3 +358,15 @@ def test_concurrent_writers_lose_no_counts():
     assert book.record(A).invalid == threads_n * per_thread
     assert book.record(A).parts == threads_n * per_thread
     assert book.record(B).parts == threads_n * per_thread
+
+
+def test_a_ban_ratio_of_max_ratio_never_bans_for_distance():
+    # the state averager's setting: parameters of trainers in step are identical (median distance 0), so one
+    # version behind reads as the capped maximum every round; that must not ban an honest trainer
+    from dragon_swarm.averaging.reputation import MAX_RATIO
+
+    book = ReputationBook(ban_distance_ratio=MAX_RATIO, min_observations=1)
+    for round_index in range(20):
+        book.record_distances([A, B, C], [0.0, 0.0, 1e6], now=float(round_index))
+    assert book.record(C).distance_ema == MAX_RATIO
+    assert not book.is_banned(C, now=20.0)
