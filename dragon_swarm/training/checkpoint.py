@@ -36,6 +36,16 @@ class TrainerState:
     val_epoch: int | None = None
 
 
+def save_trainer_state_or_log(path: Path, state: TrainerState, run_prefix: str, peer_id: str) -> bool:
+    """`save_trainer_state`, with a disk that refuses (full, read-only, gone) costing one error line instead of the
+    peer: the write is atomic, so the last good checkpoint stays as it was and training can go on."""
+    try:
+        return save_trainer_state(path, state, run_prefix, peer_id)
+    except OSError as e:
+        logger.error(f"Could not save the trainer checkpoint {path} at micro-batch {state.micro_batches}: {e.strerror or e}; the last one saved is kept")
+        return False
+
+
 def save_trainer_state(path: Path, state: TrainerState, run_prefix: str, peer_id: str) -> bool:
     """Write atomically; False (and the previous file kept) when the trunk holds NaN/Inf: never overwrite the last
     good checkpoint with a poisoned model."""

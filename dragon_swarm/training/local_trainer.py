@@ -44,7 +44,7 @@ from dragon_swarm.events import EventBus, PauseGate, PeerState, StateChanged, St
 from dragon_swarm.model.hrm_smoe import HRMSMoE
 from dragon_swarm.moe.backend import ExpertBackend
 from dragon_swarm.moe.expert_uids import expert_uid
-from dragon_swarm.training.checkpoint import CHECKPOINT_NAME, TrainerState, read_trainer_state, save_trainer_state
+from dragon_swarm.training.checkpoint import CHECKPOINT_NAME, TrainerState, read_trainer_state, save_trainer_state_or_log
 from dragon_swarm.training.contribution import GradientContribution, HonestContribution
 from dragon_swarm.training.evaluation import EVAL_FORWARD_SEQUENCES, eval_batches, evaluate_loss
 from dragon_swarm.training.versions import VersionKeeper
@@ -249,14 +249,7 @@ class LocalExpertsTrainer:
             save_bans(self.state_dir / BANS_FILE, bans_from_snapshot(self.averager.get_reputation(timeout=5)))
         except Exception as e:
             logger.debug(f"Saving bans failed: {e}")
-        try:
-            return save_trainer_state(self.checkpoint_path, self._state(), self.config.run_prefix, self.peer_id)
-        except OSError as e:
-            logger.error(
-                f"Could not save the trainer checkpoint {self.checkpoint_path} at micro-batch {self.micro_batches}: "
-                f"{e.strerror or e}; the last one saved is kept"
-            )
-            return False
+        return save_trainer_state_or_log(self.checkpoint_path, self._state(), self.config.run_prefix, self.peer_id)
 
     def current_state(self) -> tuple[dict, list[torch.Tensor]]:
         """What a late joiner downloads: the start of the current round and the outer momentum."""

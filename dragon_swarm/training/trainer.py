@@ -31,7 +31,7 @@ from dragon_swarm.config import SwarmConfig
 from dragon_swarm.events import BanReport, EventBus, Paused, PauseGate, PeerState, Resumed, StateChanged, StepReport
 from dragon_swarm.model.dispatch import ExpertDispatcher
 from dragon_swarm.model.hrm_smoe import HRMSMoE
-from dragon_swarm.training.checkpoint import CHECKPOINT_NAME, TrainerState, read_trainer_state, save_trainer_state
+from dragon_swarm.training.checkpoint import CHECKPOINT_NAME, TrainerState, read_trainer_state, save_trainer_state_or_log
 from dragon_swarm.training.contribution import GradientContribution, HonestContribution
 from dragon_swarm.training.evaluation import EVAL_FORWARD_SEQUENCES, eval_batches, evaluate_loss
 from dragon_swarm.training.optim import decay_param_groups
@@ -148,14 +148,7 @@ class Trainer:
         """True when the checkpoint was written. A disk that refuses (full, read-only, gone) costs one error line and
         training goes on: the write is atomic, so the last good checkpoint stays as it was."""
         self._save_bans()
-        try:
-            return save_trainer_state(self.checkpoint_path, self._state(), self.config.run_prefix, self.peer_id)
-        except OSError as e:
-            logger.error(
-                f"Could not save the trainer checkpoint {self.checkpoint_path} at micro-batch {self.micro_batches}: "
-                f"{e.strerror or e}; the last one saved is kept"
-            )
-            return False
+        return save_trainer_state_or_log(self.checkpoint_path, self._state(), self.config.run_prefix, self.peer_id)
 
     def _state(self) -> TrainerState:
         optimizer_state = self.optimizer.state_dict()
