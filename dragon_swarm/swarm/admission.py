@@ -202,11 +202,12 @@ class AdmissionGate:
         if cached is not None and cached.until > now:
             return cached
         if peer not in self.pending:  # one callback per peer, however many of its requests wait on it
-            self.pending[peer] = asyncio.ensure_future(self._challenge(p2p, peer))
+            self.pending[peer] = asyncio.ensure_future(self.challenge(p2p, peer))
             self.pending[peer].add_done_callback(lambda _, peer=peer: self.pending.pop(peer, None))
         return await asyncio.shield(self.pending[peer])
 
-    async def _challenge(self, p2p: P2P, peer: PeerID) -> _Verdict:
+    async def challenge(self, p2p: P2P, peer: PeerID) -> _Verdict:
+        """Call `peer` back with a fresh nonce and judge its proof; the verdict is cached."""
         nonce = os.urandom(16)
         try:
             proof = await asyncio.wait_for(p2p.call_protobuf_handler(peer, PROVE_HANDLE, Challenge(nonce=nonce), Proof), PROVE_TIMEOUT_S)
@@ -252,11 +253,6 @@ def register_daemon(daemon_listen_maddr: Any, policy: AdmissionPolicy, work: Ide
     processes forked from it). `start_dht` calls this for its DHT's daemon."""
     install()
     _DAEMONS[str(daemon_listen_maddr)] = _Daemon(policy, work)
-
-
-def policy_of(p2p: P2P) -> AdmissionPolicy | None:
-    daemon = _DAEMONS.get(str(getattr(p2p, "_daemon_listen_maddr", None)))
-    return None if daemon is None else daemon.policy
 
 
 def _gate_of(p2p: P2P) -> AdmissionGate | None:
@@ -347,7 +343,7 @@ async def check_peers(p2p: P2P, policy: AdmissionPolicy, peer_ids: list[str]) ->
     """Challenge `peer_ids` as their own gates would challenge us; what is wrong with each that fails (a bootstrap
     started without the swarm key, or without identity work that is not on our trusted list)."""
     gate = AdmissionGate(policy)
-    verdicts = await asyncio.gather(*(gate._challenge(p2p, PeerID.from_base58(peer)) for peer in peer_ids))
+    verdicts = await asyncio.gather(*(gate.challenge(p2p, PeerID.from_base58(peer)) for peer in peer_ids))
     return {peer: verdict.why for peer, verdict in zip(peer_ids, verdicts) if not verdict.admitted}
 
 

@@ -81,7 +81,7 @@ def _is_ip(text: str) -> bool:
 
 class ReachabilityService:
     """Answers 'dial me back' questions on a DHT's daemon (through the admission gate), with a probe daemon
-    started at the first question and kept; `shutdown()` stops it."""
+    started at the first question and kept for as long as the DHT's process lives."""
 
     def __init__(self, p2p: P2P):
         self.p2p = p2p
@@ -90,11 +90,6 @@ class ReachabilityService:
 
     async def start(self) -> None:
         await self.p2p.add_protobuf_handler(CHECK_HANDLE, self.rpc_check_reachability, DialRequest)
-
-    async def shutdown(self) -> None:
-        if self._probe is not None:
-            await self._probe.shutdown()
-            self._probe = None
 
     async def _get_probe(self) -> P2P:
         async with self._probe_lock:
