@@ -7,6 +7,7 @@ One scenario per module (about three minutes on 2 cores); the tests run in file 
 
 from __future__ import annotations
 
+import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -147,10 +148,15 @@ def test_a_new_replica_starts_from_a_current_host_weights(swarm, module_launcher
     late = module_launcher.start("late-replica", args(swarm.initial_peers, swarm.log_dir / "late", "--no-train", "--experts", uid.rsplit("_", 1)[1].removeprefix("ffn.")))
     late_id = late.peer_id()
     late.wait_for_log("Serving 1 expert(s)", timeout=120)
-    assert f"{uid}: downloaded from" in late.stderr()
-    current = swarm.download(online[uid][0], uid)
+    logged = re.search(rf"{re.escape(uid)}: downloaded from (\S+) \(version (\d+)", late.stderr())
+    assert logged, late.stderr()[-3000:]
+    # replicas of one expert have trained different amounts: compare with the host the copy came from
+    source = next(peer for peer in swarm.online()[uid] if peer.endswith(logged.group(1)))
+    current = swarm.download(source, uid)
     mine = swarm.download(late_id, uid)
-    assert mine.version == current.version and relative_distance(current, mine) < 1e-6
+    assert int(logged.group(2)) == mine.version == current.version
+    # replica sync may have merged the copies since (it never changes a version): within 1% of the weights' norm
+    assert relative_distance(current, mine) <= 0.01
     late.stop(timeout=30)
 
 
