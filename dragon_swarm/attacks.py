@@ -25,6 +25,9 @@ The attacks (``n`` peers in an all-reduce group, ``f`` of them Byzantine, ``g`` 
 ``inflated_weight`` an honest-sized but sign-flipped gradient ``-g`` that claims ``1000 ×`` the honest weight (sample
                     count), to own a weighted mean
 ``nan``             all NaN: must be rejected by validation before any aggregator sees it
+``other_batch``     an honest gradient (clipped, with worker momentum) of a batch other than the one the step
+                    number names: it looks exactly like an honest vector, so no distance rule can catch it;
+                    verification by recomputation (``dragon_swarm.verification``) does
 =================== ==================================================================================================
 
 Where the honest statistics come from: ALIE, IPM and ``constant``'s scale need the honest gradients. In the
@@ -78,6 +81,7 @@ IPM_EPSILON = 0.1  # ipm sends -IPM_EPSILON * mean of the honest gradients
 CONSTANT_SCALE = 1000.0  # constant's norm, in units of the honest gradients' RMS norm
 CONSTANT_DIRECTION_SEED = 0x5EED_BAD  # fixed, so every attacker (and every step) sends the same direction
 INFLATED_WEIGHT_FACTOR = 1000.0  # inflated_weight claims this many times the honest weight
+OTHER_BATCH_OFFSET = 1_000_003  # other_batch trains on micro-batch step + this instead of step
 
 
 class Attack(str, Enum):
@@ -91,6 +95,7 @@ class Attack(str, Enum):
     CONSTANT = "constant"
     INFLATED_WEIGHT = "inflated_weight"
     NAN = "nan"
+    OTHER_BATCH = "other_batch"
 
 
 def parse_attack(name: str | Attack) -> Attack:
@@ -167,6 +172,8 @@ def byzantine_gradient(
         bad = -g  # honest-looking norm; the damage comes from claimed_weight
     elif attack is Attack.NAN:
         bad = torch.full_like(g, math.nan)
+    elif attack is Attack.OTHER_BATCH:
+        bad = g.clone()  # the harm is in the batch it trained on
     else:  # pragma: no cover - every member is handled above
         raise AssertionError(f"unhandled attack {attack}")
     return bad.to(own_grad.dtype).reshape(own_grad.shape)
@@ -226,15 +233,19 @@ class ByzantineContribution:
     of contributing honestly. It neither clips nor filters what it sends.
 
     The attacker does not see honest peers' gradients, so attacks that need their statistics (ALIE, IPM)
-    estimate them from this peer's own recent honest gradients.
+    estimate them from this peer's own recent honest gradients. ``other_batch`` processes its gradient exactly as an
+    honest trainer does (`clip_grad_norm`, `worker_momentum`): only the batch is wrong.
     """
 
     HISTORY = 8
 
-    def __init__(self, attack: Attack | str, seed: int):
+    def __init__(self, attack: Attack | str, seed: int, clip_grad_norm: float = 1.0, worker_momentum: float = 0.0):
+        from dragon_swarm.training.contribution import HonestContribution
+
         self.attack = parse_attack(attack)
         self.rng = torch.Generator().manual_seed(seed)  # colluding attackers share the swarm seed
         self.history: list[torch.Tensor] = []
+        self.honest = HonestContribution(clip_grad_norm, worker_momentum) if self.attack is Attack.OTHER_BATCH else None
         logger.warning(f"BYZANTINE TEST MODE: this trainer runs the '{self.attack.value}' attack")
 
     def targets(self, targets: torch.Tensor) -> torch.Tensor:
@@ -242,7 +253,12 @@ class ByzantineContribution:
             return corrupt_targets(targets, self.rng)
         return targets
 
-    def prepare(self, named_params, loss: torch.Tensor, batch_size: int, num_peers: int) -> int:
+    def batch_step(self, step: int) -> int:
+        return step + OTHER_BATCH_OFFSET if self.attack is Attack.OTHER_BATCH else step
+
+    def prepare(self, named_params, loss: torch.Tensor, batch_size: int, num_peers: int) -> int | None:
+        if self.honest is not None:
+            return self.honest.prepare(named_params, loss, batch_size, num_peers)
         if self.attack is not Attack.LABEL_SHUFFLE:
             self._corrupt_gradients([p for _, p in named_params], num_peers)
         return int(claimed_weight(self.attack, batch_size))
@@ -261,10 +277,11 @@ class ByzantineContribution:
             offset += p.numel()
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        return {}
+        return self.honest.state_tensors() if self.honest is not None else {}
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        pass
+        if self.honest is not None:
+            self.honest.load_state_tensors(tensors)
 
 
 # --- the expert path -------------------------------------------------------------------------------------------

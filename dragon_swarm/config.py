@@ -125,6 +125,18 @@ class AveragingSection(Schema):
         return _registered(name, AGGREGATORS)
 
 
+class VerificationSection(Schema):
+    """Verification by recomputation (`dragon_swarm.verification`): each round, trainers drawn at random recompute
+    other trainers' sent gradients from their committed inputs; a liar is published with evidence and banned by every
+    peer that confirms it (for averaging.ban_seconds). Costs each checker about one sender's round of training per check (remote-expert mode)."""
+
+    enabled: bool = False
+    checks_per_round: PositiveInt = 1  # senders checked per round, each by one other trainer
+    tolerance: Positive = 1e-2  # relative L2 distance between sent and recomputed vectors an honest sender stays under
+    keep_versions: PositiveInt = 3  # trunk versions a trainer keeps to check rounds (and evidence) with
+    trunk_tolerance: Positive = 1e-2  # a round is recomputed only if the sender's weights are this close to the checker's
+
+
 def _registered(name: str, registry: Mapping[str, Any]) -> str:
     if name not in registry:
         raise ValueError(f"must be one of {', '.join(registry)}, got {name!r}")
@@ -166,6 +178,7 @@ class SwarmConfig(Schema):
     training: TrainingSection = TrainingSection()
     averaging: AveragingSection = AveragingSection()
     experts: ExpertsSection = ExpertsSection()
+    verification: VerificationSection = VerificationSection()
 
     # keys that each peer may choose for itself; everything else must match swarm-wide
     PEER_LOCAL_KEYS: ClassVar[tuple[tuple[str, str], ...]] = (("training", "batch_size"),)

@@ -54,7 +54,8 @@ def _injected_contribution(options):
         return None
     from dragon_swarm.attacks import ByzantineContribution
 
-    return ByzantineContribution(options.attack, options.config.swarm.seed)
+    t = options.config.training
+    return ByzantineContribution(options.attack, options.config.swarm.seed, t.clip_grad_norm, t.worker_momentum)
 
 
 def _injected_expert_tamper(options):

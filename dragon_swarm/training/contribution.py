@@ -16,6 +16,9 @@ class GradientContribution(Protocol):
     def targets(self, targets: torch.Tensor) -> torch.Tensor:
         """The targets this micro-batch trains on."""
 
+    def batch_step(self, step: int) -> int:
+        """The step number whose deterministic batch this micro-batch trains on (an honest trainer: `step`)."""
+
     def prepare(
         self, named_params: Sequence[tuple[str, torch.nn.Parameter]], loss: torch.Tensor, batch_size: int, num_peers: int
     ) -> int | None:
@@ -40,6 +43,9 @@ class HonestContribution:
 
     def targets(self, targets: torch.Tensor) -> torch.Tensor:
         return targets
+
+    def batch_step(self, step: int) -> int:
+        return step
 
     def prepare(
         self, named_params: Sequence[tuple[str, torch.nn.Parameter]], loss: torch.Tensor, batch_size: int, num_peers: int

@@ -36,6 +36,9 @@ from dragon_swarm.training.contribution import GradientContribution, HonestContr
 from dragon_swarm.training.evaluation import EVAL_FORWARD_SEQUENCES, eval_batches, evaluate_loss
 from dragon_swarm.training.optim import decay_param_groups
 from dragon_swarm.training.versions import VersionKeeper
+from dragon_swarm.verification.ledger import RoundLedger
+from dragon_swarm.verification.service import VerificationService
+from dragon_swarm.verification.transcript import RecordingDispatcher
 
 logger = logging.getLogger(__name__)
 
@@ -85,8 +88,15 @@ class Trainer:
         self.contribution = contribution or HonestContribution(t.clip_grad_norm, t.worker_momentum)
         self.peer_id = dht.peer_id.to_base58()
         self.versions = VersionKeeper(state_dir, keep_versions, config.run_prefix, self.peer_id)  # `--keep-versions`
+        # verification by recomputation: record what the experts answered, so other trainers can replay our rounds
+        # (a client-mode trainer cannot serve its records: nobody can dial it)
+        self.verifying = config.verification.enabled and not client_mode
+        self.recorder = RecordingDispatcher(dispatcher) if self.verifying else None
+        self.ledger = RoundLedger()
+        self._ledger_epoch: int | None = None
+        self.verification: VerificationService | None = None
         torch.manual_seed(config.swarm.seed)  # every fresh trunk starts from the same weights
-        self.model = HRMSMoE(config.model, dispatcher).to(device)
+        self.model = HRMSMoE(config.model, self.recorder or dispatcher).to(device)
         self.micro_batches = self.tokens = self.skipped_batches = 0
         self.trunk_params = list(self.model.named_trunk_parameters())
         saved = read_trainer_state(self.checkpoint_path, config.run_prefix)
@@ -120,6 +130,13 @@ class Trainer:
         self._reported_bans: set[str] = set()
         if saved is not None:
             self._restore(saved)
+        if self.verifying:
+            seed, seq_len = config.swarm.seed, config.model.seq_len
+            self.verification = VerificationService(
+                config, dht,
+                batch_of_peer=lambda peer: lambda step, size: self.train_stream.batch(seed, peer, step, size, seq_len),
+                ban=lambda peer, reason: self.optimizer.grad_averager.ban_peer(peer, reason, timeout=10),
+            )  # fmt: skip
 
     # --- state ---
 
@@ -189,14 +206,24 @@ class Trainer:
         """One micro-batch: forward, backward, the contribution, and the swarm optimizer (which all-reduces and
         steps when the swarm has gathered its target batch). None when the micro-batch was dropped."""
         started = time.perf_counter()
+        epoch_before = int(self.optimizer.local_epoch)
+        if self.verification is not None and self._ledger_epoch != epoch_before:  # a new round starts here
+            trunk = self.verification.remember_trunk(epoch_before, self.model.trunk_state_dict())
+            self.ledger.begin_round(self.contribution.state_tensors(), trunk)
+            self._ledger_epoch = epoch_before
+        if self.recorder is not None:
+            self.recorder.begin()
         inputs, targets = self.train_stream.batch(
-            self.config.swarm.seed, self.peer_id, self.micro_batches, self.batch_size, self.config.model.seq_len
-        )
+            self.config.swarm.seed, self.peer_id, self.contribution.batch_step(self.micro_batches), self.batch_size,
+            self.config.model.seq_len,
+        )  # fmt: skip
         inputs, targets = inputs.to(self.device), self.contribution.targets(targets.to(self.device))
         loss, ce, aux = self.model.compute_loss(inputs, targets)
         loss.backward()
         tracker = self.optimizer.tracker
         claimed_batch = self.contribution.prepare(self.trunk_params, loss, self.batch_size, int(tracker.global_progress.num_peers))
+        if claimed_batch is not None and self.verification is not None:
+            self.ledger.add(self.micro_batches, claimed_batch, self.trunk_params, self.recorder.take().to_bytes())
         if claimed_batch is None:
             self.skipped_batches += 1
             self.optimizer.zero_grad()
@@ -207,8 +234,12 @@ class Trainer:
             return None
         if tracker.ready_to_update_epoch:
             self.bus.publish(StateChanged(PeerState.AVERAGING))  # this step() all-reduces with the swarm
+            if self.verification is not None and not self.ledger.empty:  # committed before any part goes out
+                self.verification.commit(self.ledger.close(epoch_before))
         self.optimizer.step(batch_size=claimed_batch)
         self.optimizer.zero_grad()
+        if self.verification is not None and int(self.optimizer.local_epoch) > epoch_before:
+            self.verification.after_round(epoch_before)
         self.micro_batches += 1
         self.tokens += inputs.numel()
         elapsed = time.perf_counter() - started
@@ -327,4 +358,6 @@ class Trainer:
         try:
             self.save()
         finally:
+            if self.verification is not None:
+                self.verification.shutdown()
             self.optimizer.shutdown()

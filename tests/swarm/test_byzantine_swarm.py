@@ -3,7 +3,8 @@
 Three runs: CenteredClip with three honest trainers and one sign-flipping (x-1000) trainer, and the same swarm
 under plain (capped-weight) mean: honest trainers must learn in the first and must not in the second. A third,
 smaller swarm of two honest trainers and a NaN sender: the sender must be rejected and banned while training
-continues.
+continues. A fourth with verification by recomputation on: two honest trainers and one that sends honest-looking
+gradients of other batches (which no distance rule can see) must be caught and banned, and no honest one accused.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ pytestmark = [pytest.mark.swarm, pytest.mark.slow]
 
 STEPS = 25
 NAN_STEPS = 16
+VERIFIED_STEPS = 24
 
 
 @dataclass
@@ -46,6 +48,7 @@ def run_swarm(
     attacks: list[str | None],
     steps: int = STEPS,
     attackers_until_honest_finish: bool = False,
+    settings_update: dict | None = None,
 ) -> list[Trainer]:
     """Start a bootstrap, an expert host and one trainer per entry of `attacks`; wait until they finish.
 
@@ -59,6 +62,8 @@ def run_swarm(
     settings["averaging"]["aggregator"] = aggregator
     # five processes share two cores here: give every trainer time to make it into the one averaging group
     settings["averaging"]["matchmaking_time"] = 3.0
+    for section, values in (settings_update or {}).items():
+        settings.setdefault(section, {}).update(values)
     config.write_text(yaml.safe_dump(settings))
     boot = launcher.start(f"{name}-boot", ["--identity", str(work / "boot.key")], module="dragon_swarm.bootstrap")
     peers = boot.initial_peers()
@@ -98,6 +103,16 @@ def nan_run(module_launcher) -> list[Trainer]:
     return run_swarm(
         module_launcher, "nan", "centered_clip", [None, None, "nan"], steps=NAN_STEPS, attackers_until_honest_finish=True
     )
+
+
+@pytest.fixture(scope="module")
+def verified_run(module_launcher) -> list[Trainer]:
+    # every sender checked every round (checks_per_round >= trainers), so the test needs few rounds
+    verification = {"verification": {"enabled": True, "checks_per_round": 3}}
+    return run_swarm(
+        module_launcher, "verified", "centered_clip", [None, None, "other_batch"], steps=VERIFIED_STEPS,
+        attackers_until_honest_finish=True, settings_update=verification,
+    )  # fmt: skip
 
 
 def honest(trainers: list[Trainer]) -> list[Trainer]:
@@ -149,3 +164,30 @@ def test_nan_sender_is_rejected_and_banned_while_training_continues(nan_run):
     # was sent a NaN part holds proof and bans at once
     assert rejected_by, "no honest trainer was sent a NaN part: the NaN sender never averaged with anyone"
     assert banned_by == rejected_by
+
+
+def test_a_trainer_sending_another_batch_s_gradient_is_caught_by_recomputation(verified_run):
+    liar = next(t for t in verified_run if t.attack == "other_batch")
+    honest_ids = {t.peer_id for t in honest(verified_run)}
+    logs = {t.process.name: t.process.stderr() for t in verified_run}
+    caught_by, honest_checks = [], 0
+    for trainer in honest(verified_run):
+        assert trainer.process.proc.returncode == 0, logs[trainer.process.name][-3000:]
+        log = logs[trainer.process.name]
+        if f"Trainer {liar.peer_id[-8:]} lied in round" in log or f"Confirmed evidence against trainer {liar.peer_id[-8:]}" in log:
+            caught_by.append(trainer.process.name)
+            records = read_stats(trainer.stats)
+            assert any(liar.peer_id in r["banned_peers"] for r in records), f"{trainer.process.name} caught the liar but did not ban it"
+        honest_checks += sum(
+            1 for line in log.splitlines()
+            if "Verified round" in line and ": honest, error" in line and any(f"trainer {p[-8:]}" in line for p in honest_ids)
+        )  # fmt: skip
+    assert caught_by, "nobody caught the other-batch sender:\n" + "\n".join(
+        line for log in logs.values() for line in log.splitlines() if "erif" in line or "not checked" in line
+    )
+    # honest senders were checked, and nobody accused them
+    assert honest_checks > 0
+    for name, log in logs.items():
+        for peer in honest_ids:
+            assert f"Trainer {peer[-8:]} lied" not in log, f"{name} accused an honest trainer"
+        assert "false accusation" not in log or name == liar.process.name

@@ -1,0 +1,281 @@
+"""The network side of verification by recomputation, run by every remote-expert trainer.
+
+Per round (model version e), in order:
+1. the sender stores its `RoundCommitment` in the DHT (owner-signed subkey, key `<run>_verify_<e>`) before its parts
+   go out, and keeps the `RoundRecord` that opens it, served on request (`rpc_round_record`);
+2. after the round, every trainer draws who checks whom from the round's commitments (`draw`): the same draw on
+   every peer, unknown until the commitments are in;
+3. a drawn checker downloads the sender's record, checks it opens the signed commitment, and recomputes it from the
+   weights the sender committed to, provided they are within `verification.trunk_tolerance` of the checker's own
+   copy of version e (trainers of one version agree only to float precision; a trainer whose round failed stepped
+   alone and holds another model: not checked, rather than accused);
+4. a mismatch is published as evidence (owner-signed, key `<run>_verify_evidence`) and the checker keeps the record
+   and serves it too, so the liar cannot hide it by going silent;
+5. every trainer that sees evidence and still holds version e downloads the record (from the accuser or the accused),
+   checks it against the accused's signed commitment and recomputes: confirmed, it bans the liar (the averager's ban,
+   `verification.ban_seconds`); refuted, it bans the false accuser. Nobody has to trust the accuser's word.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from typing import AsyncIterator, Callable
+
+import hivemind
+import torch
+from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
+from hivemind.p2p import P2PContext, PeerID, ServicerBase
+from hivemind.proto import runtime_pb2
+from hivemind.utils import get_dht_time
+from pydantic import BaseModel, ConfigDict, Field
+
+from dragon_swarm.config import SwarmConfig
+from dragon_swarm.rate_limit import RateLimiter
+from dragon_swarm.swarm.signed_records import SignedRecordStore
+from dragon_swarm.verification.commitment import RoundCommitment, RoundRecord
+from dragon_swarm.verification.draw import assign_checks, round_seed
+from dragon_swarm.verification.recompute import BatchOf, Verdict, verify_round
+
+logger = logging.getLogger(__name__)
+
+CHUNK_BYTES = 1 << 20
+RECORD_TTL_S = 600.0
+FETCH_TIMEOUT_S = 30.0
+MAX_RECORD_BYTES = 1 << 30
+KEEP_RECORDS = 8  # own rounds (and evidence) served this long, in rounds
+
+
+class CommitmentRecord(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    peer_id: str
+    epoch: int = Field(ge=0)
+    commitment: dict
+
+
+class EvidenceRecord(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    peer_id: str  # the accuser
+    accused: str
+    epoch: int = Field(ge=0)
+    reason: str = Field(max_length=300)
+
+
+COMMITMENTS = SignedRecordStore(CommitmentRecord, "round commitment", max_ttl_s=RECORD_TTL_S + 60)
+EVIDENCE = SignedRecordStore(EvidenceRecord, "verification evidence", max_ttl_s=RECORD_TTL_S + 60)
+
+
+class RoundRecordServicer(ServicerBase):
+    """Serves the round records this trainer keeps: its own, and those it holds as evidence."""
+
+    def __init__(self, records: "OrderedDict[tuple[str, int], bytes]"):
+        self.records = records
+        self.limiter = RateLimiter(rate=2.0, burst=8)
+
+    async def rpc_round_record(self, request: runtime_pb2.ExpertUID, context: P2PContext) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        if not self.limiter.take(context.remote_id.to_base58(), time.monotonic()):
+            yield runtime_pb2.ExpertResponse(metadata=b"error: too many record requests")
+            return
+        peer, _, epoch = request.uid.partition("@")
+        data = self.records.get((peer, int(epoch))) if epoch.isdigit() else None
+        if data is None:
+            yield runtime_pb2.ExpertResponse(metadata=b"error: no such round record here")
+            return
+        for start in range(0, len(data), CHUNK_BYTES):
+            yield runtime_pb2.ExpertResponse(metadata=data[start : start + CHUNK_BYTES])
+
+
+def weights_distance(theirs: dict[str, torch.Tensor], ours: dict[str, torch.Tensor]) -> float | None:
+    """Relative L2 distance of two trunks; None when they are not of one model (other names or shapes)."""
+    if set(theirs) != set(ours) or any(theirs[k].shape != v.shape for k, v in ours.items()):
+        return None
+    diff = sum(float((theirs[k].float() - v.float()).pow(2).sum()) for k, v in ours.items()) ** 0.5
+    norm = sum(float(v.float().pow(2).sum()) for v in ours.values()) ** 0.5
+    distance = diff / max(norm, 1e-12)
+    return distance if distance == distance else None
+
+
+class VerificationService:
+    """One per trainer: `remember_trunk` at each round's start, `commit` before its all-reduce, `after_round` when
+    the version moved on. Checks run on one background thread, never on the training thread."""
+
+    def __init__(
+        self, config: SwarmConfig, dht: hivemind.DHT, batch_of_peer: Callable[[str], BatchOf],
+        ban: Callable[[str, str], None],
+    ):  # fmt: skip
+        self.config, self.dht, self.batch_of_peer, self.ban = config, dht, batch_of_peer, ban
+        self.settings = config.verification
+        self.peer_id = dht.peer_id.to_base58()
+        self.prefix = f"{config.run_prefix}_verify"
+        self.records: OrderedDict[tuple[str, int], bytes] = OrderedDict()
+        self.trunks: OrderedDict[int, dict[str, torch.Tensor]] = OrderedDict()  # epoch -> this peer's trunk
+        self._trunk_lock = threading.Lock()
+        self.servicer = RoundRecordServicer(self.records)
+        self._p2p = RemoteExpertWorker.run_coroutine(dht.replicate_p2p())
+        RemoteExpertWorker.run_coroutine(self.servicer.add_p2p_handlers(self._p2p, namespace=self.prefix))
+        self._checks = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify")
+        self.judged: set[tuple[str, int]] = set()
+        self.stats = {"checks": 0, "caught": 0, "skipped": 0, "confirmed": 0, "refuted": 0, "check_seconds": 0.0}
+
+    # --- sender side ---
+
+    def remember_trunk(self, epoch: int, trunk: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Keep this peer's copy of version `epoch` (to check others' rounds against); returns the copy."""
+        copy = {k: v.detach().cpu().clone() for k, v in trunk.items()}
+        with self._trunk_lock:
+            self.trunks[epoch] = copy
+            while len(self.trunks) > self.settings.keep_versions:
+                self.trunks.popitem(last=False)
+        return copy
+
+    def commit(self, record: RoundRecord) -> None:
+        """Publish the commitment and keep the record. A DHT failure costs this round's verifiability only."""
+        self._keep(self.peer_id, record.epoch, record.to_bytes())
+        value = CommitmentRecord(peer_id=self.peer_id, epoch=record.epoch, commitment=record.commitment().to_dict())
+        try:
+            COMMITMENTS.store(self.dht, f"{self.prefix}_{record.epoch}", value, get_dht_time() + RECORD_TTL_S)
+        except Exception as e:
+            logger.warning(f"Could not publish the commitment of round {record.epoch}: {type(e).__name__}: {e}")
+
+    def _keep(self, peer: str, epoch: int, data: bytes) -> None:
+        self.records[(peer, epoch)] = data
+        while len(self.records) > KEEP_RECORDS:
+            self.records.popitem(last=False)
+
+    # --- checker side ---
+
+    def after_round(self, epoch: int) -> None:
+        """Round `epoch` is over: check whom the draw gave this peer, and judge any new evidence (in the background)."""
+        self._checks.submit(self._run_safely, epoch)
+
+    def _run_safely(self, epoch: int) -> None:
+        try:
+            self._check_round(epoch)
+            self._judge_evidence()
+        except Exception as e:  # a check must never take the trainer down
+            logger.warning(f"Verification of round {epoch} failed: {type(e).__name__}: {e}")
+
+    def _commitments(self, epoch: int) -> dict[str, CommitmentRecord]:
+        entries = COMMITMENTS.fetch(self.dht, f"{self.prefix}_{epoch}", latest=True)
+        found: dict[str, CommitmentRecord] = {}
+        for entry in entries:  # hivemind does not bind a peer id to its key: a peer named twice is not checked
+            found[entry.record.peer_id] = entry.record if entry.record.peer_id not in found else None
+        return {peer: record for peer, record in found.items() if record is not None}
+
+    def _check_round(self, epoch: int) -> None:
+        commitments = self._commitments(epoch)
+        digests = {peer: hashlib.sha256(json.dumps(r.commitment, sort_keys=True).encode()).hexdigest() for peer, r in commitments.items()}
+        for checker, sender in assign_checks(round_seed(epoch, digests), list(commitments), self.settings.checks_per_round):
+            if checker == self.peer_id:
+                self._check(sender, epoch, commitments[sender], accuse=True)
+
+    def _check(self, sender: str, epoch: int, signed: CommitmentRecord, accuse: bool, source: str | None = None) -> Verdict | None:
+        """Recompute `sender`'s round `epoch`; None when this peer cannot (never held that version, no record, or
+        the sender's weights are farther from this peer's than `verification.trunk_tolerance`)."""
+        with self._trunk_lock:
+            own = self.trunks.get(epoch)
+        if own is None:
+            self.stats["skipped"] += 1
+            return None
+        try:
+            commitment = RoundCommitment.from_dict(signed.commitment)
+        except ValueError as e:
+            return self._verdict(sender, epoch, Verdict(False, float("inf"), str(e)), accuse, None)
+        started = time.perf_counter()
+        try:
+            data = self._fetch(source or sender, sender, epoch)
+            record = RoundRecord.from_bytes(data)
+        except Exception as e:
+            self.stats["skipped"] += 1
+            logger.warning(f"Round {epoch} of trainer {sender[-8:]} not checked: no record ({type(e).__name__}: {str(e)[:120]})")
+            return None
+        problem = record.opens(commitment)
+        if problem is not None:
+            return self._verdict(sender, epoch, Verdict(False, float("inf"), f"its record does not open its signed commitment: {problem}"), accuse, data)
+        drift = weights_distance(record.trunk, own)
+        if drift is None:
+            return self._verdict(sender, epoch, Verdict(False, float("inf"), "its round started from weights of another model"), accuse, data)
+        if drift > self.settings.trunk_tolerance:
+            # a trainer whose round failed stepped alone: its weights are not the swarm's version (and neither may ours be)
+            self.stats["skipped"] += 1
+            logger.info(f"Round {epoch} of trainer {sender[-8:]} not checked: its weights are {drift:.2e} (relative L2) from this peer's")
+            return None
+        t = self.config.training
+        verdict = verify_round(
+            self.config.model, record.trunk, record, self.batch_of_peer(sender), t.clip_grad_norm, t.worker_momentum,
+            self.settings.tolerance,
+        )  # fmt: skip
+        seconds = time.perf_counter() - started
+        self.stats["checks"] += 1
+        self.stats["check_seconds"] += seconds
+        logger.info(
+            f"Verified round {epoch} of trainer {sender[-8:]} by recomputation ({len(record.steps)} micro-batch(es), "
+            f"{seconds:.2f} s, weights {drift:.1e} from ours): {'honest' if verdict.honest else 'LIE'}, error {verdict.relative_error:.2e}"
+        )
+        return self._verdict(sender, epoch, verdict, accuse, data)
+
+    def _verdict(self, sender: str, epoch: int, verdict: Verdict, accuse: bool, data: bytes | None) -> Verdict:
+        if verdict.honest or not accuse:
+            return verdict
+        self.stats["caught"] += 1
+        self.judged.add((sender, epoch))
+        if data is not None:
+            self._keep(sender, epoch, data)
+        logger.warning(f"Trainer {sender[-8:]} lied in round {epoch}: {verdict.reason}; publishing the evidence and banning it")
+        self.ban(sender, f"verification: {verdict.reason}"[:200])
+        evidence = EvidenceRecord(peer_id=self.peer_id, accused=sender, epoch=epoch, reason=verdict.reason[:300])
+        try:
+            EVIDENCE.store(self.dht, f"{self.prefix}_evidence", evidence, get_dht_time() + RECORD_TTL_S)
+        except Exception as e:
+            logger.warning(f"Could not publish evidence against {sender[-8:]}: {type(e).__name__}: {e}")
+        return verdict
+
+    def _judge_evidence(self) -> None:
+        for entry in EVIDENCE.fetch(self.dht, f"{self.prefix}_evidence", latest=True):
+            evidence = entry.record
+            key = (evidence.accused, evidence.epoch)
+            if key in self.judged or evidence.accused == self.peer_id or evidence.peer_id == self.peer_id:
+                continue
+            signed = self._commitments(evidence.epoch).get(evidence.accused)
+            if signed is None or evidence.epoch not in self.trunks:
+                continue  # cannot judge (yet): the commitment is gone or this peer never held that version
+            self.judged.add(key)
+            verdict = self._check(evidence.accused, evidence.epoch, signed, accuse=False, source=evidence.peer_id)
+            if verdict is None:
+                continue
+            if verdict.honest:
+                self.stats["refuted"] += 1
+                logger.warning(f"Evidence from {evidence.peer_id[-8:]} against {evidence.accused[-8:]} is false; banning the accuser")
+                self.ban(evidence.peer_id, "verification: false accusation")
+            else:
+                self.stats["confirmed"] += 1
+                logger.warning(f"Confirmed evidence against trainer {evidence.accused[-8:]} (round {evidence.epoch}): {verdict.reason}; banning it")
+                self.ban(evidence.accused, f"verification: {verdict.reason}"[:200])
+
+    def _fetch(self, source: str, sender: str, epoch: int) -> bytes:
+        async def download() -> bytes:
+            stub = RoundRecordServicer.get_stub(self._p2p, PeerID.from_base58(source), namespace=self.prefix)
+            chunks, size = [], 0
+            async for response in await stub.rpc_round_record(runtime_pb2.ExpertUID(uid=f"{sender}@{epoch}")):
+                if response.metadata.startswith(b"error: "):
+                    raise ValueError(response.metadata[7:200].decode(errors="replace"))
+                size += len(response.metadata)
+                if size > MAX_RECORD_BYTES:
+                    raise ValueError(f"record over {MAX_RECORD_BYTES:,} bytes")
+                chunks.append(response.metadata)
+            return b"".join(chunks)
+
+        return RemoteExpertWorker.run_coroutine(asyncio.wait_for(download(), timeout=FETCH_TIMEOUT_S))
+
+    def shutdown(self) -> None:
+        self._checks.shutdown(wait=False, cancel_futures=True)
+        try:
+            RemoteExpertWorker.run_coroutine(self.servicer.remove_p2p_handlers(self._p2p, namespace=self.prefix))
+        except Exception as e:  # the daemon may already be gone
+            logger.debug(f"Removing the round record handler failed: {e}")
