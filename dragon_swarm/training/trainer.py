@@ -359,5 +359,6 @@ class Trainer:
             self.save()
         finally:
             if self.verification is not None:
+                self.verification.log_summary(self.train_seconds)
                 self.verification.shutdown()
             self.optimizer.shutdown()

@@ -216,7 +216,7 @@ class VerificationService:
         self.stats["check_seconds"] += seconds
         logger.info(
             f"Verified round {epoch} of trainer {sender[-8:]} by recomputation ({len(record.steps)} micro-batch(es), "
-            f"{seconds:.2f} s, weights {drift:.1e} from ours): {'honest' if verdict.honest else 'LIE'}, error {verdict.relative_error:.2e}"
+            f"{len(data) / 1e6:.1f} MB record, {seconds:.2f} s, weights {drift:.1e} from ours): {'honest' if verdict.honest else 'LIE'}, error {verdict.relative_error:.2e}"
         )
         return self._verdict(sender, epoch, verdict, accuse, data)
 
@@ -272,6 +272,16 @@ class VerificationService:
             return b"".join(chunks)
 
         return RemoteExpertWorker.run_coroutine(asyncio.wait_for(download(), timeout=FETCH_TIMEOUT_S))
+
+    def log_summary(self, train_seconds: float) -> None:
+        """One line for people (and `benchmarks.verification_swarm`): what checking others cost next to training."""
+        st = self.stats
+        share = 100.0 * st["check_seconds"] / max(train_seconds, 1e-9)
+        logger.info(
+            f"Verification summary: {st['checks']} round(s) recomputed in {st['check_seconds']:.2f} s "
+            f"= {share:.1f}% of {train_seconds:.1f} s training; {st['caught']} lie(s) caught, {st['skipped']} skipped, "
+            f"evidence confirmed {st['confirmed']}, refuted {st['refuted']}"
+        )
 
     def shutdown(self) -> None:
         self._checks.shutdown(wait=False, cancel_futures=True)

@@ -10,12 +10,15 @@ the sender's claim does not describe a computation of this model on this batch.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
+
+from dragon_swarm.moe.handler import FP16_TARGET_EXPONENT
 
 
 class TranscriptMismatch(ValueError):
@@ -41,13 +44,16 @@ class ExpertTranscript:
         tensors: dict[str, torch.Tensor] = {}
         for n, (_, mask) in enumerate(self.alive):
             tensors[f"alive.{n}"] = mask.to(torch.uint8).contiguous()
+        exponents: dict[str, int] = {}
         for n, call in enumerate(self.calls):
-            for index, out in call.outputs.items():
-                tensors[f"call.{n}.out.{index}"] = out.contiguous()
-            for index, grad in call.input_grads.items():
-                tensors[f"call.{n}.grad.{index}"] = grad.contiguous()
+            for kind, values in (("out", call.outputs), ("grad", call.input_grads)):
+                for index, value in values.items():
+                    name = f"call.{n}.{kind}.{index}"
+                    tensors[name], exponent = _compact(value)
+                    if exponent:
+                        exponents[name] = exponent
         layers = {"alive": [layer for layer, _ in self.alive], "calls": [call.layer for call in self.calls]}
-        return save_tensors(tensors, metadata={"layers": json.dumps(layers)})
+        return save_tensors(tensors, metadata={"layers": json.dumps(layers), "exponents": json.dumps(exponents)})
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "ExpertTranscript":
@@ -57,6 +63,9 @@ class ExpertTranscript:
             header_len = int.from_bytes(data[:8], "little")  # safetensors' layout: u64 header length, JSON header
             metadata = json.loads(data[8 : 8 + header_len]).get("__metadata__") or {}
             layers = json.loads(metadata["layers"])
+            exponents = {str(k): int(v) for k, v in json.loads(metadata.get("exponents", "{}")).items()}
+            if any(abs(e) > 64 for e in exponents.values()):
+                raise ValueError("scale exponent out of range")
             alive_layers, call_layers = [int(x) for x in layers["alive"]], [int(x) for x in layers["calls"]]
         except Exception as e:  # safetensors raises its own error types for truncated or foreign bytes
             raise ValueError(f"not an expert transcript: {type(e).__name__}: {e}") from None
@@ -74,6 +83,7 @@ class ExpertTranscript:
             if len(parts) != 4 or not parts[1].isdigit() or not parts[3].isdigit() or int(parts[1]) >= len(calls):
                 raise ValueError(f"unexpected tensor {name!r} in a transcript")
             call = calls[int(parts[1])]
+            tensor = _expand(tensor, exponents.get(name, 0))  # stored compact, used as float32
             if parts[2] == "out":
                 call.outputs[int(parts[3])] = tensor
             elif parts[2] == "grad":
@@ -82,6 +92,24 @@ class ExpertTranscript:
                 raise ValueError(f"unexpected tensor {name!r} in a transcript")
         transcript.calls = calls
         return transcript
+
+
+def _compact(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(float16 values, power-of-two exponent) when that loses nothing, else (the tensor, 0). Expert answers cross the
+    wire as float16 scaled by a power of two (`moe.handler.encode_tensor`), so a transcript of such a swarm takes half
+    the bytes, bit-exact; the value is `values * 2**-exponent`."""
+    tensor = tensor.detach().contiguous()
+    amax = float(tensor.abs().max()) if tensor.numel() else 0.0
+    if tensor.dtype != torch.float32 or not math.isfinite(amax):
+        return tensor, 0
+    exponent = FP16_TARGET_EXPONENT - math.frexp(amax)[1] if amax > 0 else 0
+    scaled = tensor * (2.0**exponent)
+    half = scaled.half()
+    return (half, exponent) if torch.equal(half.float(), scaled) else (tensor, 0)
+
+
+def _expand(tensor: torch.Tensor, exponent: int) -> torch.Tensor:
+    return tensor.float() * (2.0**-exponent) if tensor.dtype == torch.float16 else tensor
 
 
 class _GradTap(torch.autograd.Function):

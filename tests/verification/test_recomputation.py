@@ -18,7 +18,7 @@ from dragon_swarm.verification.draw import assign_checks, round_seed
 from dragon_swarm.verification.ledger import RoundLedger
 from dragon_swarm.verification.recompute import DEFAULT_TOLERANCE, compare_sent, recompute_sent, verify_round
 from dragon_swarm.verification.service import weights_distance
-from dragon_swarm.verification.transcript import ExpertTranscript, RecordingDispatcher, ReplayDispatcher, TranscriptMismatch
+from dragon_swarm.verification.transcript import ExpertCall, ExpertTranscript, RecordingDispatcher, ReplayDispatcher, TranscriptMismatch
 
 SEED, SENDER, BATCH, CLIP, BETA = 1234, "12D3KooWSender", 4, 1.0, 0.9
 
@@ -204,3 +204,23 @@ def test_a_record_carries_its_starting_weights_and_commits_to_them(config, strea
     assert 0 < weights_distance(record.trunk, sender.model.trunk_state_dict()) < 1e-2
     assert weights_distance({"w": torch.ones(2)}, {"w": torch.ones(3)}) is None
     assert weights_distance({"w": torch.ones(2)}, {"v": torch.ones(2)}) is None
+
+
+def test_expert_answers_off_the_float16_wire_are_kept_bit_exact_in_half_the_bytes():
+    from hivemind.compression import deserialize_torch_tensor
+
+    from dragon_swarm.moe.handler import FLOAT16, encode_tensor
+
+    wire = []
+    for scale in (1e-6, 1.0, 300.0):  # gradients of a mean loss are tiny, activations are not
+        message, exponent = encode_tensor(torch.randn(40, 32) * scale, FLOAT16)
+        wire.append(deserialize_torch_tensor(message).float() * 2.0**-exponent)
+    exact = torch.randn(40, 32)  # not off the wire: stays float32
+    transcript = ExpertTranscript([(0, torch.ones(4, dtype=torch.bool))], [ExpertCall(0, {0: wire[0], 1: wire[1], 2: exact}, {0: wire[2]})])
+    back = ExpertTranscript.from_bytes(transcript.to_bytes())
+    assert torch.equal(back.calls[0].outputs[0], wire[0]) and torch.equal(back.calls[0].outputs[1], wire[1])
+    assert torch.equal(back.calls[0].outputs[2], exact) and torch.equal(back.calls[0].input_grads[0], wire[2])
+    assert all(t.dtype == torch.float32 for t in (*back.calls[0].outputs.values(), *back.calls[0].input_grads.values()))
+    full = ExpertTranscript([], [ExpertCall(0, {0: torch.randn(400, 32)})]).to_bytes()
+    halved = ExpertTranscript([], [ExpertCall(0, {0: wire[1].repeat(10, 1)})]).to_bytes()
+    assert len(halved) < 0.6 * len(full)
