@@ -28,6 +28,8 @@ The attacks (``n`` peers in an all-reduce group, ``f`` of them Byzantine, ``g`` 
 ``other_batch``     an honest gradient (clipped, with worker momentum) of a batch other than the one the step
                     number names: it looks exactly like an honest vector, so no distance rule can catch it;
                     verification by recomputation (``dragon_swarm.verification``) does
+``false_evidence``  honest gradients, but every round it recomputes for verification it reports as a lie and
+                    publishes evidence against the (honest) sender: the others must refute it and ban it
 =================== ==================================================================================================
 
 Where the honest statistics come from: ALIE, IPM and ``constant``'s scale need the honest gradients. In the
@@ -45,6 +47,7 @@ that seed their generators alike (the trainer seeds with the swarm seed) draw th
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from enum import Enum
@@ -96,6 +99,7 @@ class Attack(str, Enum):
     INFLATED_WEIGHT = "inflated_weight"
     NAN = "nan"
     OTHER_BATCH = "other_batch"
+    FALSE_EVIDENCE = "false_evidence"
 
 
 def parse_attack(name: str | Attack) -> Attack:
@@ -174,6 +178,8 @@ def byzantine_gradient(
         bad = torch.full_like(g, math.nan)
     elif attack is Attack.OTHER_BATCH:
         bad = g.clone()  # the harm is in the batch it trained on
+    elif attack is Attack.FALSE_EVIDENCE:
+        bad = g.clone()  # the harm is in what it says of others' rounds
     else:  # pragma: no cover - every member is handled above
         raise AssertionError(f"unhandled attack {attack}")
     return bad.to(own_grad.dtype).reshape(own_grad.shape)
@@ -233,8 +239,9 @@ class ByzantineContribution:
     of contributing honestly. It neither clips nor filters what it sends.
 
     The attacker does not see honest peers' gradients, so attacks that need their statistics (ALIE, IPM)
-    estimate them from this peer's own recent honest gradients. ``other_batch`` processes its gradient exactly as an
-    honest trainer does (`clip_grad_norm`, `worker_momentum`): only the batch is wrong.
+    estimate them from this peer's own recent honest gradients. ``other_batch`` and ``false_evidence`` process their
+    gradients exactly as an honest trainer does (`clip_grad_norm`, `worker_momentum`): only the batch, or what it
+    reports of others' rounds, is wrong.
     """
 
     HISTORY = 8
@@ -245,7 +252,8 @@ class ByzantineContribution:
         self.attack = parse_attack(attack)
         self.rng = torch.Generator().manual_seed(seed)  # colluding attackers share the swarm seed
         self.history: list[torch.Tensor] = []
-        self.honest = HonestContribution(clip_grad_norm, worker_momentum) if self.attack is Attack.OTHER_BATCH else None
+        honest_gradients = self.attack in (Attack.OTHER_BATCH, Attack.FALSE_EVIDENCE)
+        self.honest = HonestContribution(clip_grad_norm, worker_momentum) if honest_gradients else None
         logger.warning(f"BYZANTINE TEST MODE: this trainer runs the '{self.attack.value}' attack")
 
     def targets(self, targets: torch.Tensor) -> torch.Tensor:
@@ -255,6 +263,12 @@ class ByzantineContribution:
 
     def batch_step(self, step: int) -> int:
         return step + OTHER_BATCH_OFFSET if self.attack is Attack.OTHER_BATCH else step
+
+    def report_check(self, verdict):
+        """`false_evidence`: every recomputed round is reported as a lie, whatever the recomputation said."""
+        if self.attack is not Attack.FALSE_EVIDENCE:
+            return verdict
+        return dataclasses.replace(verdict, honest=False, relative_error=math.inf, reason="forged by a false_evidence attacker")
 
     def prepare(self, named_params, loss: torch.Tensor, batch_size: int, num_peers: int) -> int | None:
         if self.honest is not None:

@@ -135,6 +135,7 @@ class VerificationSection(Schema):
     tolerance: Positive = 1e-2  # relative L2 distance between sent and recomputed vectors an honest sender stays under
     keep_versions: PositiveInt = 3  # trunk versions a trainer keeps to check rounds (and evidence) with
     trunk_tolerance: Positive = 1e-2  # a round is recomputed only if the sender's weights are this close to the checker's
+    max_strikes: PositiveInt = 3  # rounds in a row a trainer averaged without a commitment or withheld its record: ban
 
 
 def _registered(name: str, registry: Mapping[str, Any]) -> str:

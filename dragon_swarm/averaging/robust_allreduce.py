@@ -27,6 +27,7 @@ With hivemind.Optimizer::
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import logging
 import multiprocessing as mp
@@ -56,6 +57,8 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+RECENT_GROUPS = 8  # completed rounds whose senders `recent_groups` reports (verification asks after each round)
 
 
 class RobustAllReduceRunner(AllReduceRunner):
@@ -230,12 +233,22 @@ class _RobustAveragerMixin:
         self._outer_pipe.send(("_ban_peer", [], dict(peer_id=str(peer_id), reason=reason, future=future)))
         future.result(timeout=timeout)
 
+    def recent_groups(self, timeout: Optional[float] = 30.0) -> list[tuple[float, list[str]]]:
+        """(DHT time the all-reduce finished, the peers that sent their values) of the last few completed rounds."""
+        future = MPFuture()
+        self._outer_pipe.send(("_recent_groups", [], dict(future=future)))
+        return future.result(timeout=timeout)
+
     # ------------------------------------------------------------------ averager process
 
     def run(self):
         install_codecs()  # decoding happens here, in the averager process
         self._aggregator = self.robust_settings.make_aggregator()
+        self._groups: collections.deque = collections.deque(maxlen=RECENT_GROUPS)
         super().run()
+
+    async def _recent_groups(self, future: MPFuture):
+        future.set_result(list(self._groups))
 
     async def _get_reputation(self, future: MPFuture):
         future.set_result(self.reputation.snapshot())
@@ -320,6 +333,8 @@ class _RobustAveragerMixin:
                 self._state_updated.set()
             parts = runner.tensor_part_container
             self._received_fraction.value = 1.0 - parts.failed_size / max(1, parts.total_size)
+            senders = [str(p) for p, mode in zip(group_info.peer_ids, runner.modes) if mode != AveragingMode.AUX]
+            self._groups.append((get_dht_time(), senders))
         else:
             async for _ in runner:
                 raise ValueError("aux peers should not receive averaged tensors")

@@ -7,9 +7,11 @@ is sent. Production uses `HonestContribution`; a test or benchmark may inject an
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from typing import Protocol, Sequence, TypeVar
 
 import torch
+
+V = TypeVar("V")
 
 
 class GradientContribution(Protocol):
@@ -18,6 +20,9 @@ class GradientContribution(Protocol):
 
     def batch_step(self, step: int) -> int:
         """The step number whose deterministic batch this micro-batch trains on (an honest trainer: `step`)."""
+
+    def report_check(self, verdict: V) -> V:
+        """What this trainer says of another's round it recomputed (`dragon_swarm.verification`; honest: the verdict)."""
 
     def prepare(
         self, named_params: Sequence[tuple[str, torch.nn.Parameter]], loss: torch.Tensor, batch_size: int, num_peers: int
@@ -46,6 +51,9 @@ class HonestContribution:
 
     def batch_step(self, step: int) -> int:
         return step
+
+    def report_check(self, verdict: V) -> V:
+        return verdict
 
     def prepare(
         self, named_params: Sequence[tuple[str, torch.nn.Parameter]], loss: torch.Tensor, batch_size: int, num_peers: int

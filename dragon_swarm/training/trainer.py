@@ -22,6 +22,7 @@ from pathlib import Path
 
 import hivemind
 import torch
+from hivemind.utils import get_dht_time
 
 from dragon_swarm.averaging.ban_store import BANS_FILE, bans_from_snapshot, load_bans, save_bans, seed_book
 from dragon_swarm.averaging.compression import make_compression
@@ -89,8 +90,8 @@ class Trainer:
         self.peer_id = dht.peer_id.to_base58()
         self.versions = VersionKeeper(state_dir, keep_versions, config.run_prefix, self.peer_id)  # `--keep-versions`
         # verification by recomputation: record what the experts answered, so other trainers can replay our rounds
-        # (a client-mode trainer cannot serve its records: nobody can dial it)
-        self.verifying = config.verification.enabled and not client_mode
+        # (a client-mode trainer serves its record over the connections its all-reduce opened)
+        self.verifying = config.verification.enabled
         self.recorder = RecordingDispatcher(dispatcher) if self.verifying else None
         self.ledger = RoundLedger()
         self._ledger_epoch: int | None = None
@@ -125,6 +126,9 @@ class Trainer:
             # hivemind's advice (and its start-up warning): a leader's answer must be awaited for less than the
             # matchmaking time, or two peers asking each other at once can deadlock a round
             averager_opts={"request_timeout": min(3.0, 0.9 * config.averaging.matchmaking_time)},
+            # verification replays a round from the weights it started with: hivemind's default applies a background
+            # state average in the middle of the next round, which no record could replay
+            delay_state_averaging=not self.verifying,
             verbose=True,
         )
         self._reported_bans: set[str] = set()
@@ -136,6 +140,7 @@ class Trainer:
                 config, dht,
                 batch_of_peer=lambda peer: lambda step, size: self.train_stream.batch(seed, peer, step, size, seq_len),
                 ban=lambda peer, reason: self.optimizer.grad_averager.ban_peer(peer, reason, timeout=10),
+                report_check=self.contribution.report_check,
             )  # fmt: skip
 
     # --- state ---
@@ -207,7 +212,7 @@ class Trainer:
         steps when the swarm has gathered its target batch). None when the micro-batch was dropped."""
         started = time.perf_counter()
         epoch_before = int(self.optimizer.local_epoch)
-        if self.verification is not None and self._ledger_epoch != epoch_before:  # a new round starts here
+        if self.verification is not None and (self._ledger_epoch != epoch_before or not self.ledger.started_from(self.trunk_params)):
             trunk = self.verification.remember_trunk(epoch_before, self.model.trunk_state_dict())
             self.ledger.begin_round(self.contribution.state_tensors(), trunk)
             self._ledger_epoch = epoch_before
@@ -236,10 +241,11 @@ class Trainer:
             self.bus.publish(StateChanged(PeerState.AVERAGING))  # this step() all-reduces with the swarm
             if self.verification is not None and not self.ledger.empty:  # committed before any part goes out
                 self.verification.commit(self.ledger.close(epoch_before))
+        step_started = get_dht_time()
         self.optimizer.step(batch_size=claimed_batch)
         self.optimizer.zero_grad()
         if self.verification is not None and int(self.optimizer.local_epoch) > epoch_before:
-            self.verification.after_round(epoch_before)
+            self.verification.after_round(epoch_before, self._senders_since(step_started))
         self.micro_batches += 1
         self.tokens += inputs.numel()
         elapsed = time.perf_counter() - started
@@ -310,6 +316,16 @@ class Trainer:
             val_loss=val_loss,
             eval_seconds=eval_seconds,
         )
+
+    def _senders_since(self, started: float) -> list[str] | None:
+        """The peers whose values the all-reduce that finished after `started` used; None if there was none."""
+        try:
+            groups = self.optimizer.grad_averager.recent_groups(timeout=5)
+        except Exception as e:  # the averager process may be busy or gone: this round's members stay unknown
+            logger.debug(f"Round members unavailable: {e}")
+            return None
+        finished = [senders for when, senders in groups if when >= started]
+        return finished[-1] if finished else None
 
     def _pause_until_resumed(self, stop: threading.Event) -> None:
         """Stop was pressed: the last step is done; save, tell the peer (it takes its experts offline), free what

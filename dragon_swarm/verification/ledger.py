@@ -31,6 +31,11 @@ class RoundLedger:
     def empty(self) -> bool:
         return not self.steps
 
+    def started_from(self, named_params: Sequence[tuple[str, torch.nn.Parameter]]) -> bool:
+        """Whether the weights are still the ones this round started from (a state download changes them without
+        always changing the version number; hivemind then drops the gradients accumulated so far, and so must we)."""
+        return all(name in self.trunk and torch.equal(p.detach().cpu(), self.trunk[name]) for name, p in named_params)
+
     @torch.no_grad()
     def add(self, step: int, batch_size: int, named_params: Sequence[tuple[str, torch.nn.Parameter]], transcript: bytes) -> None:
         anchor = self.batch_sizes[0] if self.batch_sizes else batch_size

@@ -42,6 +42,7 @@ from dragon_swarm.swarm.signed_records import SignedRecordStore
 from dragon_swarm.verification.commitment import RoundCommitment, RoundRecord
 from dragon_swarm.verification.draw import assign_checks, round_seed
 from dragon_swarm.verification.recompute import BatchOf, Verdict, verify_round
+from dragon_swarm.verification.strikes import StrikeBook
 
 logger = logging.getLogger(__name__)
 
@@ -107,9 +108,12 @@ class VerificationService:
 
     def __init__(
         self, config: SwarmConfig, dht: hivemind.DHT, batch_of_peer: Callable[[str], BatchOf],
-        ban: Callable[[str, str], None],
+        ban: Callable[[str, str], None], report_check: Callable[[Verdict], Verdict] | None = None,
     ):  # fmt: skip
+        """report_check: what this trainer says of a round it was drawn to check (the trainer's contribution
+        decides; an honest one passes the verdict on)"""
         self.config, self.dht, self.batch_of_peer, self.ban = config, dht, batch_of_peer, ban
+        self.report_check = report_check or (lambda verdict: verdict)
         self.settings = config.verification
         self.peer_id = dht.peer_id.to_base58()
         self.prefix = f"{config.run_prefix}_verify"
@@ -121,7 +125,8 @@ class VerificationService:
         RemoteExpertWorker.run_coroutine(self.servicer.add_p2p_handlers(self._p2p, namespace=self.prefix))
         self._checks = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify")
         self.judged: set[tuple[str, int]] = set()
-        self.stats = {"checks": 0, "caught": 0, "skipped": 0, "confirmed": 0, "refuted": 0, "check_seconds": 0.0}
+        self.strikes = StrikeBook(self.settings.max_strikes)
+        self.stats = {"checks": 0, "caught": 0, "skipped": 0, "confirmed": 0, "refuted": 0, "struck_out": 0, "check_seconds": 0.0}
 
     # --- sender side ---
 
@@ -150,13 +155,14 @@ class VerificationService:
 
     # --- checker side ---
 
-    def after_round(self, epoch: int) -> None:
-        """Round `epoch` is over: check whom the draw gave this peer, and judge any new evidence (in the background)."""
-        self._checks.submit(self._run_safely, epoch)
+    def after_round(self, epoch: int, senders: list[str] | None = None) -> None:
+        """Round `epoch` is over: check whom the draw gave this peer, and judge any new evidence (in the background).
+        senders: the peers whose values this peer's all-reduce used (None: unknown, e.g. the round failed)."""
+        self._checks.submit(self._run_safely, epoch, senders)
 
-    def _run_safely(self, epoch: int) -> None:
+    def _run_safely(self, epoch: int, senders: list[str] | None) -> None:
         try:
-            self._check_round(epoch)
+            self._check_round(epoch, senders)
             self._judge_evidence()
         except Exception as e:  # a check must never take the trainer down
             logger.warning(f"Verification of round {epoch} failed: {type(e).__name__}: {e}")
@@ -168,8 +174,20 @@ class VerificationService:
             found[entry.record.peer_id] = entry.record if entry.record.peer_id not in found else None
         return {peer: record for peer, record in found.items() if record is not None}
 
-    def _check_round(self, epoch: int) -> None:
+    def _check_round(self, epoch: int, senders: list[str] | None) -> None:
         commitments = self._commitments(epoch)
+        others = [peer for peer in senders or () if peer != self.peer_id]
+        committed = set(commitments)
+        if any(peer not in committed for peer in others):
+            # one all-reduce can join trainers one version apart (a peer that missed a round catches up later): each
+            # commits under its own version
+            for nearby in (epoch - 1, epoch + 1):
+                committed |= set(self._commitments(nearby)) if nearby >= 0 else set()
+        for peer in others:
+            if peer in committed:
+                self.strikes.clear(peer)
+            else:  # an honest trainer commits before its parts go out: this one's round cannot be checked
+                self._strike(peer, f"averaged in round {epoch} without committing to it")
         digests = {peer: hashlib.sha256(json.dumps(r.commitment, sort_keys=True).encode()).hexdigest() for peer, r in commitments.items()}
         for checker, sender in assign_checks(round_seed(epoch, digests), list(commitments), self.settings.checks_per_round):
             if checker == self.peer_id:
@@ -194,6 +212,8 @@ class VerificationService:
         except Exception as e:
             self.stats["skipped"] += 1
             logger.warning(f"Round {epoch} of trainer {sender[-8:]} not checked: no record ({type(e).__name__}: {str(e)[:120]})")
+            if accuse:  # drawn, it must show its record: withholding it is how a liar would dodge the check
+                self._strike(sender, f"did not serve its committed round {epoch} record")
             return None
         problem = record.opens(commitment)
         if problem is not None:
@@ -211,6 +231,8 @@ class VerificationService:
             self.config.model, record.trunk, record, self.batch_of_peer(sender), t.clip_grad_norm, t.worker_momentum,
             self.settings.tolerance,
         )  # fmt: skip
+        if accuse:
+            verdict = self.report_check(verdict)
         seconds = time.perf_counter() - started
         self.stats["checks"] += 1
         self.stats["check_seconds"] += seconds
@@ -220,7 +242,19 @@ class VerificationService:
         )
         return self._verdict(sender, epoch, verdict, accuse, data)
 
+    def _strike(self, peer: str, why: str) -> None:
+        """A fault only this peer saw (`strikes`): `verification.max_strikes` in a row ban the peer here, locally."""
+        count = self.strikes.strike(peer)
+        if count < self.settings.max_strikes:
+            logger.info(f"Trainer {peer[-8:]} {why} (strike {count} of {self.settings.max_strikes})")
+            return
+        self.stats["struck_out"] += 1
+        logger.warning(f"Trainer {peer[-8:]} {why}, {count} times in a row: banning it")
+        self.ban(peer, f"verification: {why} ({count} times in a row)"[:200])
+
     def _verdict(self, sender: str, epoch: int, verdict: Verdict, accuse: bool, data: bytes | None) -> Verdict:
+        if verdict.honest:
+            self.strikes.clear(sender)
         if verdict.honest or not accuse:
             return verdict
         self.stats["caught"] += 1
@@ -240,8 +274,8 @@ class VerificationService:
         for entry in EVIDENCE.fetch(self.dht, f"{self.prefix}_evidence", latest=True):
             evidence = entry.record
             key = (evidence.accused, evidence.epoch)
-            if key in self.judged or evidence.accused == self.peer_id or evidence.peer_id == self.peer_id:
-                continue
+            if key in self.judged or evidence.peer_id == self.peer_id:
+                continue  # the accused judges too: it recomputes its own round, and bans a false accuser
             signed = self._commitments(evidence.epoch).get(evidence.accused)
             if signed is None or evidence.epoch not in self.trunks:
                 continue  # cannot judge (yet): the commitment is gone or this peer never held that version
@@ -280,7 +314,7 @@ class VerificationService:
         logger.info(
             f"Verification summary: {st['checks']} round(s) recomputed in {st['check_seconds']:.2f} s "
             f"= {share:.1f}% of {train_seconds:.1f} s training; {st['caught']} lie(s) caught, {st['skipped']} skipped, "
-            f"evidence confirmed {st['confirmed']}, refuted {st['refuted']}"
+            f"evidence confirmed {st['confirmed']}, refuted {st['refuted']}; {st['struck_out']} banned for rounds they would not show"
         )
 
     def shutdown(self) -> None:

@@ -18,6 +18,7 @@ from dragon_swarm.verification.draw import assign_checks, round_seed
 from dragon_swarm.verification.ledger import RoundLedger
 from dragon_swarm.verification.recompute import DEFAULT_TOLERANCE, compare_sent, recompute_sent, verify_round
 from dragon_swarm.verification.service import weights_distance
+from dragon_swarm.verification.strikes import StrikeBook
 from dragon_swarm.verification.transcript import ExpertCall, ExpertTranscript, RecordingDispatcher, ReplayDispatcher, TranscriptMismatch
 
 SEED, SENDER, BATCH, CLIP, BETA = 1234, "12D3KooWSender", 4, 1.0, 0.9
@@ -224,3 +225,13 @@ def test_expert_answers_off_the_float16_wire_are_kept_bit_exact_in_half_the_byte
     full = ExpertTranscript([], [ExpertCall(0, {0: torch.randn(400, 32)})]).to_bytes()
     halved = ExpertTranscript([], [ExpertCall(0, {0: wire[1].repeat(10, 1)})]).to_bytes()
     assert len(halved) < 0.6 * len(full)
+
+
+def test_strikes_ban_only_a_run_of_faults():
+    book = StrikeBook(3)
+    assert [book.strike("a"), book.strike("a")] == [1, 2]
+    book.clear("a")  # it committed this time: an honest peer's one-off failure is forgotten
+    assert [book.strike("a"), book.strike("a"), book.strike("a")] == [1, 2, 3]  # three in a row: ban
+    assert book.strike("a") == 1 and book.strike("b") == 1  # counted afresh after the ban, per peer
+    with pytest.raises(ValueError):
+        StrikeBook(0)
