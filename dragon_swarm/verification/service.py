@@ -124,7 +124,8 @@ class VerificationService:
         self._p2p = RemoteExpertWorker.run_coroutine(dht.replicate_p2p())
         RemoteExpertWorker.run_coroutine(self.servicer.add_p2p_handlers(self._p2p, namespace=self.prefix))
         self._checks = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify")
-        self.judged: set[tuple[str, int]] = set()
+        self.judged: set[tuple[str, str, int]] = set()  # (accuser, accused, round) evidence already judged
+        self.verdicts: dict[tuple[str, int], Verdict] = {}  # (sender, round) -> what recomputing it showed
         self.strikes = StrikeBook(self.settings.max_strikes)
         self.stats = {"checks": 0, "caught": 0, "skipped": 0, "confirmed": 0, "refuted": 0, "struck_out": 0, "check_seconds": 0.0}
 
@@ -207,7 +208,7 @@ class VerificationService:
             return self._verdict(sender, epoch, Verdict(False, float("inf"), str(e)), accuse, None)
         started = time.perf_counter()
         try:
-            data = self._fetch(source or sender, sender, epoch)
+            data = self.fetch_record(source or sender, sender, epoch)
             record = RoundRecord.from_bytes(data)
         except Exception as e:
             self.stats["skipped"] += 1
@@ -253,12 +254,14 @@ class VerificationService:
         self.ban(peer, f"verification: {why} ({count} times in a row)"[:200])
 
     def _verdict(self, sender: str, epoch: int, verdict: Verdict, accuse: bool, data: bytes | None) -> Verdict:
+        self.verdicts[(sender, epoch)] = verdict  # several accusers of one round: recomputed once
+        while len(self.verdicts) > KEEP_RECORDS * 4:
+            self.verdicts.pop(next(iter(self.verdicts)))
         if verdict.honest:
             self.strikes.clear(sender)
         if verdict.honest or not accuse:
             return verdict
         self.stats["caught"] += 1
-        self.judged.add((sender, epoch))
         if data is not None:
             self._keep(sender, epoch, data)
         logger.warning(f"Trainer {sender[-8:]} lied in round {epoch}: {verdict.reason}; publishing the evidence and banning it")
@@ -273,26 +276,31 @@ class VerificationService:
     def _judge_evidence(self) -> None:
         for entry in EVIDENCE.fetch(self.dht, f"{self.prefix}_evidence", latest=True):
             evidence = entry.record
-            key = (evidence.accused, evidence.epoch)
+            key = (evidence.peer_id, evidence.accused, evidence.epoch)
             if key in self.judged or evidence.peer_id == self.peer_id:
                 continue  # the accused judges too: it recomputes its own round, and bans a false accuser
-            signed = self._commitments(evidence.epoch).get(evidence.accused)
-            if signed is None or evidence.epoch not in self.trunks:
-                continue  # cannot judge (yet): the commitment is gone or this peer never held that version
+            round_key = (evidence.accused, evidence.epoch)
+            verdict = self.verdicts.get(round_key)
+            if verdict is None:
+                signed = self._commitments(evidence.epoch).get(evidence.accused)
+                if signed is None or evidence.epoch not in self.trunks:
+                    continue  # cannot judge (yet): the commitment is gone or this peer never held that version
+                verdict = self._check(evidence.accused, evidence.epoch, signed, accuse=False, source=evidence.peer_id)
             self.judged.add(key)
-            verdict = self._check(evidence.accused, evidence.epoch, signed, accuse=False, source=evidence.peer_id)
             if verdict is None:
                 continue
             if verdict.honest:
                 self.stats["refuted"] += 1
                 logger.warning(f"Evidence from {evidence.peer_id[-8:]} against {evidence.accused[-8:]} is false; banning the accuser")
                 self.ban(evidence.peer_id, "verification: false accusation")
-            else:
+            elif evidence.accused != self.peer_id:  # a liar that recomputes its own round learns nothing new
                 self.stats["confirmed"] += 1
                 logger.warning(f"Confirmed evidence against trainer {evidence.accused[-8:]} (round {evidence.epoch}): {verdict.reason}; banning it")
                 self.ban(evidence.accused, f"verification: {verdict.reason}"[:200])
 
-    def _fetch(self, source: str, sender: str, epoch: int) -> bytes:
+    def fetch_record(self, source: str, sender: str, epoch: int) -> bytes:
+        """The record of `sender`'s round `epoch`, as `source` (the sender, or a peer holding it as evidence) serves it."""
+
         async def download() -> bytes:
             stub = RoundRecordServicer.get_stub(self._p2p, PeerID.from_base58(source), namespace=self.prefix)
             chunks, size = [], 0

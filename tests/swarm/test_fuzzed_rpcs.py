@@ -2,8 +2,8 @@
 answers with an error or drops the stream, stays up, and keeps serving honest peers (issue 12, item 6).
 
 Real hivemind DHTs and p2pd on loopback, in this process: an expert host (forward, backward, info over hivemind's
-MoE RPC through our validating handler), its expert state service, and two robust averagers (matchmaking,
-all-reduce parts, state download). The fuzzer opens raw libp2p streams and unary calls by protocol name, so the
+MoE RPC through our validating handler), its expert state service, two robust averagers (matchmaking,
+all-reduce parts, state download) and a trainer's verification service (round records). The fuzzer opens raw libp2p streams and unary calls by protocol name, so the
 bytes never pass through a protobuf serializer first.
 """
 
@@ -27,6 +27,8 @@ from dragon_swarm.moe.backend import build_expert_backends
 from dragon_swarm.moe.host import ExpertHost
 from dragon_swarm.moe.state_service import ExpertStateService, ExpertStateServicer
 from dragon_swarm.swarm.dht_node import start_dht, visible_maddrs
+from dragon_swarm.verification.commitment import RoundRecord
+from dragon_swarm.verification.service import RoundRecordServicer, VerificationService
 from tests.swarm.paths import TEST_CONFIG
 from tests.swarm.shutdowns import shutdowns
 
@@ -37,6 +39,8 @@ D = CONFIG.model.d_model
 UID = f"{CONFIG.expert_prefix}.0.0"
 PREFIX = "fuzz_averaging"
 NAMESPACE = f"{CONFIG.run_prefix}.experts"
+VERIFYING = CONFIG.model_copy(update={"verification": CONFIG.verification.model_copy(update={"enabled": True})})
+VERIFY_PREFIX = f"{CONFIG.run_prefix}_verify"
 
 
 def payloads(rng: random.Random) -> list[bytes]:
@@ -74,9 +78,13 @@ def swarm():
             )  # fmt: skip
             later(averager.shutdown)
             averagers.append(averager)
+        verification = VerificationService(VERIFYING, host_dht, batch_of_peer=lambda peer: None, ban=lambda peer, why: None)
+        later(verification.shutdown)
+        record = RoundRecord(3, [7], [8], {}, [b"transcript"], {"w": torch.arange(6.0)}, {"w": torch.ones(6)})
+        verification.commit(record)
         fuzzer_dht = start_dht(initial_peers=visible_maddrs(host_dht))
         later(fuzzer_dht.shutdown)
-        yield host_dht, host, backends, service, averagers, fuzzer_dht
+        yield host_dht, host, backends, service, averagers, fuzzer_dht, record
 
 
 def handler_names() -> list[tuple[str, bool]]:
@@ -86,6 +94,7 @@ def handler_names() -> list[tuple[str, bool]]:
         (ConnectionHandler, None),
         (ExpertStateServicer, NAMESPACE),
         (RobustDecentralizedAverager, PREFIX),
+        (RoundRecordServicer, VERIFY_PREFIX),
     ):
         servicer._collect_rpc_handlers()
         for handler in servicer._rpc_handlers:
@@ -114,7 +123,7 @@ async def _fuzz_one(p2p, peer: PeerID, name: str, unary: bool, data: bytes) -> s
 
 
 def test_every_rpc_survives_garbage_and_keeps_serving_honest_peers(swarm):
-    host_dht, host, backends, service, averagers, fuzzer_dht = swarm
+    host_dht, host, backends, service, averagers, fuzzer_dht, record = swarm
     p2p = RemoteExpertWorker.run_coroutine(fuzzer_dht.replicate_p2p())
     target = host_dht.peer_id
     names = handler_names()
@@ -124,6 +133,7 @@ def test_every_rpc_survives_garbage_and_keeps_serving_honest_peers(swarm):
         f"{PREFIX}::RobustDecentralizedAverager.rpc_join_group",
         f"{PREFIX}::RobustDecentralizedAverager.rpc_aggregate_part",
         f"{PREFIX}::RobustDecentralizedAverager.rpc_download_state",
+        f"{VERIFY_PREFIX}::RoundRecordServicer.rpc_round_record",
     }  # fmt: skip
     # the raw path reaches the real handlers: a well-formed request sent the same way is answered
     from hivemind.compression import serialize_torch_tensor
@@ -157,6 +167,14 @@ def test_every_rpc_survives_garbage_and_keeps_serving_honest_peers(swarm):
         assert state.version == backends[UID].version
     finally:
         client.shutdown()
+
+    # a drawn checker still gets the committed round record, byte for byte
+    checker = VerificationService(VERIFYING, fuzzer_dht, batch_of_peer=lambda peer: None, ban=lambda peer, why: None)
+    try:
+        data = checker.fetch_record(target.to_base58(), target.to_base58(), record.epoch)
+        assert data == record.to_bytes() and RoundRecord.from_bytes(data).opens(record.commitment()) is None
+    finally:
+        checker.shutdown()
 
     # an honest all-reduce between the two averagers still works after the garbage
     for value, averager in zip((1.0, 3.0), averagers):
