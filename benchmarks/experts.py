@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.local_peers import PeerLauncher, read_stats
+from benchmarks.local_peers import PeerLauncher, read_stats, stop_peers_on_sigterm
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "tests" / "configs" / "swarm-test.yaml"
 
@@ -248,6 +248,7 @@ def _expert_run(config: Path, work: Path, steps: int, attacked: bool) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
+    stop_peers_on_sigterm()
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scenario", choices=("takeover", "sync", "byzantine_host", "all"), default="all")
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG)

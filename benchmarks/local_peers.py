@@ -156,3 +156,13 @@ class PeerLauncher:
     def stop_all(self) -> None:
         for process in reversed(self.processes):
             process.stop(timeout=20)
+
+
+def stop_peers_on_sigterm() -> None:
+    """For a benchmark's main: SIGTERM (a `timeout`, a supervisor) becomes SystemExit, so its `finally:
+    launcher.stop_all()` stops the peers it started instead of leaving them running. Tests have fixtures for this."""
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+
+
+def _exit_on_sigterm(signum: int, frame) -> None:
+    raise SystemExit(128 + signum)

@@ -24,7 +24,7 @@ from dragon_swarm.data.corpus import default_data_dir
 from dragon_swarm.data.dataset import build_token_stream
 from dragon_swarm.model.dispatch import LocalExperts
 from dragon_swarm.model.hrm_smoe import HRMSMoE
-from benchmarks.local_peers import PeerLauncher, read_stats
+from benchmarks.local_peers import PeerLauncher, read_stats, stop_peers_on_sigterm
 
 WARMUP_STEPS = 3
 
@@ -82,6 +82,7 @@ def swarm_tokens_per_second(config_path: Path, steps: int, work_dir: Path) -> di
 
 
 def main() -> None:
+    stop_peers_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="dragon-tiny")
     parser.add_argument("--steps", type=int, default=30)

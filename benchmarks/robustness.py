@@ -100,7 +100,7 @@ from dragon_swarm.data.dataset import TokenStream, build_token_stream
 from dragon_swarm.model.dispatch import LocalExperts
 from dragon_swarm.model.hrm_smoe import HRMSMoE
 from benchmarks.round_accounting import account_trainer, attack_start
-from benchmarks.local_peers import PeerLauncher, read_stats
+from benchmarks.local_peers import PeerLauncher, read_stats, stop_peers_on_sigterm
 
 logger = logging.getLogger(__name__)
 
@@ -695,6 +695,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("dragon_swarm.averaging.robust_reducer").setLevel(logging.ERROR)
     # nor is a ban line per attacker (the report lists who was banned)
     logging.getLogger("dragon_swarm.averaging.reputation").setLevel(logging.ERROR)
+    stop_peers_on_sigterm()
     settings, clean_cache, keep_logs, repeat = parse_args(argv)
     if repeat == 1:
         print(json.dumps(run(settings, clean_cache, keep_logs)))

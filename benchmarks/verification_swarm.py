@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from benchmarks.local_peers import PeerLauncher, read_stats
+from benchmarks.local_peers import PeerLauncher, read_stats, stop_peers_on_sigterm
 from tests.swarm.paths import TEST_CONFIG
 
 VERIFIED = re.compile(
@@ -33,6 +33,7 @@ SUMMARY = re.compile(r"Verification summary: (\d+) round\(s\) recomputed in ([\d
 
 
 def main() -> None:
+    stop_peers_on_sigterm()
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--trainers", type=int, default=4)
     p.add_argument("--liars", type=int, default=1)

@@ -58,7 +58,7 @@ from pathlib import Path
 
 import yaml
 
-from benchmarks.local_peers import REPO_ROOT, PeerLauncher, PeerProcess, read_stats
+from benchmarks.local_peers import REPO_ROOT, PeerLauncher, PeerProcess, read_stats, stop_peers_on_sigterm
 from benchmarks.wan_peers import PeerLink, WanLinks
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "tests" / "configs" / "swarm-test.yaml"
@@ -472,6 +472,7 @@ def run(
 
 
 def main(argv: list[str] | None = None) -> int:
+    stop_peers_on_sigterm()
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mode", choices=MODES, default="remote_experts")
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
