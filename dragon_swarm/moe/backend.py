@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import statistics
 import threading
 import time
+from collections import deque
 from pathlib import Path
 from typing import Protocol, Sequence
 
@@ -52,6 +54,24 @@ class SingleRequestTaskPool(TaskPool):
                 logger.debug(f"{self.name}: dropped a cancelled request: {e}")
 
 
+# A backward request whose gradient norm (before clipping, per sqrt(token): an honest request's gradient sums its
+# tokens' roughly independent contributions) is this many times the median of the last accepted ones is not stepped:
+# clipping bounds its norm, but AdamW normalises step sizes, so a caller sending x1000 gradients would still move
+# every weight by a full learning rate per request, its way (seen in CI: an honest replica's outputs grew to 1000x its
+# inputs under the scale_grads attack, and trainers rightly refused it). 100: honest requests of very different sizes
+# stay well inside it (aligned token gradients add up to sqrt(tokens) more: 64 at 4096 tokens)
+GRAD_NORM_OUTLIER = 100.0
+GRAD_NORM_WINDOW = 32
+GRAD_NORM_WARMUP = 8  # accepted requests before the rule applies
+
+
+def is_grad_norm_outlier(norm: float, recent: Sequence[float], factor: float = GRAD_NORM_OUTLIER, warmup: int = GRAD_NORM_WARMUP) -> bool:
+    """Whether `norm` is more than `factor` x the median of `recent` accepted norms (never before `warmup` of them)."""
+    if len(recent) < warmup:
+        return False
+    return norm > factor * max(statistics.median(recent), 1e-12)
+
+
 class ExpertBackend(ModuleBackend):
     """A ModuleBackend that clips every request's gradient on its own, refuses non-finite updates and counts its
     optimizer steps."""
@@ -68,6 +88,8 @@ class ExpertBackend(ModuleBackend):
         self.tokens_processed = 0
         self.requests_served = 0  # forward and backward batches run (the runtime may merge concurrent requests)
         self.skipped_updates = 0
+        self.refused_updates = 0  # backward requests far above the recent gradient norms (is_grad_norm_outlier)
+        self._recent_grad_norms: deque[float] = deque(maxlen=GRAD_NORM_WINDOW)
         # held by the runtime for a whole backward (forward recomputed, gradients, step) and by whoever reads or
         # replaces the state (checkpoints, downloads, replica sync): an in-place change of the weights between the
         # recomputed forward and its autograd would fail the request. Reentrant: on_backward runs inside backward.
@@ -97,6 +119,19 @@ class ExpertBackend(ModuleBackend):
                 logger.warning(f"{self.name}: skipped an update with non-finite gradient norm ({batch_size} tokens)")
                 self.optimizer.zero_grad(set_to_none=True)
                 return
+            per_token = self.last_grad_norm / max(batch_size, 1) ** 0.5
+            if is_grad_norm_outlier(per_token, self._recent_grad_norms):
+                self.refused_updates += 1
+                if self.refused_updates == 1 or self.refused_updates % 100 == 0:
+                    median = statistics.median(self._recent_grad_norms)
+                    logger.warning(
+                        f"{self.name}: refused an update with gradient norm {self.last_grad_norm:.3g} over {batch_size} "
+                        f"token(s), {per_token / max(median, 1e-12):.0f}x the median of the last {len(self._recent_grad_norms)} "
+                        f"per sqrt(token) ({self.refused_updates} refused so far)"
+                    )
+                self.optimizer.zero_grad(set_to_none=True)
+                return
+            self._recent_grad_norms.append(per_token)
             super().on_backward(batch_size)
             self.version += 1
 

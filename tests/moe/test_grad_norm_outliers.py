@@ -1,0 +1,47 @@
+"""An expert host does not step on a backward request whose gradient is far above the recent ones (a caller sending
+x1000 gradients): clipping bounds the norm, but AdamW would still move every weight a full learning rate its way."""
+
+from __future__ import annotations
+
+import torch
+
+from dragon_swarm.config import load_config
+from dragon_swarm.moe.backend import GRAD_NORM_OUTLIER, GRAD_NORM_WARMUP, build_expert_backends, is_grad_norm_outlier
+from tests.swarm.paths import TEST_CONFIG
+
+CONFIG = load_config(str(TEST_CONFIG))
+
+
+def test_the_rule_waits_for_a_history_then_refuses_only_far_outliers():
+    assert not is_grad_norm_outlier(1e6, [1.0] * (GRAD_NORM_WARMUP - 1))
+    recent = [0.5, 1.0, 2.0] * 4
+    assert not is_grad_norm_outlier(0.9 * GRAD_NORM_OUTLIER, recent)
+    assert is_grad_norm_outlier(1.1 * GRAD_NORM_OUTLIER, recent)
+    assert not is_grad_norm_outlier(0.0, [0.0] * 10)  # all-zero history: nothing to compare with but zero
+
+
+def test_a_scaled_request_is_not_stepped_and_honest_ones_still_are():
+    m = CONFIG.model
+    backend = build_expert_backends([f"{CONFIG.expert_prefix}.0.0"], m.d_model, m.expert_hidden, CONFIG.training, 1024, 0)
+    backend = next(iter(backend.values()))
+    torch.manual_seed(0)
+
+    def request(scale: float, tokens: int = 16) -> None:
+        x = torch.randn(tokens, m.d_model)
+        out = backend.module(x)
+        (out * torch.randn_like(out) * scale / 1024).sum().backward()  # output grads of a mean loss: small
+        backend.on_backward(tokens)
+
+    for _ in range(GRAD_NORM_WARMUP + 2):
+        request(1.0)
+    assert backend.version == GRAD_NORM_WARMUP + 2 and backend.refused_updates == 0
+    before = {k: v.clone() for k, v in backend.module.state_dict().items()}
+    request(1000.0)  # what the scale_grads attack sends
+    assert backend.refused_updates == 1 and backend.version == GRAD_NORM_WARMUP + 2
+    assert all(torch.equal(v, before[k]) for k, v in backend.module.state_dict().items())
+    assert all(p.grad is None for p in backend.module.parameters())  # nothing left to leak into the next step
+    request(1.0)
+    assert backend.version == GRAD_NORM_WARMUP + 3
+    for tokens in (1, 2048):  # honest requests of very different sizes are stepped
+        request(1.0, tokens)
+    assert backend.refused_updates == 1 and backend.version == GRAD_NORM_WARMUP + 5
