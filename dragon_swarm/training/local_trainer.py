@@ -321,7 +321,7 @@ class LocalExpertsTrainer:
                 self.inner.step()
                 self.scheduler.step()
                 for uid in self.dispatcher.used:
-                    backends[uid].on_backward(inputs.numel())  # clip, AdamW step, update count, as for a remote call
+                    backends[uid].on_backward(inputs.numel(), caller_trusted=True)  # clip, AdamW step, update count
             else:
                 for uid in self.dispatcher.used:
                     backends[uid].optimizer.zero_grad(set_to_none=True)

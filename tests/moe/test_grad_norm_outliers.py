@@ -26,11 +26,11 @@ def test_a_scaled_request_is_not_stepped_and_honest_ones_still_are():
     backend = next(iter(backend.values()))
     torch.manual_seed(0)
 
-    def request(scale: float, tokens: int = 16) -> None:
+    def request(scale: float, tokens: int = 16, trusted: bool = False) -> None:
         x = torch.randn(tokens, m.d_model)
         out = backend.module(x)
         (out * torch.randn_like(out) * scale / 1024).sum().backward()  # output grads of a mean loss: small
-        backend.on_backward(tokens)
+        backend.on_backward(tokens, caller_trusted=trusted)
 
     for _ in range(GRAD_NORM_WARMUP + 2):
         request(1.0)
@@ -45,3 +45,5 @@ def test_a_scaled_request_is_not_stepped_and_honest_ones_still_are():
     for tokens in (1, 2048):  # honest requests of very different sizes are stepped
         request(1.0, tokens)
     assert backend.refused_updates == 1 and backend.version == GRAD_NORM_WARMUP + 5
+    request(1000.0, trusted=True)  # this peer's own local-expert update is not a caller to distrust
+    assert backend.refused_updates == 1 and backend.version == GRAD_NORM_WARMUP + 6
