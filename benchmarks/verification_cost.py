@@ -50,7 +50,7 @@ def main() -> None:
         contribution, ledger = HonestContribution(t.clip_grad_norm, t.worker_momentum), RoundLedger()
         model = recording_model if record else plain_model
         named = list(model.named_trunk_parameters())
-        ledger.begin_round({}, model.trunk_state_dict() if record else None)
+        ledger.begin_round({}, {k: v.clone() for k, v in model.trunk_state_dict().items()} if record else None)
         started = time.perf_counter()
         for step in range(args.micro_batches):
             recorder.begin()

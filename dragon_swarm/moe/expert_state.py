@@ -8,7 +8,6 @@ pure: no network, tested directly.
 
 from __future__ import annotations
 
-import json
 import math
 import struct
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from dragon_swarm.averaging.aggregators import centered_clip
 from dragon_swarm.config import TrainingSection
 from dragon_swarm.model.expert import ExpertFFN
 from dragon_swarm.moe.backend import ExpertBackend
-from dragon_swarm.state.checkpoint import CheckpointError, pack_module_checkpoint, unpack_module_checkpoint
+from dragon_swarm.state.checkpoint import CheckpointError, pack_module_checkpoint, safetensors_metadata, unpack_module_checkpoint
 from dragon_swarm.training.optim import make_adamw
 
 MOMENT_NAMES = ("exp_avg", "exp_avg_sq")  # AdamW's per-parameter tensors; `step` is a scalar
@@ -94,7 +93,7 @@ def from_bytes(data: bytes, source: str) -> ExpertState:
     """Parse what `to_bytes` made; anything else raises ExpertStateError (never executes what it reads)."""
     try:
         tensors = safetensors_load(data)
-        metadata = _safetensors_metadata(data)
+        metadata = safetensors_metadata(data)
         module_state, optimizer_state, counters = unpack_module_checkpoint(tensors, metadata, source)
     except (SafetensorError, CheckpointError, ValueError, KeyError, struct.error) as e:
         raise ExpertStateError(f"{source}: unreadable expert state ({e})") from None
@@ -105,15 +104,6 @@ def from_bytes(data: bytes, source: str) -> ExpertState:
         return from_checkpoint(module_state, optimizer_state, counters, uid)
     except ExpertStateError as e:
         raise ExpertStateError(f"{source}: {e}") from None
-
-
-def _safetensors_metadata(data: bytes) -> dict[str, str]:
-    (header_len,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8 : 8 + header_len])
-    metadata = header.get("__metadata__") or {}
-    if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
-        raise ValueError("metadata must map strings to strings")
-    return metadata
 
 
 def validate(state: ExpertState, template: ExpertTemplate | ExpertBackend, uid: str) -> None:

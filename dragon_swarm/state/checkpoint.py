@@ -7,6 +7,7 @@ A checkpoint is a flat dict of tensors plus string metadata. Optimizer state is 
 from __future__ import annotations
 
 import json
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,17 @@ def save_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: 
     """Write atomically (`state.atomic`: temp file, fsync, rename): a crash leaves the old file or the new one."""
     contiguous = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
     atomic_write(Path(path), lambda tmp: save_file(contiguous, str(tmp), metadata=metadata))
+
+
+def safetensors_metadata(data: bytes) -> dict[str, str]:
+    """The `__metadata__` of safetensors bytes (u64 header length, JSON header). Raises ValueError, KeyError or
+    struct.error on bytes that are not safetensors."""
+    (header_len,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + header_len])
+    metadata = header.get("__metadata__") or {}
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise ValueError("metadata must map strings to strings")
+    return metadata
 
 
 def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

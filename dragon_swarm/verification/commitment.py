@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
+from dragon_swarm.state.checkpoint import safetensors_metadata
 from dragon_swarm.verification.transcript import ExpertTranscript
 
 MAX_RECORD_STEPS = 4096
@@ -112,8 +113,7 @@ class RoundRecord:
         """Raises ValueError on anything that is not a round record."""
         try:
             tensors = load_tensors(data)
-            header_len = int.from_bytes(data[:8], "little")
-            meta = json.loads(json.loads(data[8 : 8 + header_len])["__metadata__"]["round"])
+            meta = json.loads(safetensors_metadata(data)["round"])
             epoch, steps, sizes = int(meta["epoch"]), [int(s) for s in meta["steps"]], [int(b) for b in meta["batch_sizes"]]
         except Exception as e:  # safetensors raises its own error types for truncated or foreign bytes
             raise ValueError(f"not a round record: {type(e).__name__}: {e}") from None

@@ -21,7 +21,7 @@ class RoundLedger:
 
     def begin_round(self, momentum: Mapping[str, torch.Tensor], trunk: Mapping[str, torch.Tensor] | None = None) -> None:
         self.momentum_start = {k: v.detach().cpu().clone() for k, v in momentum.items()}
-        self.trunk = {k: v.detach().cpu().clone() for k, v in (trunk or {}).items()}
+        self.trunk = dict(trunk or {})  # read-only: the caller's CPU copy (`VerificationService.remember_trunk`)
         self.steps: list[int] = []
         self.batch_sizes: list[int] = []
         self.transcripts: list[bytes] = []

@@ -64,6 +64,13 @@ def recompute_sent(
     return {name: t / len(record.steps) for name, t in accumulated.items()}
 
 
+def relative_l2(theirs: Mapping[str, torch.Tensor], ours: Mapping[str, torch.Tensor]) -> float:
+    """||theirs - ours|| / ||ours|| over all named tensors together (NaN when theirs is not finite)."""
+    diff = sum(float((theirs[k].float() - v.float()).pow(2).sum()) for k, v in ours.items()) ** 0.5
+    norm = sum(float(v.float().pow(2).sum()) for v in ours.values()) ** 0.5
+    return diff / max(norm, 1e-12)
+
+
 def compare_sent(recomputed: Mapping[str, torch.Tensor], sent: Mapping[str, torch.Tensor], tolerance: float) -> Verdict:
     """Honest when the sent vector is within `tolerance` of the recomputation (relative L2 over the whole vector)."""
     if set(recomputed) != set(sent):
@@ -71,9 +78,7 @@ def compare_sent(recomputed: Mapping[str, torch.Tensor], sent: Mapping[str, torc
     for name, r in recomputed.items():
         if sent[name].shape != r.shape:
             return Verdict(False, float("inf"), f"{name}: sent shape {tuple(sent[name].shape)}, expected {tuple(r.shape)}")
-    diff = sum(float((sent[k].float() - r.float()).pow(2).sum()) for k, r in recomputed.items()) ** 0.5
-    norm = sum(float(r.float().pow(2).sum()) for r in recomputed.values()) ** 0.5
-    error = diff / max(norm, 1e-12)
+    error = relative_l2(sent, recomputed)
     if not error == error:  # NaN sent
         return Verdict(False, float("inf"), "the sent vector is not finite")
     if error > tolerance:

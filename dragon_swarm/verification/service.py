@@ -41,7 +41,7 @@ from dragon_swarm.rate_limit import RateLimiter
 from dragon_swarm.swarm.signed_records import SignedRecordStore
 from dragon_swarm.verification.commitment import RoundCommitment, RoundRecord
 from dragon_swarm.verification.draw import assign_checks, round_seed
-from dragon_swarm.verification.recompute import BatchOf, Verdict, verify_round
+from dragon_swarm.verification.recompute import BatchOf, Verdict, relative_l2, verify_round
 from dragon_swarm.verification.strikes import StrikeBook
 
 logger = logging.getLogger(__name__)
@@ -96,9 +96,7 @@ def weights_distance(theirs: dict[str, torch.Tensor], ours: dict[str, torch.Tens
     """Relative L2 distance of two trunks; None when they are not of one model (other names or shapes)."""
     if set(theirs) != set(ours) or any(theirs[k].shape != v.shape for k, v in ours.items()):
         return None
-    diff = sum(float((theirs[k].float() - v.float()).pow(2).sum()) for k, v in ours.items()) ** 0.5
-    norm = sum(float(v.float().pow(2).sum()) for v in ours.values()) ** 0.5
-    distance = diff / max(norm, 1e-12)
+    distance = relative_l2(theirs, ours)
     return distance if distance == distance else None
 
 

@@ -19,6 +19,7 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from dragon_swarm.moe.handler import FP16_TARGET_EXPONENT
+from dragon_swarm.state.checkpoint import safetensors_metadata
 
 
 class TranscriptMismatch(ValueError):
@@ -60,8 +61,7 @@ class ExpertTranscript:
         """Raises ValueError on anything that is not a transcript."""
         try:
             tensors = load_tensors(data)
-            header_len = int.from_bytes(data[:8], "little")  # safetensors' layout: u64 header length, JSON header
-            metadata = json.loads(data[8 : 8 + header_len]).get("__metadata__") or {}
+            metadata = safetensors_metadata(data)
             layers = json.loads(metadata["layers"])
             exponents = {str(k): int(v) for k, v in json.loads(metadata.get("exponents", "{}")).items()}
             if any(abs(e) > 64 for e in exponents.values()):
