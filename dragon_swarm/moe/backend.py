@@ -62,14 +62,25 @@ class SingleRequestTaskPool(TaskPool):
 # median in CI swarms (gradients grow as training leaves the init); x1000 requests ran at 677x-3078x
 GRAD_NORM_OUTLIER = 500.0
 GRAD_NORM_WINDOW = 32
-GRAD_NORM_WARMUP = 8  # accepted requests before the rule applies
+GRAD_NORM_WARMUP = 8  # accepted remote requests before their own median is the reference
 
 
-def is_grad_norm_outlier(norm: float, recent: Sequence[float], factor: float = GRAD_NORM_OUTLIER, warmup: int = GRAD_NORM_WARMUP) -> bool:
-    """Whether `norm` is more than `factor` x the median of `recent` accepted norms (never before `warmup` of them)."""
-    if len(recent) < warmup:
-        return False
-    return norm > factor * max(statistics.median(recent), 1e-12)
+def grad_norm_reference(recent: Sequence[float], trusted: Sequence[float], warmup: int = GRAD_NORM_WARMUP) -> float | None:
+    """What a backward request's norm (per sqrt(token)) is compared with: the median of the recent accepted remote
+    requests and this peer's own (trusted) ones once `warmup` remote ones were accepted; before that the median of
+    the trusted ones alone (a caller sending x1000 gradients among the first requests would otherwise step unchecked
+    and set the median it is later judged by); None when there is nothing to compare with yet."""
+    if len(recent) >= warmup:
+        return statistics.median([*recent, *trusted])
+    if trusted:
+        return statistics.median(trusted)
+    return None
+
+
+def is_grad_norm_outlier(norm: float, recent: Sequence[float], factor: float = GRAD_NORM_OUTLIER, warmup: int = GRAD_NORM_WARMUP, trusted: Sequence[float] = ()) -> bool:
+    """Whether `norm` is more than `factor` x `grad_norm_reference(recent, trusted, warmup)` (never when it is None)."""
+    reference = grad_norm_reference(recent, trusted, warmup)
+    return reference is not None and norm > factor * max(reference, 1e-12)
 
 
 class ExpertBackend(ModuleBackend):
@@ -81,6 +92,10 @@ class ExpertBackend(ModuleBackend):
         super().__init__(name, module, **optimizer_and_schema, **kwargs)
         # kwargs are the TaskPool's (max_batch_size, ...): the backward pool gets the same, but never merges requests
         self.backward_pool = SingleRequestTaskPool(self.backward, name=f"{self.name}_backward", **kwargs)
+        # this peer's own trainer's backward calls (the router's calls to its own copy): trusted, never refused, and
+        # the reference the remote requests are judged by before enough of them were seen
+        self.trusted_backward_pool = SingleRequestTaskPool(self.trusted_backward, name=f"{self.name}_trusted_backward", **kwargs)
+        self._trusted_call = False  # set while trusted_backward runs (under self.lock)
         self.last_grad_norm = 0.0  # of the latest request, before clipping
         self.clip_grad_norm = clip_grad_norm
         self.tamper = tamper  # TEST/BENCHMARK ONLY: a Byzantine host's output attack (dragon_swarm.attacks)
@@ -90,6 +105,7 @@ class ExpertBackend(ModuleBackend):
         self.skipped_updates = 0
         self.refused_updates = 0  # backward requests far above the recent gradient norms (is_grad_norm_outlier)
         self._recent_grad_norms: deque[float] = deque(maxlen=GRAD_NORM_WINDOW)
+        self._trusted_grad_norms: deque[float] = deque(maxlen=GRAD_NORM_WINDOW)
         # held by the runtime for a whole backward (forward recomputed, gradients, step) and by whoever reads or
         # replaces the state (checkpoints, downloads, replica sync): an in-place change of the weights between the
         # recomputed forward and its autograd would fail the request. Reentrant: on_backward runs inside backward.
@@ -110,10 +126,22 @@ class ExpertBackend(ModuleBackend):
         self.requests_served += 1
         return grads
 
-    def on_backward(self, batch_size: int, caller_trusted: bool = False) -> None:
-        """Clip and step. caller_trusted: this peer's own update (local-expert training), not a remote request: the
-        outlier rule is for untrusted callers and their requests' statistics only."""
+    def get_pools(self) -> Sequence[TaskPool]:
+        return self.forward_pool, self.backward_pool, self.trusted_backward_pool
+
+    def trusted_backward(self, *inputs: torch.Tensor):
         with self.lock:
+            self._trusted_call = True
+            try:
+                return self.backward(*inputs)
+            finally:
+                self._trusted_call = False
+
+    def on_backward(self, batch_size: int, caller_trusted: bool = False) -> None:
+        """Clip and step. caller_trusted: this peer's own update (local-expert training, or a call that came through
+        `trusted_backward_pool`), not a remote request: never refused, and a reference for the remote ones."""
+        with self.lock:
+            caller_trusted = caller_trusted or self._trusted_call
             grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.clip_grad_norm)
             self.last_grad_norm = float(grad_norm)
             if not torch.isfinite(grad_norm):
@@ -122,19 +150,18 @@ class ExpertBackend(ModuleBackend):
                 self.optimizer.zero_grad(set_to_none=True)
                 return
             per_token = self.last_grad_norm / max(batch_size, 1) ** 0.5
-            if not caller_trusted and is_grad_norm_outlier(per_token, self._recent_grad_norms):
+            if not caller_trusted and is_grad_norm_outlier(per_token, self._recent_grad_norms, trusted=self._trusted_grad_norms):
                 self.refused_updates += 1
                 if self.refused_updates == 1 or self.refused_updates % 100 == 0:
-                    median = statistics.median(self._recent_grad_norms)
+                    reference = grad_norm_reference(self._recent_grad_norms, self._trusted_grad_norms) or 0.0
                     logger.warning(
                         f"{self.name}: refused an update with gradient norm {self.last_grad_norm:.3g} over {batch_size} "
-                        f"token(s), {per_token / max(median, 1e-12):.0f}x the median of the last {len(self._recent_grad_norms)} "
-                        f"per sqrt(token) ({self.refused_updates} refused so far)"
+                        f"token(s), {per_token / max(reference, 1e-12):.0f}x the median of {len(self._recent_grad_norms)} recent "
+                        f"remote and {len(self._trusted_grad_norms)} own requests per sqrt(token) ({self.refused_updates} refused so far)"
                     )
                 self.optimizer.zero_grad(set_to_none=True)
                 return
-            if not caller_trusted:
-                self._recent_grad_norms.append(per_token)
+            (self._trusted_grad_norms if caller_trusted else self._recent_grad_norms).append(per_token)
             super().on_backward(batch_size)
             self.version += 1
 

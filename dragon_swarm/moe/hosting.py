@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -221,6 +222,24 @@ class ExpertHosting:
         # this round and the previous one: a holder that is a round behind still finds what it asks for
         self._rounds = {**{t: v for t, v in list(self._rounds.items())[-1:]}, tag: snapshots}
         return self.replica_sync.merge_round(tag, snapshots)
+
+    def wait_for_round_partners(self, tag: str, timeout: float, stop: threading.Event | None = None) -> bool:
+        """Before a trainer stops after its last round: wait (up to `timeout`, or until `stop` is set) until every
+        holder whose round `tag` snapshot this peer merged has fetched this peer's snapshot too, so that both end
+        the round with the same expert. True when all of them have."""
+        deadline = time.monotonic() + timeout
+        while True:
+            missing = [
+                (uid, peer) for uid, peers in self.replica_sync.round_partners.items()
+                for peer in peers if peer not in self.state_service.fetched_by(uid, tag)
+            ]  # fmt: skip
+            if not missing:
+                return True
+            if time.monotonic() > deadline or (stop is not None and stop.is_set()):
+                holders = sorted({peer[-8:] for _, peer in missing})
+                logger.info(f"Stopping before {len(holders)} holder(s) ({', '.join(holders)}) fetched this peer's last round of {len(missing)} expert(s)")
+                return False
+            time.sleep(0.2)
 
     # --- the host's interface, for the lifecycle owner ---
 

@@ -52,6 +52,7 @@ class ReplicaSync(PeriodicThread):
         self.banned_until: dict[tuple[str, str], float] = {}
         self.rounds = 0
         self.last_distance: dict[str, float] = {}  # uid -> relative distance to the other replicas before merging
+        self.round_partners: dict[str, list[str]] = {}  # uid -> the holders whose snapshot the last round merged
 
     def tick(self) -> None:
         backends = self.hosting.backends
@@ -89,6 +90,8 @@ class ReplicaSync(PeriodicThread):
                 continue
             others.append(state)
             sources.append(peer)
+        if tag is not None:
+            self.round_partners[uid] = sources
         if not others:
             return False
         merged = expert_state.robust_merge(own, others)
@@ -133,6 +136,7 @@ class ReplicaSync(PeriodicThread):
             ]  # fmt: skip
             if peers and uid in snapshots:
                 jobs.append((uid, backend, peers[:MAX_PEERS_PER_SYNC]))
+        self.round_partners = {}
         if not jobs:
             return 0
         # the experts are independent: their downloads overlap (one at a time, a round's merge took ~1 s per expert

@@ -27,6 +27,7 @@ CHUNK_BYTES = 1 << 20
 SIZE_SLACK = 1.5  # allowed bytes over the expected size: safetensors header, optimizer scalars
 REQUEST_BURST = 32  # state requests one peer may make at once (a sync round asks for each shared expert)...
 REQUESTS_PER_S = 4.0  # ...and per second after that: state downloads are big, this is plenty for sync and standby
+KEPT_ROUND_FETCHES = 256  # (expert, round) entries of who fetched a round snapshot, newest kept
 
 
 class ExpertStateServicer(ServicerBase):
@@ -37,6 +38,7 @@ class ExpertStateServicer(ServicerBase):
         self.snapshot = snapshot  # (uid, round tag) -> a frozen state of that round, if this peer has it
         self._buckets: dict[str, tuple[float, float]] = {}  # requester -> (tokens, when counted)
         self.served = 0
+        self.round_fetches: dict[tuple[str, str], set[str]] = {}  # (uid, round tag) -> peers served that snapshot
 
     async def rpc_download_expert(
         self, request: runtime_pb2.ExpertUID, context: P2PContext
@@ -68,6 +70,10 @@ class ExpertStateServicer(ServicerBase):
         self.served += 1
         for start in range(0, len(data), CHUNK_BYTES):
             yield runtime_pb2.ExpertResponse(tensors=[], metadata=data[start : start + CHUNK_BYTES])
+        if tag:  # sent in full: a holder stopping after its last round may go once its partners have it
+            self.round_fetches.setdefault((uid, tag), set()).add(requester)
+            while len(self.round_fetches) > KEPT_ROUND_FETCHES:
+                del self.round_fetches[next(iter(self.round_fetches))]
 
 
 class ExpertStateService:
@@ -93,6 +99,10 @@ class ExpertStateService:
         self._serving = serve
         if serve:
             RemoteExpertWorker.run_coroutine(self.servicer.add_p2p_handlers(self._p2p, namespace=self.namespace))
+
+    def fetched_by(self, uid: str, tag: str) -> set[str]:
+        """The peers this peer has sent its round `tag` snapshot of `uid` to."""
+        return set(self.servicer.round_fetches.get((uid, tag), ()))
 
     def shutdown(self) -> None:
         if self._p2p is not None and self._serving:

@@ -115,7 +115,9 @@ class OuterOptimizer:
         self.start = [p.detach().clone() for p in self.params]
 
 
-LAST_ROUND_GRACE_S = 5.0  # a trainer that stops right after a round keeps serving its snapshots this long
+# a trainer that stops right after a round keeps serving its snapshots until the holders it merged with have fetched
+# them, at most this long (a holder still in the round's all-reduce on a busy machine may need a while)
+LAST_ROUND_WAIT_S = 30.0
 ROUND_CHUNKS = 32  # the round's vector is cut into this many chunks per quantity, interleaved (see RoundLayout)
 
 
@@ -298,7 +300,8 @@ class LocalExpertsTrainer:
                 self.outer_step()
                 if max_micro_batches is not None and self.micro_batches >= max_micro_batches:
                     # the other holders of our experts may still be fetching this round's snapshots
-                    stop.wait(LAST_ROUND_GRACE_S)
+                    if self.hosting is not None:
+                        self.hosting.wait_for_round_partners(self._round_tag(self.epoch), LAST_ROUND_WAIT_S, stop)
             if self.micro_batches % save_every == 0:
                 self.save()
 
@@ -384,7 +387,7 @@ class LocalExpertsTrainer:
             self.epoch += 1
         self.last_round_peers = len(group) if group else 1
         received = self.averager.last_round_received_fraction if group else 1.0
-        synced = self.hosting.merge_round(f"{self.config.run_prefix}-r{self.epoch}") if self.hosting is not None else 0
+        synced = self.hosting.merge_round(self._round_tag(self.epoch)) if self.hosting is not None else 0
         # a reducer that did not answer in time leaves this trainer's own values in its part: the trunk differs
         # there until the next round, whose averaged start brings it back
         partial = f" ({received:.1%} of values; the rest kept this trainer's own until the next round)" if received < 1.0 else ""
@@ -396,6 +399,10 @@ class LocalExpertsTrainer:
         every = self.config.training.eval_every
         if self.val_stream is not None and every > 0 and self.epoch % every == 0:
             self._pending_eval = self._evaluate()
+
+    def _round_tag(self, epoch: int) -> str:
+        """The name the held experts' snapshots of the round that ended at model version `epoch` go by."""
+        return f"{self.config.run_prefix}-r{epoch}"
 
     def _evaluate(self) -> tuple[float | None, float | None]:
         """Held-out loss of the model version just agreed on (the start of the new round), forward only, with the

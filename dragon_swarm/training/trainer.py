@@ -372,9 +372,9 @@ class Trainer:
 
     def shutdown(self) -> None:
         try:
+            if self.verification is not None:  # first: a ban its last check ends in is saved with the others
+                self.verification.shutdown()
+                self.verification.log_summary(self.train_seconds)
             self.save()
         finally:
-            if self.verification is not None:
-                self.verification.log_summary(self.train_seconds)
-                self.verification.shutdown()
             self.optimizer.shutdown()

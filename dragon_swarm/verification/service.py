@@ -25,7 +25,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import AsyncIterator, Callable
 
 import hivemind
@@ -51,6 +51,8 @@ RECORD_TTL_S = 600.0
 FETCH_TIMEOUT_S = 30.0
 MAX_RECORD_BYTES = 1 << 30
 KEEP_RECORDS = 8  # own rounds (and evidence) served this long, in rounds
+# at shutdown the check under way may finish this long: a ban it ends in is then among the bans the trainer saves
+SHUTDOWN_DRAIN_S = 10.0
 
 
 class CommitmentRecord(BaseModel):
@@ -122,6 +124,7 @@ class VerificationService:
         self._p2p = RemoteExpertWorker.run_coroutine(dht.replicate_p2p())
         RemoteExpertWorker.run_coroutine(self.servicer.add_p2p_handlers(self._p2p, namespace=self.prefix))
         self._checks = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify")
+        self._pending: list[Future] = []
         self.judged: set[tuple[str, str, int]] = set()  # (accuser, accused, round) evidence already judged
         self.verdicts: dict[tuple[str, int], Verdict] = {}  # (sender, round) -> what recomputing it showed
         self.strikes = StrikeBook(self.settings.max_strikes)
@@ -157,7 +160,8 @@ class VerificationService:
     def after_round(self, epoch: int, senders: list[str] | None = None) -> None:
         """Round `epoch` is over: check whom the draw gave this peer, and judge any new evidence (in the background).
         senders: the peers whose values this peer's all-reduce used (None: unknown, e.g. the round failed)."""
-        self._checks.submit(self._run_safely, epoch, senders)
+        self._pending = [f for f in self._pending if not f.done()]
+        self._pending.append(self._checks.submit(self._run_safely, epoch, senders))
 
     def _run_safely(self, epoch: int, senders: list[str] | None) -> None:
         try:
@@ -323,8 +327,12 @@ class VerificationService:
             f"evidence confirmed {st['confirmed']}, refuted {st['refuted']}; {st['struck_out']} banned for rounds they would not show"
         )
 
-    def shutdown(self) -> None:
+    def shutdown(self, drain_s: float = SHUTDOWN_DRAIN_S) -> None:
+        """Cancel the checks not yet started and give the one under way up to `drain_s` to finish."""
         self._checks.shutdown(wait=False, cancel_futures=True)
+        running = [f for f in self._pending if not f.done()]
+        if running and wait(running, timeout=drain_s).not_done:
+            logger.info(f"Stopping with a verification check unfinished after {drain_s:.0f} s")
         try:
             RemoteExpertWorker.run_coroutine(self.servicer.remove_p2p_handlers(self._p2p, namespace=self.prefix))
         except Exception as e:  # the daemon may already be gone

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from dragon_swarm.config import load_config
-from dragon_swarm.moe.backend import GRAD_NORM_OUTLIER, GRAD_NORM_WARMUP, build_expert_backends, is_grad_norm_outlier
+from dragon_swarm.moe.backend import GRAD_NORM_OUTLIER, GRAD_NORM_WARMUP, build_expert_backends, grad_norm_reference, is_grad_norm_outlier
 from tests.swarm.paths import TEST_CONFIG
 
 CONFIG = load_config(str(TEST_CONFIG))
@@ -20,10 +20,23 @@ def test_the_rule_waits_for_a_history_then_refuses_only_far_outliers():
     assert not is_grad_norm_outlier(0.0, [0.0] * 10)  # all-zero history: nothing to compare with but zero
 
 
+def test_own_requests_are_the_reference_before_remote_ones_are_enough():
+    assert is_grad_norm_outlier(1e6, [], trusted=[1.0])  # the first remote request is judged already
+    assert not is_grad_norm_outlier(0.9 * GRAD_NORM_OUTLIER, [1e6] * (GRAD_NORM_WARMUP - 1), trusted=[1.0])
+    # once enough remote requests were accepted, both count: a few of either kind cannot move the median
+    assert grad_norm_reference([1.0] * GRAD_NORM_WARMUP, [100.0] * 3) == 1.0
+    assert grad_norm_reference([1.0] * (GRAD_NORM_WARMUP - 1), []) is None
+
+
+def one_backend():
+    m = CONFIG.model
+    backends = build_expert_backends([f"{CONFIG.expert_prefix}.0.0"], m.d_model, m.expert_hidden, CONFIG.training, 1024, 0)
+    return next(iter(backends.values()))
+
+
 def test_a_scaled_request_is_not_stepped_and_honest_ones_still_are():
     m = CONFIG.model
-    backend = build_expert_backends([f"{CONFIG.expert_prefix}.0.0"], m.d_model, m.expert_hidden, CONFIG.training, 1024, 0)
-    backend = next(iter(backend.values()))
+    backend = one_backend()
     torch.manual_seed(0)
 
     def request(scale: float, tokens: int = 16, trusted: bool = False) -> None:
@@ -47,3 +60,22 @@ def test_a_scaled_request_is_not_stepped_and_honest_ones_still_are():
     assert backend.refused_updates == 1 and backend.version == GRAD_NORM_WARMUP + 5
     request(1000.0, trusted=True)  # this peer's own local-expert update is not a caller to distrust
     assert backend.refused_updates == 1 and backend.version == GRAD_NORM_WARMUP + 6
+
+
+def test_a_scaled_first_request_is_refused_where_the_host_trains_too():
+    """A host that also trains calls its own copy through `trusted_backward_pool` (the router does): those calls
+    give the reference from the start, so an x1000 caller gets no unchecked step among the first requests."""
+    m = CONFIG.model
+    backend = one_backend()
+    assert backend.trusted_backward_pool in backend.get_pools()  # the runtime serves it
+    torch.manual_seed(0)
+
+    def backward_inputs(scale: float, tokens: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.randn(tokens, m.d_model), torch.randn(tokens, m.d_model) * scale / 1024
+
+    backend.trusted_backward(*backward_inputs(1.0))  # what the runtime runs for this peer's own call
+    assert backend.version == 1 and backend.refused_updates == 0
+    backend.backward(*backward_inputs(1000.0))  # the first remote request, scaled
+    assert backend.refused_updates == 1 and backend.version == 1
+    backend.backward(*backward_inputs(1.0))  # an honest remote one
+    assert backend.refused_updates == 1 and backend.version == 2

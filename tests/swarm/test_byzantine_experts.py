@@ -95,7 +95,8 @@ def test_no_trainer_bans_an_honest_host(swarm):
     honest_hosts = {peer.peer_id for peer in swarm.honest}
     for trainer in swarm.trainers:
         wrongly = [(uid, host, calls) for uid, host, calls in trainer.expert_bans() if host in honest_hosts]
-        assert not wrongly, f"{trainer.process.name} banned honest hosts (uid, host, calls to it): {wrongly}"
+        why = [line for line in trainer.process.stderr().splitlines() if "refused as Byzantine" in line and any(f" on {h} refused" in line for h in honest_hosts)]
+        assert not wrongly, f"{trainer.process.name} banned honest hosts (uid, host, calls to it): {wrongly}\n" + "\n".join(why[:5])
 
 
 def test_honest_trainers_learn_through_a_lying_host_and_a_gradient_scaler(swarm):

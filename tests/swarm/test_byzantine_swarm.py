@@ -43,6 +43,16 @@ class Trainer:
     def losses(self) -> list[float]:
         return [r["loss"] for r in read_stats(self.stats)]
 
+    @property
+    def state_dir(self) -> Path:
+        return self.stats.parent / f"t{self.stats.stem.removeprefix('trainer')}"  # run_swarm's names
+
+    def bans(self) -> set[str]:
+        """Trainers this one banned: in any stats line, or still banned when it stopped (its saved `bans.json`:
+        a ban after its last micro-batch, e.g. from judging evidence, shows only there)."""
+        banned = {peer for r in read_stats(self.stats) for peer in r["banned_peers"]}
+        return banned | set(load_bans(self.state_dir / BANS_FILE))
+
 
 def run_swarm(
     launcher: PeerLauncher,
@@ -161,8 +171,7 @@ def test_nan_sender_is_rejected_and_banned_while_training_continues(nan_run):
             assert f"Banned trainer {nan_peer}" in trainer.process.stderr()
             banned_by.append(trainer.process.name)
             # the ban is in the state dir, where a restart picks it up (`averaging.ban_store`)
-            state_dir = trainer.stats.parent / f"t{trainer.process.name.rsplit('trainer', 1)[1]}"
-            assert nan_peer in load_bans(state_dir / BANS_FILE), f"{trainer.process.name} did not save its ban"
+            assert nan_peer in load_bans(trainer.state_dir / BANS_FILE), f"{trainer.process.name} did not save its ban"
     # bans are local: each peer judges what it was sent itself. A peer that never shared a group with the NaN
     # sender before the others banned it (and so refused it in matchmaking) has nothing to reject; a peer that
     # was sent a NaN part holds proof and bans at once
@@ -180,7 +189,7 @@ def test_recomputation_catches_another_batch_s_gradient_and_refutes_false_eviden
     for trainer in honest(verified_run):
         name, log = trainer.process.name, logs[trainer.process.name]
         assert trainer.process.proc.returncode == 0, log[-3000:]
-        banned = {peer for r in read_stats(trainer.stats) for peer in r["banned_peers"]}
+        banned = trainer.bans()
         # caught by this trainer's own check or by confirming another's evidence: banned. (A trainer that missed a
         # round holds another model under the same version number for a while: it can neither check nor judge)
         if f"Trainer {liar.peer_id[-8:]} lied in round" in log or f"Confirmed evidence against trainer {liar.peer_id[-8:]}" in log:
@@ -202,4 +211,4 @@ def test_recomputation_catches_another_batch_s_gradient_and_refutes_false_eviden
     assert refuted_by, f"nobody refuted the false evidence:\n{everything}"
     for name in refuted_by:
         trainer = next(t for t in verified_run if t.process.name == name)
-        assert any(accuser.peer_id in r["banned_peers"] for r in read_stats(trainer.stats))
+        assert accuser.peer_id in trainer.bans(), f"{name} refuted the false evidence but did not ban the accuser"

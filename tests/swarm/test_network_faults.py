@@ -391,6 +391,14 @@ def killed_mid_round(swarm: Swarm) -> KilledMidRound:
     # and they keep stepping, together
     _wait(lambda: min(_epoch(m) for m in survivors) >= step + 3, 240, "survivors three steps past the kill", swarm)
     swarm.notes["kill -> survivors 3 steps on s"] = round(time.time() - kill_time, 1)
+    # and average with each other again: trainer-b1 may be a version behind at the kill and catch up by a state
+    # download rather than an all-reduce, which can take a few more rounds on two busy cores
+    together = lambda: all("Averaged gradients with 2 peers" in m.log_since(offsets[m.name]) for m in survivors)  # noqa: E731
+    try:
+        _wait(together, 180, "survivors in one all-reduce", swarm)
+        swarm.notes["kill -> survivors averaged together s"] = round(time.time() - kill_time, 1)
+    except TimeoutError:
+        swarm.notes["kill -> survivors averaged together s"] = None  # the test says so, with the logs
     outcomes = ("Averaged gradients with", "Averaging gradients failed", "Skipped averaging", "Skipping pre-scheduled")
     logs_after = {m.name: m.log_since(offsets[m.name]) for m in survivors}
     round_outcome = {}
@@ -415,7 +423,7 @@ def test_trainer_killed_mid_allreduce_does_not_stall_the_others(swarm: Swarm, ki
         assert records[-1]["epoch"] >= k.step + 3
         assert "non-finite" not in k.logs_after[name]
         # after the round with the dead peer the two survivors average with each other
-        assert "Averaged gradients with 2 peers" in k.logs_after[name], k.logs_after[name][-3000:]
+        assert "Averaged gradients with 2 peers" in k.logs_after[name], f"{name} after the kill:\n" + k.logs_after[name][-3000:]
 
 
 # --- the state dir stops taking writes ---

@@ -11,6 +11,7 @@ is turned away with one line saying why.
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 import torch
@@ -226,3 +227,28 @@ def test_peers_with_the_key_train_and_a_peer_without_it_is_told_why(launcher, tm
 
     work = load_work(identity, PeerID.from_identity(identity.read_bytes()).to_bytes())
     assert work is not None and work.bits >= BITS
+
+
+def test_a_round_snapshot_is_recorded_as_fetched_only_once_sent(swarm):
+    """A local-expert trainer stopping after its last round waits until the holders it merged with have fetched its
+    snapshot of that round (`ExpertHosting.wait_for_round_partners`): the host must know who has it."""
+    host_dht, backends, member_dht, _, _ = swarm
+    frozen = expert_state.capture(backends[UID])
+    namespace = f"{NAMESPACE}.rounds"
+    host = ExpertStateService(host_dht, namespace, backends.get, snapshot=lambda uid, tag: frozen if tag == "r1" else None)
+    host.start()
+    client = ExpertStateService(member_dht, namespace, lambda uid: None)
+    client.start(serve=False)
+    template = expert_state.make_template(D, CONFIG.model.expert_hidden, CONFIG.training)
+    try:
+        with pytest.raises(Exception, match="no snapshot"):
+            client.fetch(host_dht.peer_id.to_base58(), UID, template, timeout=15, tag="r2")
+        assert host.fetched_by(UID, "r2") == set() and host.fetched_by(UID, "r1") == set()
+        assert client.fetch(host_dht.peer_id.to_base58(), UID, template, timeout=30, tag="r1").version == frozen.version
+        deadline = time.monotonic() + 10  # recorded once the stream's last chunk is out, a moment after it arrives
+        while not host.fetched_by(UID, "r1") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert host.fetched_by(UID, "r1") == {member_dht.peer_id.to_base58()}
+    finally:
+        client.shutdown()
+        host.shutdown()
