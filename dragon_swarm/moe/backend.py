@@ -92,9 +92,6 @@ class ExpertBackend(ModuleBackend):
         super().__init__(name, module, **optimizer_and_schema, **kwargs)
         # kwargs are the TaskPool's (max_batch_size, ...): the backward pool gets the same, but never merges requests
         self.backward_pool = SingleRequestTaskPool(self.backward, name=f"{self.name}_backward", **kwargs)
-        # this peer's own trainer's backward calls (the router's calls to its own copy): trusted, never refused, and
-        # the reference the remote requests are judged by before enough of them were seen
-        self.trusted_backward_pool = SingleRequestTaskPool(self.trusted_backward, name=f"{self.name}_trusted_backward", **kwargs)
         self._trusted_call = False  # set while trusted_backward runs (under self.lock)
         self.last_grad_norm = 0.0  # of the latest request, before clipping
         self.clip_grad_norm = clip_grad_norm
@@ -126,20 +123,22 @@ class ExpertBackend(ModuleBackend):
         self.requests_served += 1
         return grads
 
-    def get_pools(self) -> Sequence[TaskPool]:
-        return self.forward_pool, self.backward_pool, self.trusted_backward_pool
-
     def trusted_backward(self, *inputs: torch.Tensor):
+        """`backward` for this peer's own trainer (the router calls it directly for its own copy, in-process, never
+        through a pool): never refused, and the reference remote requests are judged by before enough of them were
+        seen."""
+        device = next(self.module.parameters()).device  # where the runtime put the expert
         with self.lock:
             self._trusted_call = True
             try:
-                return self.backward(*inputs)
+                grads = self.backward(*(t.to(device) for t in inputs))
             finally:
                 self._trusted_call = False
+        return tuple(g.cpu() for g in grads)  # as the pool path gives them back
 
     def on_backward(self, batch_size: int, caller_trusted: bool = False) -> None:
         """Clip and step. caller_trusted: this peer's own update (local-expert training, or a call that came through
-        `trusted_backward_pool`), not a remote request: never refused, and a reference for the remote ones."""
+        `trusted_backward`), not a remote request: never refused, and a reference for the remote ones."""
         with self.lock:
             caller_trusted = caller_trusted or self._trusted_call
             grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.clip_grad_norm)

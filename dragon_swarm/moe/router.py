@@ -520,8 +520,13 @@ class RemoteExpertDispatcher:
         async def _call(uid: str, peer: str, tensors: Sequence[torch.Tensor], rid: bytes | None) -> torch.Tensor:
             if peer == self.own_peer_id and uid in self.local_backends:
                 backend = self.local_backends[uid]
-                # our own trainer's gradients: the host may use them as the reference for remote callers' ones
-                pool = backend.forward_pool if kind == "forward" else getattr(backend, "trusted_backward_pool", backend.backward_pool)
+                if kind == "backward" and hasattr(backend, "trusted_backward"):
+                    # in this process, under the backend's lock: the host knows these gradients are ours and judges
+                    # remote callers' ones by them
+                    loop = asyncio.get_running_loop()
+                    outputs = await asyncio.wait_for(loop.run_in_executor(None, backend.trusted_backward, *tensors), timeout=timeout)
+                    return outputs[0]
+                pool = backend.forward_pool if kind == "forward" else backend.backward_pool
                 outputs = await asyncio.wait_for(pool.submit_task(*tensors), timeout=timeout)
                 return outputs[0]
             # one deadline for the call, a repeat after a cache miss included

@@ -63,17 +63,16 @@ def test_a_scaled_request_is_not_stepped_and_honest_ones_still_are():
 
 
 def test_a_scaled_first_request_is_refused_where_the_host_trains_too():
-    """A host that also trains calls its own copy through `trusted_backward_pool` (the router does): those calls
-    give the reference from the start, so an x1000 caller gets no unchecked step among the first requests."""
+    """A host that also trains calls its own copy through `trusted_backward` (the router does): those calls give
+    the reference from the start, so an x1000 caller gets no unchecked step among the first requests."""
     m = CONFIG.model
     backend = one_backend()
-    assert backend.trusted_backward_pool in backend.get_pools()  # the runtime serves it
     torch.manual_seed(0)
 
     def backward_inputs(scale: float, tokens: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.randn(tokens, m.d_model), torch.randn(tokens, m.d_model) * scale / 1024
 
-    backend.trusted_backward(*backward_inputs(1.0))  # what the runtime runs for this peer's own call
+    backend.trusted_backward(*backward_inputs(1.0))  # what the router runs for this peer's own call
     assert backend.version == 1 and backend.refused_updates == 0
     backend.backward(*backward_inputs(1000.0))  # the first remote request, scaled
     assert backend.refused_updates == 1 and backend.version == 1
