@@ -24,6 +24,10 @@ def use_fork_start_method() -> None:
         mp.set_start_method("fork", force=True)
 
 
+# hivemind gives the p2p daemon 15 s to come up; a loaded machine (CI, 2 cores, a swarm stopping) took longer
+P2PD_STARTUP_TIMEOUT_S = 60.0
+
+
 def start_dht(
     *,
     initial_peers: Sequence[str] = (),
@@ -52,6 +56,7 @@ def start_dht(
         client_mode=client_mode,
         use_auto_relay=auto_relay,
         record_validators=[RSASignatureValidator()],
+        startup_timeout=P2PD_STARTUP_TIMEOUT_S,
         start=True,
         **extra,
     )
