@@ -50,8 +50,14 @@ def test_the_sign_flipper_is_banned_by_the_honest_trainers(swarm):
 
 def test_the_honest_trainers_keep_learning(swarm):
     log_dir, honest, _, _ = swarm
-    for trainer in honest:
-        records = read_stats(log_dir / f"{trainer.name}.jsonl")
+    runs = {t.name: read_stats(log_dir / f"{t.name}.jsonl") for t in honest}
+    from_the_start = [records[0]["loss"] for records in runs.values() if records[0]["epoch"] == 0]
+    assert from_the_start, "no honest trainer trained from the first model version"
+    initial = sum(from_the_start) / len(from_the_start)
+    for name, records in runs.items():
         assert all(math.isfinite(r["loss"]) for r in records)
-        first, last = records[0]["loss"], sum(r["loss"] for r in records[-3:]) / 3
-        assert last < first - 0.3, f"{trainer.name}: loss {first:.3f} -> {last:.3f}"
+        # a trainer whose start was slow (seen in CI: its expert downloads waited ~50 s) joins at a later version
+        # with the others' trained trunk and may train the rest alone: it must end below the swarm's initial loss
+        first = records[0]["loss"] if records[0]["epoch"] == 0 else initial
+        last = sum(r["loss"] for r in records[-3:]) / 3
+        assert last < first - 0.3, f"{name}: loss {first:.3f} -> {last:.3f} (joined at model version {records[0]['epoch']})"
