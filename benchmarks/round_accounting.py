@@ -22,6 +22,7 @@ ROUND_OUTCOMES = (
     ("Unable to run All-Reduce", "all-reduce failed"),
     ("keeping local values for this peer's own partition", "own partition kept local"),
     ("ignoring the aggregates of banned reducer", "banned reducer's partition kept local"),
+    ("peer(s) this peer bans", "group held a banned peer: kept local"),
     ("refused the aggregate of part", "a reducer's aggregate refused"),
 )
 _REJECTED = re.compile(r"rejected part \d+ from (\S+) \((.*)\); excluded")

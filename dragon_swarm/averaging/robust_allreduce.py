@@ -75,7 +75,9 @@ class RobustAllReduceRunner(AllReduceRunner):
     one x-1000 attacker moves any aggregate of two parts, and a Byzantine reducer that returns garbage for the
     partition it owns. An honest aggregate stays within a few times our own scale. The aggregates of a reducer
     this peer has banned are ignored whatever they look like (``ignore_banned_reducers``): a leader that has not
-    banned it may still put it in our group.
+    banned it may still put it in our group. With ``avoid_banned_groups``, a group that holds any peer we ban
+    brings back nothing at all (``kept_all_local``): the honest reducers that do not ban it mix its part into their
+    aggregates, so only our own values are free of it; we still serve the others.
     """
 
     def __init__(
@@ -86,22 +88,28 @@ class RobustAllReduceRunner(AllReduceRunner):
         result_distance_limit: float | None = RESULT_DISTANCE_LIMIT,
         weight_claim_limit: float | None = None,
         ignore_banned_reducers: bool = True,
+        avoid_banned_groups: bool = True,
         **kwargs,
     ):
         super().__init__(**kwargs)
         self.reputation, self.result_distance_limit = reputation, result_distance_limit
         # judged once, when the round starts: a ban that lands mid-round (our reducer just rejected the peer's
         # part) takes effect from the next round, so that one round is handled by one consistent rule
-        self._banned_reducers = set() if not ignore_banned_reducers else {
-            str(peer) for peer in self.ordered_peer_ids if peer != self.peer_id and reputation.is_banned(str(peer))
-        }
+        banned = {str(peer) for peer in self.ordered_peer_ids if peer != self.peer_id and reputation.is_banned(str(peer))}
+        self._banned_reducers = banned if ignore_banned_reducers else set()
+        self.kept_all_local = bool(banned) and avoid_banned_groups
+        if self.kept_all_local:
+            logger.warning(
+                f"{self}: the group holds {len(banned)} peer(s) this peer bans ({', '.join(sorted(p[-8:] for p in banned))}): "
+                f"keeping local values for this round, still serving our partition to the other {len(self.ordered_peer_ids) - 1 - len(banned)}"
+            )
         container = self.tensor_part_container
         total_norm = torch.sqrt(sum(t.detach().double().pow(2).sum() for t in container.local_tensors) + 0.0)
         self._norm_per_value = float(total_norm) / max(1, container.total_size) ** 0.5
         self._refused_from: set[int] = set()
         self._iterate_own_outputs = container.iterate_output_tensors
         container.iterate_output_tensors = self._outputs_then_finish_serving
-        if result_distance_limit is not None or ignore_banned_reducers:
+        if result_distance_limit is not None or ignore_banned_reducers or self.kept_all_local:
             self._register_checked_part = container.register_processed_part
             container.register_processed_part = self._check_returned_part
         # retire the stock reducer quietly: nobody will feed it, and its finalize() would warn "received 0.0%"
@@ -139,7 +147,9 @@ class RobustAllReduceRunner(AllReduceRunner):
         container = self.tensor_part_container
         own = container._input_parts_by_peer[peer_index][part_index][0]
         reducer = str(self.ordered_peer_ids[peer_index])
-        if reducer in self._banned_reducers:
+        if self.kept_all_local:
+            part = self._local_result(own)
+        elif reducer in self._banned_reducers:
             # a group led by a peer that has not banned it yet may still contain a peer we ban: we ignore its
             # parts as a sender (our reducer), and must not take its word as a reducer either. We still send it
             # our parts, so that the honest members who wait on its partition are not stalled
@@ -309,6 +319,7 @@ class _RobustAveragerMixin:
             result_distance_limit=self.robust_settings.result_distance_limit,
             weight_claim_limit=self.robust_settings.weight_claim_limit,
             ignore_banned_reducers=self.robust_settings.ignore_banned_reducers,
+            avoid_banned_groups=self.robust_settings.avoid_banned_groups,
             p2p=self._p2p,
             servicer_type=type(self),
             prefix=self.prefix,
@@ -332,7 +343,7 @@ class _RobustAveragerMixin:
                 self.last_updated = get_dht_time()
                 self._state_updated.set()
             parts = runner.tensor_part_container
-            self._received_fraction.value = 1.0 - parts.failed_size / max(1, parts.total_size)
+            self._received_fraction.value = 0.0 if runner.kept_all_local else 1.0 - parts.failed_size / max(1, parts.total_size)
             senders = [str(p) for p, mode in zip(group_info.peer_ids, runner.modes) if mode != AveragingMode.AUX]
             self._groups.append((get_dht_time(), senders))
         else:

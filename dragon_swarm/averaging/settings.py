@@ -46,6 +46,10 @@ class RobustAveragingSettings:
     :param refuse_banned_peers: refuse banned peers in matchmaking (as leader and as follower)
     :param ignore_banned_reducers: keep local values for the partition of a banned peer that is in our group
       anyway (let in by a leader that has not banned it) instead of taking its aggregate
+    :param avoid_banned_groups: a round whose group holds a peer this one bans brings back nothing: we keep our
+      local values for every partition (the banned peer's part still reaches us through the reducers that do not
+      ban it), while still sending our parts and reducing our partition, without the banned peer's part, for the
+      honest members, who would otherwise lose our partition of their round
     :param result_distance_limit: refuse aggregates returned farther than this from our own part, in units of our
       scale (see ``RobustAllReduceRunner``); None turns the check off. By default on for the robust
       aggregators and off for ``mean``, which stays the unprotected baseline that benchmarks compare against.
@@ -67,6 +71,7 @@ class RobustAveragingSettings:
     ema_alpha: float = 0.2
     refuse_banned_peers: bool = True
     ignore_banned_reducers: bool = True
+    avoid_banned_groups: bool = True
     result_distance_limit: float | None | str = "auto"
     weight_claim_limit: float | None = None
 

@@ -85,11 +85,13 @@ class ExpertHost:
         bus: EventBus | None = None,
         adaptive: bool = False,
         report_source: Callable[[], HostReport] | None = None,
+        surplus: Sequence[str] = (),
     ):
         self.dht, self.backends, self.settings = dht, backends, settings
         self.checkpoint_dir, self.throughput, self.checkpoint_period = checkpoint_dir, throughput, checkpoint_period
         self.bus = bus if bus is not None else EventBus()
         self.adaptive = adaptive  # announced: this host follows placement (takeover, rebalancing)
+        self.surplus = frozenset(surplus)  # announced: held beyond the budget until another host serves them
         # what the reporter publishes: the owner's totals when this host is one generation of several (moe.hosting)
         self.report_source = report_source if report_source is not None else self.report
         max_tokens = min(backend.forward_pool.max_batch_size for backend in backends.values())
@@ -134,6 +136,7 @@ class ExpertHost:
                 throughput=float(self.throughput),
                 version=backend.version,
                 adaptive=self.adaptive,
+                surplus=uid in self.surplus,
             )
             for uid, backend in self.backends.items()
             if uids is None or uid in uids

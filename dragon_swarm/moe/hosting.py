@@ -78,6 +78,7 @@ class ExpertHosting:
         self._retired = HostReport(0, 0, 0, 0)
         self._change_lock = threading.RLock()
         self._paused = False
+        self._surplus: set[str] = set()  # held beyond the budget: see `ExpertHostRecord.surplus`
         self._duties: list = []
         self.changes = 0
 
@@ -106,12 +107,13 @@ class ExpertHosting:
         for duty in self._duties:
             duty.start()
 
-    def change(self, uids: Sequence[str], reason: str) -> None:
+    def change(self, uids: Sequence[str], reason: str, surplus: Sequence[str] = ()) -> None:
         """Host `uids` from now on: new experts join (download first), dropped ones are saved and announced
         offline. No expert is ever left with zero hosts by this peer's choice: the callers (placement) keep
-        those."""
+        those. `surplus`: experts taken beyond the budget, announced as such while the peer stays over it."""
         with self._change_lock:
             old = set(self.uids)
+            self._surplus = set(surplus) | (self._surplus & set(uids)) if len(uids) > self.budget else set()
             if set(uids) == old:
                 return
             added, dropped = sorted(set(uids) - old), sorted(old - set(uids))
@@ -144,7 +146,7 @@ class ExpertHosting:
         host = ExpertHost(
             self.dht, backends, self.config.experts, hidden_dim=m.d_model, checkpoint_dir=self.checkpoint_dir,
             throughput=self.throughput, checkpoint_period=self.config.experts.checkpoint_period, device=self.device,
-            bus=self.bus, adaptive=self.adaptive, report_source=self.report,
+            bus=self.bus, adaptive=self.adaptive, report_source=self.report, surplus=sorted(self._surplus & set(uids)),
         )  # fmt: skip
         try:
             host.start()

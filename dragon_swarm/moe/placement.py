@@ -75,6 +75,14 @@ def standby(all_uids: Sequence[str], hosts: Hosts, candidates: Sequence[str], ow
     return chosen
 
 
+def firm_hosts(hosts: Hosts, surplus: Mapping[str, set[str]]) -> dict[str, dict[str, float]]:
+    """`hosts` without the replicas their hosts hold beyond their budget (announced `surplus`): those hosts drop
+    them as soon as another host serves them, so for rebalancing such an expert needs a host. Without this, a peer
+    that took over an orphan beyond its budget while all its experts had no other host would stay over budget for
+    good: nobody else gains by moving (the swarm's minimum replication stays 1), and it may drop none of them."""
+    return {uid: {peer: rate for peer, rate in peers.items() if peer not in surplus.get(uid, set())} for uid, peers in hosts.items()}
+
+
 def rebalance(
     all_uids: Sequence[str], hosts: Hosts, own_peer_id: str, hosted: Sequence[str], margin: float, budget: int | None = None
 ) -> list[str] | None:

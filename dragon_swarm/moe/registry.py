@@ -35,6 +35,9 @@ class ExpertHostRecord(BaseModel):
     throughput: float = Field(ge=0.0)  # tokens/s this host can push through the expert
     version: int = Field(ge=0)  # optimizer steps applied to this replica
     adaptive: bool = False  # this host follows placement: it takes over orphaned experts and rebalances
+    # held beyond this host's budget (taken over as an orphan): it drops it once another host serves it, so
+    # rebalancing peers count this replica as missing (`moe.placement.firm_hosts`)
+    surplus: bool = False
 
     @field_validator("throughput")
     @classmethod

@@ -210,7 +210,7 @@ class PlacementKeeper(PeriodicThread):
             over = len(current) + len(take) - h.budget
             note = f"; {over} over this peer's budget of {h.budget}: an expert nobody hosts comes first" if over > 0 else ""
             logger.warning(f"Taking over {len(take)} expert(s) nobody hosts: {', '.join(take)}{note}")
-            h.change([*current, *take], "takeover")
+            h.change([*current, *take], "takeover", surplus=take[len(take) - over :] if over > 0 else ())
             self.takeovers += len(take)
             self._quiet_ticks = 0
             return
@@ -220,7 +220,8 @@ class PlacementKeeper(PeriodicThread):
                 self._refresh_standby(uid, record.peer_id)
         if self._quiet_ticks < REBALANCE_COOLDOWN:
             return
-        proposal = placement.rebalance(h.all_uids, hosts, me, current, h.config.experts.rebalance_margin, h.budget)
+        firm = placement.firm_hosts(hosts, {uid: {r.record.peer_id for r in reps if r.record.surplus} for uid, reps in live.items()})
+        proposal = placement.rebalance(h.all_uids, firm, me, current, h.config.experts.rebalance_margin, h.budget)
         if proposal is not None:
             why = "over budget: shedding the best served" if len(proposal) < len(current) else "the swarm's least served experts gain a host"
             h.change(proposal, f"rebalancing: {why}")

@@ -174,7 +174,7 @@ def test_aggregates_of_a_banned_reducer_are_ignored():
     # three peers, one 1024-value part each, plain mean, values small enough to pass the result check
     size = 3 * 1024
     tensors = [[torch.zeros(size)], [torch.ones(size)], [torch.full((size,), 2.0)]]
-    lenient = RobustAveragingSettings(aggregator="mean", refuse_banned_peers=False)
+    lenient = RobustAveragingSettings(aggregator="mean", refuse_banned_peers=False, avoid_banned_groups=False)
     settings = [lenient, RobustAveragingSettings(aggregator="mean"), RobustAveragingSettings(aggregator="mean")]
 
     with _swarm(tensors, settings, prefix="robust_banned_reducer") as averagers:
@@ -197,3 +197,33 @@ def test_aggregates_of_a_banned_reducer_are_ignored():
             for index, reducer in enumerate(order):
                 part = values[index * 1024 : (index + 1) * 1024]
                 torch.testing.assert_close(part, torch.full((1024,), expected[reducer]), msg=f"partition of {reducer}")
+
+
+def test_a_peer_grouped_with_a_peer_it_bans_takes_nothing_from_that_round_and_still_serves_the_others():
+    # Prepare: A bans C, but a group of all three forms anyway (A does not refuse in matchmaking here, as if a
+    # leader that has not banned C had grouped them: which peer leads cannot be chosen in a test); B trusts C
+    size = 3 * 1024
+    tensors = [[torch.zeros(size)], [torch.ones(size)], [torch.full((size,), 2.0)]]
+    grouped_anyway = RobustAveragingSettings(aggregator="mean", refuse_banned_peers=False)
+    settings = [grouped_anyway, RobustAveragingSettings(aggregator="mean"), RobustAveragingSettings(aggregator="mean")]
+
+    with _swarm(tensors, settings, prefix="robust_banned_group") as averagers:
+        a, b, c = (str(averager.peer_id) for averager in averagers)
+        averagers[0].ban_peer(c, "test")
+
+        # Execute
+        outcomes = _step_all(averagers)
+
+        # Assert: one group of three, and A took nothing from it: B's aggregate holds C's part, so only A's own
+        # values are free of C
+        assert all(isinstance(outcome, dict) and len(outcome) == 3 for outcome in outcomes), outcomes
+        torch.testing.assert_close(_tensor(averagers[0]), torch.zeros(size))
+        assert averagers[0].last_round_received_fraction == 0.0
+        # ... while it still reduced its partition for B, without C's part (mean of 0 and 1)
+        order = [str(peer_id) for peer_id in outcomes[0]]
+        values = _tensor(averagers[1])
+        expected_b = {a: 0.5, b: 1.0, c: 1.0}
+        for index, reducer in enumerate(order):
+            part = values[index * 1024 : (index + 1) * 1024]
+            torch.testing.assert_close(part, torch.full((1024,), expected_b[reducer]), msg=f"partition of {reducer}")
+        assert averagers[1].last_round_received_fraction == 1.0

@@ -104,3 +104,34 @@ def test_a_peer_over_its_budget_sheds_what_others_serve_best_and_keeps_its_only_
     hosts = {uids[0]: {"A": 1.0, "B": 1.0, "C": 1.0}, uids[1]: {"A": 1.0, "B": 1.0}, uids[2]: {"A": 1.0}, uids[3]: {"A": 1.0}}
     assert rebalance(uids, hosts, "A", uids, margin=1.15, budget=3) == [uids[1], uids[2], uids[3]]
     assert rebalance(uids, hosts, "A", uids, margin=1.15, budget=1) == [uids[2], uids[3]]  # only copies stay
+
+
+def test_an_orphan_taken_beyond_the_budget_moves_to_a_peer_with_a_duplicate_and_is_then_shed():
+    from dragon_swarm.moe.placement import firm_hosts
+
+    # the stuck state of one CI run: 8 experts, 3 hosts of budget 3; A took an orphan over (4 experts, all its only
+    # copies), B and C split the other 4 with two duplicates: nobody gains by moving, and A may drop none
+    a, b, c = UIDS[:4], [UIDS[4], UIDS[5], UIDS[6]], [UIDS[5], UIDS[6], UIDS[7]]
+    hosts = {uid: {p: 1.0 for p, held in (("A", a), ("B", b), ("C", c)) if uid in held} for uid in UIDS}
+    assert all(rebalance(UIDS, hosts, p, held, margin=1.15, budget=3) is None for p, held in (("B", b), ("C", c)))
+    assert rebalance(UIDS, hosts, "A", a, margin=1.15, budget=3) is None
+
+    # A announces the orphan it took last as surplus: B (or C) moves a duplicated expert there, keeping its only copy
+    firm = firm_hosts(hosts, {a[3]: {"A"}})
+    moved = rebalance(UIDS, firm, "B", b, margin=1.15, budget=3)
+    assert moved is not None and a[3] in moved and UIDS[4] in moved and len(moved) == 3
+
+    # the peers keep checking in turn (A's surplus mark lasts while it is over budget): the swarm settles at 9
+    # replicas, every expert hosted, counts within 1, nobody over budget, within a few checks
+    held = {"A": a, "B": b, "C": c}
+    for check in range(12):
+        peer = "ABC"[check % 3]
+        now = {uid: {p: 1.0 for p, mine in held.items() if uid in mine} for uid in UIDS}
+        surplus = {a[3]: {"A"}} if len(held["A"]) > 3 and a[3] in held["A"] else {}
+        new = rebalance(UIDS, firm_hosts(now, surplus), peer, held[peer], margin=1.15, budget=3)
+        if new is not None:
+            assert all(any(uid in mine for mine in {**held, peer: new}.values()) for uid in UIDS), f"{peer} orphaned an expert"
+            held[peer] = new
+    counts = [sum(uid in mine for mine in held.values()) for uid in UIDS]
+    assert min(counts) >= 1 and max(counts) - min(counts) <= 1 and sum(counts) == 9, held
+    assert all(len(mine) == 3 for mine in held.values()), held
