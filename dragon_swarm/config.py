@@ -109,6 +109,9 @@ class AveragingSection(Schema):
     # a sender claiming more than this many times training.target_batch_size samples in one round is lying (an
     # honest peer holds the target plus a few micro-batches of overshoot); null turns the check off
     weight_claim_factor: Positive | None = 4.0
+    # every all-reduce part is signed by its sender's identity key; a signed NaN/Inf part is published as proof that
+    # bans its sender on every trainer (dragon_swarm.averaging.accusations)
+    signed_parts: bool = True
 
     @field_validator("compression")
     @classmethod

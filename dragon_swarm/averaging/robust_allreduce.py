@@ -39,11 +39,13 @@ from hivemind.averaging.allreduce import AllreduceException, AllReduceRunner, Av
 from hivemind.averaging.group_info import GroupInfo
 from hivemind.optim.grad_averager import GradientAverager
 from hivemind.p2p import P2PContext, PeerID
-from hivemind.proto import averaging_pb2
+from hivemind.proto import averaging_pb2, runtime_pb2
 from hivemind.utils import MPFuture, get_dht_time
 
+from dragon_swarm.averaging.accusations import Accusation, make_accusation, verify_accusation
 from dragon_swarm.averaging.aggregators import Aggregator
 from dragon_swarm.averaging.compression import install_codecs
+from dragon_swarm.averaging.part_signatures import PartSigner, check_seal, tensor_statement
 from dragon_swarm.averaging.reputation import ReputationBook
 from dragon_swarm.averaging.robust_reducer import CAPTURED_RATIO, RobustTensorPartReducer
 from dragon_swarm.averaging.settings import RESULT_DISTANCE_LIMIT, RobustAveragingSettings
@@ -58,6 +60,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+KEPT_PARTS_PER_SENDER = 8  # received parts kept per sender as evidence (a rejection comes a few parts after receipt)
 RECENT_GROUPS = 8  # completed rounds whose senders `recent_groups` reports (verification asks after each round)
 
 
@@ -89,10 +92,16 @@ class RobustAllReduceRunner(AllReduceRunner):
         weight_claim_limit: float | None = None,
         ignore_banned_reducers: bool = True,
         avoid_banned_groups: bool = True,
+        signer: PartSigner | None = None,
+        require_signed_parts: bool = False,
+        accuse: Callable[[Accusation], None] | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
         self.reputation, self.result_distance_limit = reputation, result_distance_limit
+        self.signer, self.require_signed_parts, self.accuse = signer, require_signed_parts, accuse
+        # the last parts received per sender, with their seals: evidence if the reducer rejects one of them
+        self._recent_parts: collections.OrderedDict[tuple[int, int], tuple[runtime_pb2.Tensor, float, bytes]] = collections.OrderedDict()
         # judged once, when the round starts: a ban that lands mid-round (our reducer just rejected the peer's
         # part) takes effect from the next round, so that one round is handled by one consistent rule
         banned = {str(peer) for peer in self.ordered_peer_ids if peer != self.peer_id and reputation.is_banned(str(peer))}
@@ -126,7 +135,58 @@ class RobustAllReduceRunner(AllReduceRunner):
             weight_claim_limit=weight_claim_limit,
             # the unprotected mean baseline (no result check) keeps judging by the result alone
             captured_ratio=None if result_distance_limit is None else CAPTURED_RATIO,
+            on_rejected=self._keep_evidence if require_signed_parts and accuse is not None else None,
         )
+
+    async def _generate_input_for_peer(self, peer_index: int):
+        """hivemind's part messages, each sealed with this peer's identity key (`averaging.part_signatures`)."""
+        parts = super()._generate_input_for_peer(peer_index)
+        if self.signer is None:
+            async for message in parts:
+                yield message
+            return
+        sender, reducer = str(self.peer_id), str(self.ordered_peer_ids[peer_index])
+        part_index = 0
+        async for message in parts:
+            statement = tensor_statement(self.group_id, sender, reducer, part_index, message.weight, message.tensor_part)
+            message.peer_id = self.signer.seal(statement)
+            part_index += 1
+            yield message
+
+    async def _accumulate_parts_streaming(self, stream, sender_index: int):
+        if self.require_signed_parts:
+            stream = self._sealed_parts(stream, sender_index)
+        async for message in super()._accumulate_parts_streaming(stream, sender_index):
+            yield message
+
+    async def _sealed_parts(self, stream, sender_index: int):
+        """The sender's part messages while each one's seal is the sender's signature of it; a part without one is
+        rejected as malformed (proof of a faulty peer: every honest trainer signs) and ends the stream."""
+        sender, reducer = str(self.sender_peer_ids[sender_index]), str(self.peer_id)
+        part_index = 0
+        async for message in stream:
+            statement = tensor_statement(self.group_id, sender, reducer, part_index, message.weight, message.tensor_part)
+            problem = check_seal(message.peer_id, statement, sender)
+            if problem is not None:
+                self.tensor_part_reducer.reject(sender_index, part_index, f"part not signed by its sender: {problem}")
+                return
+            self._recent_parts[(sender_index, part_index)] = (message.tensor_part, float(message.weight), bytes(message.peer_id))
+            while len(self._recent_parts) > KEPT_PARTS_PER_SENDER * len(self.sender_peer_ids):
+                self._recent_parts.popitem(last=False)
+            part_index += 1
+            yield message
+
+    def _keep_evidence(self, sender_index: int, part_index: int, reason: str) -> None:
+        """The reducer rejected a part: if it holds a non-finite value, publish it with its seal (an accusation)."""
+        kept = self._recent_parts.get((sender_index, part_index))
+        if kept is None or self.accuse is None:
+            return
+        tensor, weight, seal = kept
+        accused = str(self.sender_peer_ids[sender_index])
+        accusation = make_accusation(accused, str(self.peer_id), bytes(self.group_id), part_index, weight, tensor, seal)
+        # only proof goes out: a wrong size is no proof to an outsider, who does not know the group's layout
+        if accusation is not None and verify_accusation(accusation) is None:
+            self.accuse(accusation)
 
     async def _outputs_then_finish_serving(self):
         """Our own results, then wait (bounded) until our reducer has answered every sender.
@@ -210,9 +270,13 @@ class _RobustAveragerMixin:
     robust_settings: RobustAveragingSettings
     reputation: ReputationBook
 
-    def _init_robust(self, settings: RobustAveragingSettings, reputation: Optional[ReputationBook]) -> None:
+    def _init_robust(
+        self, settings: RobustAveragingSettings, reputation: Optional[ReputationBook], signer: Optional[PartSigner] = None
+    ) -> None:
         if not isinstance(settings, RobustAveragingSettings):
             raise TypeError(f"settings must be RobustAveragingSettings, got {type(settings).__name__}")
+        self._signer = signer  # seals the parts this peer sends (`averaging.part_signatures`); None: unsigned
+        self._new_accusations: list[Accusation] = []  # averager process: proofs our reducer kept, not yet taken
         self.robust_settings = settings
         self.reputation = reputation if reputation is not None else settings.make_reputation_book()
         self._aggregator: Optional[Aggregator] = None  # built in the averager process, see run()
@@ -243,6 +307,12 @@ class _RobustAveragerMixin:
         self._outer_pipe.send(("_ban_peer", [], dict(peer_id=str(peer_id), reason=reason, future=future)))
         future.result(timeout=timeout)
 
+    def take_accusations(self, timeout: Optional[float] = 30.0) -> list[Accusation]:
+        """The accusations (signed non-finite parts) this peer's reducer made since the last call."""
+        future = MPFuture()
+        self._outer_pipe.send(("_take_accusations", [], dict(future=future)))
+        return future.result(timeout=timeout)
+
     def recent_groups(self, timeout: Optional[float] = 30.0) -> list[tuple[float, list[str]]]:
         """(DHT time the all-reduce finished, the peers that sent their values) of the last few completed rounds."""
         future = MPFuture()
@@ -256,6 +326,10 @@ class _RobustAveragerMixin:
         self._aggregator = self.robust_settings.make_aggregator()
         self._groups: collections.deque = collections.deque(maxlen=RECENT_GROUPS)
         super().run()
+
+    async def _take_accusations(self, future: MPFuture):
+        taken, self._new_accusations = self._new_accusations, []
+        future.set_result(taken)
 
     async def _recent_groups(self, future: MPFuture):
         future.set_result(list(self._groups))
@@ -320,6 +394,9 @@ class _RobustAveragerMixin:
             weight_claim_limit=self.robust_settings.weight_claim_limit,
             ignore_banned_reducers=self.robust_settings.ignore_banned_reducers,
             avoid_banned_groups=self.robust_settings.avoid_banned_groups,
+            signer=self._signer,
+            require_signed_parts=self.robust_settings.signed_parts,
+            accuse=self._new_accusations.append,
             p2p=self._p2p,
             servicer_type=type(self),
             prefix=self.prefix,
@@ -356,6 +433,7 @@ class RobustDecentralizedAverager(_RobustAveragerMixin, DecentralizedAverager):
 
     :param settings: aggregation and ban policy
     :param reputation: seeds the averager process's book (default: an empty book from ``settings``)
+    :param signer: seals this peer's parts (needed when ``settings.signed_parts``: the other peers demand seals)
     :param kwargs: as for DecentralizedAverager (``start=True`` forks the averager process here)
     """
 
@@ -366,9 +444,10 @@ class RobustDecentralizedAverager(_RobustAveragerMixin, DecentralizedAverager):
         *,
         settings: RobustAveragingSettings = RobustAveragingSettings(),
         reputation: Optional[ReputationBook] = None,
+        signer: Optional[PartSigner] = None,
         **kwargs,
     ):
-        self._init_robust(settings, reputation)  # before super().__init__, which may start the process
+        self._init_robust(settings, reputation, signer)  # before super().__init__, which may start the process
         super().__init__(averaged_tensors, dht, **kwargs)
 
 
@@ -378,6 +457,7 @@ class RobustGradientAverager(_RobustAveragerMixin, GradientAverager):
 
     :param settings: aggregation and ban policy
     :param reputation: seeds the averager process's book (default: an empty book from ``settings``)
+    :param signer: seals this peer's parts (needed when ``settings.signed_parts``: the other peers demand seals)
     :param kwargs: as for GradientAverager
     """
 
@@ -387,14 +467,18 @@ class RobustGradientAverager(_RobustAveragerMixin, GradientAverager):
         *,
         settings: RobustAveragingSettings = RobustAveragingSettings(),
         reputation: Optional[ReputationBook] = None,
+        signer: Optional[PartSigner] = None,
         **kwargs,
     ):
-        self._init_robust(settings, reputation)
+        self._init_robust(settings, reputation, signer)
         super().__init__(parameters, **kwargs)
 
 
 def make_grad_averager_factory(
-    settings: RobustAveragingSettings, reputation: Optional[ReputationBook] = None, **averager_kwargs
+    settings: RobustAveragingSettings,
+    reputation: Optional[ReputationBook] = None,
+    signer: Optional[PartSigner] = None,
+    **averager_kwargs,
 ) -> Callable[..., RobustGradientAverager]:
     """A ``grad_averager_factory`` for ``hivemind.Optimizer`` that builds a :class:`RobustGradientAverager`.
 
@@ -408,6 +492,6 @@ def make_grad_averager_factory(
         repeated = sorted(set(averager_kwargs) & set(optimizer_kwargs))
         if repeated:
             raise TypeError(f"hivemind.Optimizer already sets {repeated}; remove them from make_grad_averager_factory")
-        return RobustGradientAverager(settings=settings, reputation=reputation, **averager_kwargs, **optimizer_kwargs)
+        return RobustGradientAverager(settings=settings, reputation=reputation, signer=signer, **averager_kwargs, **optimizer_kwargs)
 
     return factory

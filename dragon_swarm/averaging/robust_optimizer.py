@@ -17,6 +17,7 @@ from hivemind.averaging import DecentralizedAverager
 from hivemind.optim.state_averager import TrainingStateAverager
 
 from dragon_swarm.averaging.reputation import MAX_RATIO, ReputationBook
+from dragon_swarm.averaging.part_signatures import PartSigner
 from dragon_swarm.averaging.robust_progress import RobustProgressTracker
 from dragon_swarm.averaging.robust_allreduce import (
     RobustAveragingSettings,
@@ -72,12 +73,15 @@ class RobustOptimizer(hivemind.Optimizer):
     """hivemind.Optimizer with robust gradient and state averaging (`robust` picks the aggregator) and a progress
     tracker that a minority cannot push ahead (:class:`RobustProgressTracker`)."""
 
-    def __init__(self, *, robust: RobustAveragingSettings, reputation: Optional[ReputationBook] = None, **kwargs):
-        """:param reputation: seeds the gradient averager's book (e.g. bans kept across a restart)"""
+    def __init__(
+        self, *, robust: RobustAveragingSettings, reputation: Optional[ReputationBook] = None, signer: Optional[PartSigner] = None, **kwargs
+    ):
+        """:param reputation: seeds the gradient averager's book (e.g. bans kept across a restart)
+        :param signer: seals the gradient parts this peer sends (`averaging.part_signatures`)"""
         self._robust_settings = robust  # read by _make_state_averager, which the base __init__ calls
         # hivemind documents averager_opts as going to both averagers but gives them to the state averager only
         kwargs.setdefault(
-            "grad_averager_factory", make_grad_averager_factory(robust, reputation, **(kwargs.get("averager_opts") or {}))
+            "grad_averager_factory", make_grad_averager_factory(robust, reputation, signer, **(kwargs.get("averager_opts") or {}))
         )
         super().__init__(**kwargs)
 
@@ -85,7 +89,8 @@ class RobustOptimizer(hivemind.Optimizer):
         # no distance bans on parameters: trainers in step hold identical parameters, so the round's unit distance
         # is ~0 and an honest trainer one version behind looked infinitely far (banned in 5 of 7 link-cut runs,
         # tests/swarm/test_network_faults.py). Malformed parts still ban; CenteredClip still bounds a liar's pull
-        state_settings = dataclasses.replace(self._robust_settings, ban_distance_ratio=MAX_RATIO)
+        # parameters are not signed: an accusation proves a NaN gradient part, and a NaN parameter part bans at once anyway
+        state_settings = dataclasses.replace(self._robust_settings, ban_distance_ratio=MAX_RATIO, signed_parts=False)
         # the same arguments hivemind.Optimizer passes to its stock TrainingStateAverager
         return RobustTrainingStateAverager(
             settings=state_settings,

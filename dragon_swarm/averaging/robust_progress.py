@@ -9,6 +9,10 @@ Here an epoch counts only if at least half of the reporting trainers are within 
 (:func:`supported_epoch`), and records of peers this trainer has banned are ignored altogether. In an honest
 swarm this gives the same answer as hivemind: trainers step together, so the leaders are at most one epoch ahead
 of the rest, and a late joiner is outnumbered by the peers it must catch up with.
+
+The target batch follows the trainers this one trusts (:func:`trusted_target`): a banned trainer's samples never
+reach our averages, so with 2 of 5 reporting trainers banned the 3 others would each have to fill 5/3 of their
+share of the configured target before every step, and reach fewer epochs in the same time than a clean swarm.
 """
 
 from __future__ import annotations
@@ -39,6 +43,14 @@ def supported_epoch(epochs: Sequence[int], local_epoch: int) -> int:
     return best
 
 
+def trusted_target(configured: int, trusted: int, banned: int) -> int:
+    """The target batch for a swarm where `banned` of the `trusted + banned` trainers reporting progress are
+    banned by this trainer: each trusted trainer keeps the share of the configured target it had. Pure."""
+    if trusted <= 0 or banned <= 0:
+        return configured
+    return max(1, math.ceil(configured * trusted / (trusted + banned)))
+
+
 class RobustProgressTracker(ProgressTracker):
     """``ProgressTracker`` with :func:`supported_epoch` and ignored peers (see the module docstring).
 
@@ -49,6 +61,7 @@ class RobustProgressTracker(ProgressTracker):
     def __init__(self, *args, **kwargs):
         self._ignored_peers: frozenset[str] = frozenset()
         self._reported_runaways: set[str] = set()
+        self._configured_target: int | None = None  # hivemind's target_batch_size, before trusted_target
         super().__init__(*args, **kwargs)
 
     def ignore_peers(self, peer_ids: Iterable[str]) -> None:
@@ -62,7 +75,7 @@ class RobustProgressTracker(ProgressTracker):
     def _credible_records(self, metadata: dict) -> dict:
         """Drop records of ignored peers and of trainers ahead of the supported epoch; hivemind's own parser
         then takes the largest remaining epoch, which is the supported one."""
-        parsed = {}
+        parsed, ignored = {}, set()
         for subkey, entry in metadata.items():
             if entry.value is None:
                 continue
@@ -73,8 +86,10 @@ class RobustProgressTracker(ProgressTracker):
                 logger.debug(f"ignoring malformed progress record: {e!r}")
                 continue
             if sender in self._ignored_peers:
+                ignored.add(sender)
                 continue
             parsed[subkey] = (entry, progress, sender)
+        self._follow_trusted_trainers(len({sender for _, _, sender in parsed.values()}), len(ignored))
         epochs = [progress.epoch for _, progress, _ in parsed.values() if not progress.client_mode]
         ceiling = supported_epoch(epochs, self.local_progress.epoch)
         credible = {}
@@ -89,3 +104,14 @@ class RobustProgressTracker(ProgressTracker):
                 continue
             credible[subkey] = entry
         return credible
+
+    def _follow_trusted_trainers(self, trusted: int, banned: int) -> None:
+        if self._configured_target is None:
+            self._configured_target = self.target_batch_size
+        target = trusted_target(self._configured_target, trusted, banned)
+        if target != self.target_batch_size:
+            logger.warning(
+                f"Target batch now {target} samples (configured {self._configured_target}): {banned} of the "
+                f"{trusted + banned} trainers reporting progress are banned here, their samples never reach our averages"
+            )
+            self.target_batch_size = target

@@ -84,6 +84,7 @@ class RobustTensorPartReducer(TensorPartReducer):
     :param captured_ratio: see ``CAPTURED_RATIO``; None judges every round by the result (the ``mean`` baseline)
     :param weight_claim_limit: a weight above this is a lie: one invalid strike per round for its sender (the part
       itself still counts; robust aggregators ignore weights anyway)
+    :param on_rejected: called with (sender index, part index, reason) for every part rejected as malformed
     """
 
     def __init__(
@@ -99,6 +100,7 @@ class RobustTensorPartReducer(TensorPartReducer):
         local_sender: str | None = None,
         weight_claim_limit: float | None = None,
         captured_ratio: float | None = CAPTURED_RATIO,
+        on_rejected: Callable[[int, int, str], None] | None = None,
     ):
         # set before super().__init__, which calls our reset_accumulators
         self.part_dtypes, self.sender_ids = tuple(part_dtypes), tuple(map(str, sender_ids))
@@ -113,6 +115,7 @@ class RobustTensorPartReducer(TensorPartReducer):
         self._round_recorded = False
         self.weight_claim_limit, self.captured_ratio = weight_claim_limit, captured_ratio
         self.weight_liars: set[str] = set()
+        self.on_rejected = on_rejected  # (sender index, part index, reason): the runner keeps the evidence
         super().__init__(part_shapes, num_senders=len(self.sender_ids))
         if len(self.part_dtypes) != self.num_parts:
             self.finished.set()  # so that __del__ does not warn about a round that never started
@@ -264,8 +267,18 @@ class RobustTensorPartReducer(TensorPartReducer):
         distances = torch.tensor([math.sqrt(self._squared_distances[s]) for s in senders], dtype=torch.float64)
         self.reputation.record_distances(senders, distances, self.clock(), unscored=unscored, reference=self.local_sender)
 
+    def reject(self, sender_index: int, part_index: int, reason: str) -> None:
+        """Reject a part the runner found malformed before it reached `accumulate_part` (e.g. its signature)."""
+        if self.sender_failed_after[sender_index] == math.inf:
+            self._reject(sender_index, part_index, reason)
+
     def _reject(self, sender_index: int, part_index: int, reason: str):
         sender = self.sender_ids[sender_index]
+        if self.on_rejected is not None and sender != self.local_sender:
+            try:
+                self.on_rejected(sender_index, part_index, reason)
+            except Exception:  # keeping evidence must never break the round
+                logger.exception(f"round {self.round_name}: keeping the evidence of a rejected part failed")
         self.reputation.record_invalid(sender, reason, self.clock(), conclusive=True, may_ban=sender != self.local_sender)
         if sender not in self.rejected:  # log once per (round, peer)
             self.rejected[sender] = reason

@@ -50,6 +50,9 @@ class RobustAveragingSettings:
       local values for every partition (the banned peer's part still reaches us through the reducers that do not
       ban it), while still sending our parts and reducing our partition, without the banned peer's part, for the
       honest members, who would otherwise lose our partition of their round
+    :param signed_parts: every received part must carry its sender's signature (`averaging.part_signatures`); a
+      part without one is malformed. Rejected non-finite parts become accusations (`averaging.accusations`).
+      Every peer of the swarm must then sign (give the averager a ``signer``)
     :param result_distance_limit: refuse aggregates returned farther than this from our own part, in units of our
       scale (see ``RobustAllReduceRunner``); None turns the check off. By default on for the robust
       aggregators and off for ``mean``, which stays the unprotected baseline that benchmarks compare against.
@@ -72,6 +75,7 @@ class RobustAveragingSettings:
     refuse_banned_peers: bool = True
     ignore_banned_reducers: bool = True
     avoid_banned_groups: bool = True
+    signed_parts: bool = False
     result_distance_limit: float | None | str = "auto"
     weight_claim_limit: float | None = None
 
@@ -89,13 +93,17 @@ class RobustAveragingSettings:
         self.make_reputation_book()
 
     @classmethod
-    def from_config(cls, averaging: AveragingSection, target_batch_size: int | None = None) -> "RobustAveragingSettings":
+    def from_config(
+        cls, averaging: AveragingSection, target_batch_size: int | None = None, signing: bool = False
+    ) -> "RobustAveragingSettings":
         """The settings a swarm config's ``averaging:`` section describes.
 
         :param target_batch_size: the swarm's ``training.target_batch_size``; the weight-claim limit is
           ``averaging.weight_claim_factor`` times it (hivemind weighs gradients by the samples a peer accumulated
           since the last round: an honest peer never holds more than the target plus a few micro-batches of
           overshoot). None, or a null factor, turns the weight-claim check off.
+        :param signing: the caller gives its averager a ``PartSigner``; only then does ``averaging.signed_parts``
+          turn ``signed_parts`` on (a peer that demands signatures must sign its own parts)
         """
         factor = averaging.weight_claim_factor
         return cls(
@@ -108,6 +116,7 @@ class RobustAveragingSettings:
             ban_distance_ratio=averaging.ban_distance_ratio,
             min_observations=averaging.ban_rounds,
             weight_claim_limit=None if target_batch_size is None or factor is None else factor * target_batch_size,
+            signed_parts=averaging.signed_parts and signing,
         )
 
     def make_aggregator(self) -> Aggregator:

@@ -159,7 +159,7 @@ class PeerNode:
             self.trainer = Trainer(
                 o.config, self.dht, self.dispatcher, train_stream, o.state_dir, o.batch_size, o.device,
                 bus=self.bus, gate=self.gate, contribution=self.contribution, val_stream=self.val_stream,
-                keep_versions=o.keep_versions, client_mode=o.client_mode,
+                keep_versions=o.keep_versions, client_mode=o.client_mode, identity=o.identity,
             )  # fmt: skip
 
     # --- run ---

@@ -24,8 +24,10 @@ import hivemind
 import torch
 from hivemind.utils import get_dht_time
 
+from dragon_swarm.averaging.accusations import AccusationBoard
 from dragon_swarm.averaging.ban_store import BANS_FILE, bans_from_snapshot, load_bans, save_bans, seed_book
 from dragon_swarm.averaging.compression import make_compression
+from dragon_swarm.averaging.part_signatures import PartSigner
 from dragon_swarm.averaging.robust_optimizer import RobustOptimizer
 from dragon_swarm.averaging.settings import RobustAveragingSettings
 from dragon_swarm.config import SwarmConfig
@@ -73,6 +75,7 @@ class Trainer:
         val_stream=None,
         keep_versions: int = 0,
         client_mode: bool = False,
+        identity: Path | None = None,
     ):
         self.config, self.dht, self.dispatcher = config, dht, dispatcher
         # the held-out stream (`training.evaluation`); None: no held-out loss
@@ -107,10 +110,13 @@ class Trainer:
             except (RuntimeError, KeyError, ValueError) as e:
                 logger.error(f"Trainer checkpoint does not fit this model, starting fresh: {e}")
                 saved = None
-        robust = RobustAveragingSettings.from_config(config.averaging, t.target_batch_size)
+        # gradient parts are sealed with the identity key, so a NaN part can be proven to every trainer
+        signer = PartSigner.from_identity_file(identity) if config.averaging.signed_parts and identity is not None else None
+        robust = RobustAveragingSettings.from_config(config.averaging, t.target_batch_size, signing=signer is not None)
         self.optimizer = RobustOptimizer(
             robust=robust,
             reputation=seed_book(robust.make_reputation_book(), load_bans(state_dir / BANS_FILE)),
+            signer=signer,
             dht=dht,
             run_id=config.run_prefix,
             target_batch_size=t.target_batch_size,
@@ -134,6 +140,14 @@ class Trainer:
         self._reported_bans: set[str] = set()
         if saved is not None:
             self._restore(saved)
+        self.accusations: AccusationBoard | None = None
+        if robust.signed_parts:
+            grad_averager = self.optimizer.grad_averager
+            self.accusations = AccusationBoard(
+                dht, config.run_prefix, take_new=lambda: grad_averager.take_accusations(timeout=5),
+                ban=lambda peer, reason: grad_averager.ban_peer(peer, reason, timeout=10),
+            )  # fmt: skip
+            self.accusations.start()
         if self.verifying:
             seed, seq_len = config.swarm.seed, config.model.seq_len
             self.verification = VerificationService(
@@ -372,6 +386,8 @@ class Trainer:
 
     def shutdown(self) -> None:
         try:
+            if self.accusations is not None:  # its last tick publishes what our reducer rejected last
+                self.accusations.stop()
             if self.verification is not None:  # first: a ban its last check ends in is saved with the others
                 self.verification.shutdown()
                 self.verification.log_summary(self.train_seconds)

@@ -10,7 +10,7 @@ import torch
 from dragon_swarm.averaging.aggregators import make_aggregator
 from dragon_swarm.averaging.reputation import ReputationBook
 from dragon_swarm.averaging.robust_allreduce import refused_result_reason
-from dragon_swarm.averaging.robust_progress import supported_epoch
+from dragon_swarm.averaging.robust_progress import supported_epoch, trusted_target
 from dragon_swarm.averaging.robust_reducer import RejectedPartError, RobustTensorPartReducer
 
 
@@ -30,6 +30,14 @@ from dragon_swarm.averaging.robust_reducer import RejectedPartError, RobustTenso
 )
 def test_supported_epoch(epochs, local, expected):
     assert supported_epoch(epochs, local) == expected
+
+
+def test_the_target_batch_keeps_each_trusted_trainer_s_share():
+    assert trusted_target(160, trusted=5, banned=0) == 160
+    assert trusted_target(160, trusted=3, banned=2) == 96  # 3 honest of 5: 32 samples each, as in a clean swarm
+    assert trusted_target(100, trusted=2, banned=1) == 67  # rounded up: never a smaller share than configured
+    assert trusted_target(160, trusted=0, banned=3) == 160  # nothing to judge by (no record of our own yet)
+    assert trusted_target(1, trusted=1, banned=9) == 1
 
 
 def test_refused_result_reason_accepts_an_honest_aggregate():

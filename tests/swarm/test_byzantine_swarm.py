@@ -172,11 +172,15 @@ def test_nan_sender_is_rejected_and_banned_while_training_continues(nan_run):
             banned_by.append(trainer.process.name)
             # the ban is in the state dir, where a restart picks it up (`averaging.ban_store`)
             assert nan_peer in load_bans(trainer.state_dir / BANS_FILE), f"{trainer.process.name} did not save its ban"
-    # bans are local: each peer judges what it was sent itself. A peer that never shared a group with the NaN
-    # sender before the others banned it (and so refused it in matchmaking) has nothing to reject; a peer that
-    # was sent a NaN part holds proof and bans at once
+    # a peer that was sent a NaN part holds proof: it bans at once and publishes the signed part (an accusation);
+    # a peer that never shared a group with the NaN sender bans it on that proof (`averaging.accusations`)
     assert rejected_by, "no honest trainer was sent a NaN part: the NaN sender never averaged with anyone"
-    assert banned_by == rejected_by
+    assert set(rejected_by) <= set(banned_by)
+    logs = {t.process.name: t.process.stderr() for t in honest(nan_run)}
+    assert any(f"Accusing trainer {nan_peer}" in log for log in logs.values()), "no accusation was published"
+    for name in set(banned_by) - set(rejected_by):
+        assert "proof published by" in logs[name], f"{name} banned the NaN sender without a part or a proof"
+    assert not any("Ignoring an accusation" in log for log in logs.values())  # honest accusations all verify
 
 
 def test_recomputation_catches_another_batch_s_gradient_and_refutes_false_evidence(verified_run):
