@@ -169,61 +169,49 @@ def test_banned_peer_is_refused_in_matchmaking():
         assert averagers[0].get_reputation()["banned"].keys() == {banned_id}
 
 
-def test_aggregates_of_a_banned_reducer_are_ignored():
-    # Prepare: A bans C but lets it into groups (as if a leader that does not ban C had put them together);
-    # three peers, one 1024-value part each, plain mean, values small enough to pass the result check
+def _round_where_a_bans_c(a_settings: RobustAveragingSettings, prefix: str) -> dict:
+    """Three peers A, B, C holding 0, 1 and 2 (one 1024-value partition each, plain mean, values small enough to
+    pass the result check); A bans C but lets it into groups (as if a leader that does not ban C had put them
+    together: which peer leads cannot be chosen in a test); B trusts C. One round; what each peer got back."""
     size = 3 * 1024
     tensors = [[torch.zeros(size)], [torch.ones(size)], [torch.full((size,), 2.0)]]
-    lenient = RobustAveragingSettings(aggregator="mean", refuse_banned_peers=False, avoid_banned_groups=False)
-    settings = [lenient, RobustAveragingSettings(aggregator="mean"), RobustAveragingSettings(aggregator="mean")]
-
-    with _swarm(tensors, settings, prefix="robust_banned_reducer") as averagers:
-        a, b, c = (str(averager.peer_id) for averager in averagers)
-        averagers[0].ban_peer(c, "test")
-
-        # Execute
+    settings = [a_settings, RobustAveragingSettings(aggregator="mean"), RobustAveragingSettings(aggregator="mean")]
+    with _swarm(tensors, settings, prefix=prefix) as averagers:
+        ids = [str(averager.peer_id) for averager in averagers]
+        averagers[0].ban_peer(ids[2], "test")
         outcomes = _step_all(averagers)
+        assert all(isinstance(outcome, dict) and len(outcome) == 3 for outcome in outcomes), outcomes  # one group
+        order = [str(peer_id) for peer_id in outcomes[0]]  # partitions in group order
+        by_reducer = {
+            name: {reducer: _tensor(averager)[index * 1024 : (index + 1) * 1024] for index, reducer in enumerate(order)}
+            for name, averager in zip("AB", averagers)
+        }
+        received = {name: averager.last_round_received_fraction for name, averager in zip("AB", averagers)}
+        return {"ids": dict(zip("ABC", ids)), "by_reducer": by_reducer, "received": received}
 
-        # Assert: one group of three; partitions in group order
-        assert all(isinstance(outcome, dict) and len(outcome) == 3 for outcome in outcomes), outcomes
-        order = [str(peer_id) for peer_id in outcomes[0]]
-        # what A gets back from each reducer: its own reducer ignores C's part (mean of 0 and 1), B's reducer
-        # averages all three, and C's aggregate is ignored: A keeps its own zeros there
-        expected_a = {a: 0.5, b: 1.0, c: 0.0}
-        # B trusts C as a reducer and as a sender; only A's reducer left C out
-        expected_b = {a: 0.5, b: 1.0, c: 1.0}
-        for averager, expected in [(averagers[0], expected_a), (averagers[1], expected_b)]:
-            values = _tensor(averager)
-            for index, reducer in enumerate(order):
-                part = values[index * 1024 : (index + 1) * 1024]
-                torch.testing.assert_close(part, torch.full((1024,), expected[reducer]), msg=f"partition of {reducer}")
+
+def _assert_partitions(got: dict[str, torch.Tensor], expected: dict[str, float]) -> None:
+    for reducer, value in expected.items():
+        torch.testing.assert_close(got[reducer], torch.full((1024,), value), msg=f"partition of {reducer}")
+
+
+def test_aggregates_of_a_banned_reducer_are_ignored():
+    lenient = RobustAveragingSettings(aggregator="mean", refuse_banned_peers=False, avoid_banned_groups=False)
+    run = _round_where_a_bans_c(lenient, "robust_banned_reducer")
+    a, b, c = (run["ids"][name] for name in "ABC")
+    # what A gets back from each reducer: its own reducer ignores C's part (mean of 0 and 1), B's reducer
+    # averages all three, and C's aggregate is ignored: A keeps its own zeros there
+    _assert_partitions(run["by_reducer"]["A"], {a: 0.5, b: 1.0, c: 0.0})
+    # B trusts C as a reducer and as a sender; only A's reducer left C out
+    _assert_partitions(run["by_reducer"]["B"], {a: 0.5, b: 1.0, c: 1.0})
 
 
 def test_a_peer_grouped_with_a_peer_it_bans_takes_nothing_from_that_round_and_still_serves_the_others():
-    # Prepare: A bans C, but a group of all three forms anyway (A does not refuse in matchmaking here, as if a
-    # leader that has not banned C had grouped them: which peer leads cannot be chosen in a test); B trusts C
-    size = 3 * 1024
-    tensors = [[torch.zeros(size)], [torch.ones(size)], [torch.full((size,), 2.0)]]
-    grouped_anyway = RobustAveragingSettings(aggregator="mean", refuse_banned_peers=False)
-    settings = [grouped_anyway, RobustAveragingSettings(aggregator="mean"), RobustAveragingSettings(aggregator="mean")]
-
-    with _swarm(tensors, settings, prefix="robust_banned_group") as averagers:
-        a, b, c = (str(averager.peer_id) for averager in averagers)
-        averagers[0].ban_peer(c, "test")
-
-        # Execute
-        outcomes = _step_all(averagers)
-
-        # Assert: one group of three, and A took nothing from it: B's aggregate holds C's part, so only A's own
-        # values are free of C
-        assert all(isinstance(outcome, dict) and len(outcome) == 3 for outcome in outcomes), outcomes
-        torch.testing.assert_close(_tensor(averagers[0]), torch.zeros(size))
-        assert averagers[0].last_round_received_fraction == 0.0
-        # ... while it still reduced its partition for B, without C's part (mean of 0 and 1)
-        order = [str(peer_id) for peer_id in outcomes[0]]
-        values = _tensor(averagers[1])
-        expected_b = {a: 0.5, b: 1.0, c: 1.0}
-        for index, reducer in enumerate(order):
-            part = values[index * 1024 : (index + 1) * 1024]
-            torch.testing.assert_close(part, torch.full((1024,), expected_b[reducer]), msg=f"partition of {reducer}")
-        assert averagers[1].last_round_received_fraction == 1.0
+    run = _round_where_a_bans_c(RobustAveragingSettings(aggregator="mean", refuse_banned_peers=False), "robust_banned_group")
+    a, b, c = (run["ids"][name] for name in "ABC")
+    # A took nothing from the round: B's aggregate holds C's part, so only A's own values are free of C
+    _assert_partitions(run["by_reducer"]["A"], {a: 0.0, b: 0.0, c: 0.0})
+    assert run["received"]["A"] == 0.0
+    # ... while it still reduced its partition for B, without C's part (mean of 0 and 1)
+    _assert_partitions(run["by_reducer"]["B"], {a: 0.5, b: 1.0, c: 1.0})
+    assert run["received"]["B"] == 1.0
