@@ -63,6 +63,9 @@ class SingleRequestTaskPool(TaskPool):
 GRAD_NORM_OUTLIER = 500.0
 GRAD_NORM_WINDOW = 32
 GRAD_NORM_WARMUP = 8  # accepted remote requests before their own median is the reference
+# a host that also trains waits this long for its own trainer's first call before it steps remote requests it has
+# nothing to judge by (its trainer may evaluate or load data first; an expert it never routes to must still train)
+OWN_REFERENCE_GRACE_S = 120.0
 
 
 def grad_norm_reference(recent: Sequence[float], trusted: Sequence[float], warmup: int = GRAD_NORM_WARMUP) -> float | None:
@@ -87,7 +90,9 @@ class ExpertBackend(ModuleBackend):
     """A ModuleBackend that clips every request's gradient on its own, refuses non-finite updates and counts its
     optimizer steps."""
 
-    def __init__(self, name: str, module: torch.nn.Module, *, clip_grad_norm: float, tamper: "ExpertTamper | None" = None, **kwargs):
+    def __init__(
+        self, name: str, module: torch.nn.Module, *, clip_grad_norm: float, tamper: "ExpertTamper | None" = None, own_trainer: bool = False, **kwargs
+    ):
         optimizer_and_schema = {k: kwargs.pop(k) for k in ("optimizer", "scheduler", "args_schema", "kwargs_schema", "outputs_schema") if k in kwargs}
         super().__init__(name, module, **optimizer_and_schema, **kwargs)
         # kwargs are the TaskPool's (max_batch_size, ...): the backward pool gets the same, but never merges requests
@@ -103,6 +108,11 @@ class ExpertBackend(ModuleBackend):
         self.refused_updates = 0  # backward requests far above the recent gradient norms (is_grad_norm_outlier)
         self._recent_grad_norms: deque[float] = deque(maxlen=GRAD_NORM_WINDOW)
         self._trusted_grad_norms: deque[float] = deque(maxlen=GRAD_NORM_WINDOW)
+        # own_trainer: this peer also trains and calls its own copy (trusted); until its first call (at most
+        # OWN_REFERENCE_GRACE_S), remote requests with nothing to be judged by are not stepped: one unchecked x1000
+        # request biases AdamW's moments for tens of steps (an honest replica was banned for it in a CI run)
+        self._own_reference_until = time.monotonic() + OWN_REFERENCE_GRACE_S if own_trainer else 0.0
+        self.unreferenced_refusals = 0
         # held by the runtime for a whole backward (forward recomputed, gradients, step) and by whoever reads or
         # replaces the state (checkpoints, downloads, replica sync): an in-place change of the weights between the
         # recomputed forward and its autograd would fail the request. Reentrant: on_backward runs inside backward.
@@ -149,6 +159,12 @@ class ExpertBackend(ModuleBackend):
                 self.optimizer.zero_grad(set_to_none=True)
                 return
             per_token = self.last_grad_norm / max(batch_size, 1) ** 0.5
+            if not caller_trusted and self._awaits_own_reference():
+                self.unreferenced_refusals += 1
+                if self.unreferenced_refusals == 1:
+                    logger.info(f"{self.name}: not stepping remote requests until this peer's own trainer has called it (nothing to judge them by yet)")
+                self.optimizer.zero_grad(set_to_none=True)
+                return
             if not caller_trusted and is_grad_norm_outlier(per_token, self._recent_grad_norms, trusted=self._trusted_grad_norms):
                 self.refused_updates += 1
                 if self.refused_updates == 1 or self.refused_updates % 100 == 0:
@@ -163,6 +179,13 @@ class ExpertBackend(ModuleBackend):
             (self._trusted_grad_norms if caller_trusted else self._recent_grad_norms).append(per_token)
             super().on_backward(batch_size)
             self.version += 1
+
+    def _awaits_own_reference(self) -> bool:
+        return (
+            not self._trusted_grad_norms
+            and len(self._recent_grad_norms) < GRAD_NORM_WARMUP
+            and time.monotonic() < self._own_reference_until
+        )
 
     def snapshot(self) -> tuple[dict[str, torch.Tensor], dict, dict]:
         with self.lock:
@@ -187,6 +210,7 @@ def build_expert_backends(
     max_tokens: int,
     seed: int,
     tamper: "ExpertTamper | None" = None,
+    own_trainer: bool = False,
 ) -> dict[str, ExpertBackend]:
     backends = {}
     for uid in uids:
@@ -201,6 +225,7 @@ def build_expert_backends(
             module,
             clip_grad_norm=training.expert_clip_grad_norm,
             tamper=tamper,
+            own_trainer=own_trainer,
             optimizer=optimizer,
             args_schema=(BatchTensorDescriptor(d_model),),
             max_batch_size=max_tokens,

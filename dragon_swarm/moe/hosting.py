@@ -60,6 +60,7 @@ class ExpertHosting:
         adaptive: bool = False,
         budget: int | None = None,
         periodic_sync: bool = True,
+        own_trainer: bool = False,
     ):
         m = config.model
         self.dht, self.config, self.checkpoint_dir, self.throughput = dht, config, checkpoint_dir, throughput
@@ -68,6 +69,7 @@ class ExpertHosting:
         self.budget = budget if budget is not None else len(self.all_uids)
         # False in local-expert mode: the trainer merges replicas itself, between micro-batches (`merge_round`)
         self.periodic_sync = periodic_sync
+        self.own_trainer = own_trainer  # this peer also trains: its experts judge remote updates by its own first
         self.replica_sync = ReplicaSync(self)
         self.own_peer_id = dht.peer_id.to_base58()
         self.template = expert_state.make_template(m.d_model, m.expert_hidden, config.training)
@@ -127,7 +129,8 @@ class ExpertHosting:
         old_host = self.host
         kept = {uid: expert_state.capture(b) for uid, b in (old_host.backends.items() if old_host else ()) if uid in uids}
         backends = build_expert_backends(
-            uids, m.d_model, m.expert_hidden, self.config.training, self.config.experts.max_batch_size, self.config.swarm.seed, tamper=self.tamper
+            uids, m.d_model, m.expert_hidden, self.config.training, self.config.experts.max_batch_size, self.config.swarm.seed,
+            tamper=self.tamper, own_trainer=self.own_trainer,
         )  # fmt: skip
         new = [uid for uid in uids if uid not in kept]
         self._announce(new, "joining")

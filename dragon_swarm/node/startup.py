@@ -160,6 +160,7 @@ def start_host(dht, options, uids: list[str], bus: EventBus, tamper=None, period
         adaptive=options.host_spec in (None, "auto"),
         budget=expert_budget(options) if options.host_spec in (None, "auto") else None,
         periodic_sync=periodic_sync,
+        own_trainer=options.train,
     )
     try:
         hosting.start(uids)

@@ -28,9 +28,9 @@ def test_own_requests_are_the_reference_before_remote_ones_are_enough():
     assert grad_norm_reference([1.0] * (GRAD_NORM_WARMUP - 1), []) is None
 
 
-def one_backend():
+def one_backend(own_trainer: bool = False):
     m = CONFIG.model
-    backends = build_expert_backends([f"{CONFIG.expert_prefix}.0.0"], m.d_model, m.expert_hidden, CONFIG.training, 1024, 0)
+    backends = build_expert_backends([f"{CONFIG.expert_prefix}.0.0"], m.d_model, m.expert_hidden, CONFIG.training, 1024, 0, own_trainer=own_trainer)
     return next(iter(backends.values()))
 
 
@@ -78,3 +78,29 @@ def test_a_scaled_first_request_is_refused_where_the_host_trains_too():
     assert backend.refused_updates == 1 and backend.version == 1
     backend.backward(*backward_inputs(1.0))  # an honest remote one
     assert backend.refused_updates == 1 and backend.version == 2
+
+
+def test_a_host_that_trains_steps_no_remote_request_before_its_own_trainer_gave_a_reference():
+    """In a CI run an x1000 caller's requests reached a training host before that host's own trainer had made its
+    first call (it was evaluating): with nothing to judge by they were stepped, AdamW's moments carried them for
+    tens of steps, and an honest replica drifted until it was banned as Byzantine."""
+    m = CONFIG.model
+    torch.manual_seed(0)
+
+    def backward_inputs(scale: float, tokens: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.randn(tokens, m.d_model), torch.randn(tokens, m.d_model) * scale / 1024
+
+    backend = one_backend(own_trainer=True)
+    before = {k: v.clone() for k, v in backend.module.state_dict().items()}
+    backend.backward(*backward_inputs(1000.0))  # remote, before any own call: not stepped, whatever its size
+    backend.backward(*backward_inputs(1.0))
+    assert backend.version == 0 and backend.unreferenced_refusals == 2
+    assert all(torch.equal(v, before[k]) for k, v in backend.module.state_dict().items())
+    backend.trusted_backward(*backward_inputs(1.0))  # the host's own trainer: from now on remote requests are judged
+    backend.backward(*backward_inputs(1.0))
+    backend.backward(*backward_inputs(1000.0))
+    assert backend.version == 2 and backend.refused_updates == 1 and backend.unreferenced_refusals == 2
+
+    pure_host = one_backend(own_trainer=False)  # nobody to wait for: its first requests are stepped (documented)
+    pure_host.backward(*backward_inputs(1.0))
+    assert pure_host.version == 1 and pure_host.unreferenced_refusals == 0
