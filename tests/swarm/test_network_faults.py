@@ -27,6 +27,7 @@ import os
 import shutil
 import subprocess
 import time
+from typing import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -323,9 +324,9 @@ def test_both_halves_train_while_cut_and_agree_again_after_the_heal(swarm: Swarm
 # --- a trainer SIGKILLed as its all-reduce begins ---
 
 
-def _kill_at_log_line(member: Member, text: str, timeout: float) -> tuple[float, str]:
-    """SIGKILL `member` (its whole process group) the moment its log gets a new line containing `text`: polls the
-    log's new bytes every 20 ms. Returns the kill time and the line."""
+def _kill_at_log_line(member: Member, text: str, timeout: float, only_if: Callable[[str], bool] | None = None) -> tuple[float, str]:
+    """SIGKILL `member` (its whole process group) the moment its log gets a new line containing `text` (and for which
+    `only_if(line)` holds, if given): polls the log's new bytes every 20 ms. Returns the kill time and the line."""
     deadline = time.monotonic() + timeout
     with open(member.process.stderr_path, "rb") as log:
         log.seek(0, os.SEEK_END)
@@ -335,7 +336,7 @@ def _kill_at_log_line(member: Member, text: str, timeout: float) -> tuple[float,
             lines = pending.split(b"\n")
             pending = lines.pop()
             for line in lines:
-                if text.encode() in line:
+                if text.encode() in line and (only_if is None or only_if(line.decode(errors="replace"))):
                     killed_at = time.time()
                     member.process.kill_hard()
                     return killed_at, line.decode(errors="replace")
@@ -372,8 +373,12 @@ def killed_mid_round(swarm: Swarm) -> KilledMidRound:
     # all-reduce of the group it matched with (pre-scheduled 1.5 s earlier) starts; the others start it too.
     swarm.notes.setdefault("killed", []).append(victim.name)
     offsets = {m.name: m.log_size() for m in survivors}
-    kill_time, line = _kill_at_log_line(victim, "Beginning optimizer step #", timeout=120)
-    step = int(line.rsplit("#", 1)[1].split()[0])
+    def step_of(line: str) -> int:
+        return int(line.rsplit("#", 1)[1].split()[0])
+
+    # only a step the partner is at too (one CI run caught the partner a version behind: it was not in that round)
+    kill_time, line = _kill_at_log_line(victim, "Beginning optimizer step #", timeout=180, only_if=lambda line: _epoch(partner) == step_of(line))
+    step = step_of(line)
     epochs_at_kill = {m.name: _epoch(m) for m in survivors}
     recovered: dict[str, float] = {}
 
