@@ -27,9 +27,9 @@ import os
 import shutil
 import subprocess
 import time
-from typing import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import yaml
