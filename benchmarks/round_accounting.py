@@ -39,7 +39,10 @@ def seconds_of_day(line: str) -> int | None:
 
 
 def _elapsed(start: int, end: int) -> int:
-    return (end - start) % 86400  # logs carry the time of day only; a run never lasts a day
+    """Seconds from `start` to `end` (times of day): negative when `end` came first, e.g. a ban logged a second before
+    the first micro-batch line. Logs carry the time of day only; a run never lasts half a day."""
+    delta = (end - start) % 86400
+    return delta - 86400 if delta > 43200 else delta
 
 
 def attack_start(attacker_log: str) -> int | None:

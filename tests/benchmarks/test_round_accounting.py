@@ -1,6 +1,6 @@
 """The robustness benchmark's accounting of an honest trainer's rounds, bans and refused parts, from log lines."""
 
-from benchmarks.round_accounting import account_trainer, attack_start
+from benchmarks.round_accounting import _elapsed, account_trainer, attack_start
 
 ATTACKER = "QmAttacker1111"
 HONEST = "QmHonest2222"
@@ -44,3 +44,8 @@ def test_an_honest_peer_banned_is_reported_and_day_wrap_is_handled():
     assert result["honest_peers_banned"] == [HONEST]
     log += "00:00:04 WARN x: banned QmAttacker1111 for 300 s: far\n"
     assert account_trainer(log, {ATTACKER: 86399})["bans"][ATTACKER]["seconds_after_attack_start"] == 5
+
+
+def test_a_ban_logged_before_the_attack_start_line_is_negative_not_a_day():
+    assert _elapsed(86399, 3) == 4  # across midnight
+    assert _elapsed(100, 99) == -1  # a second early, not 86399 s late
