@@ -3,6 +3,8 @@ loopback swarm: it averages with them (its parts go out, it reduces none) and th
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from benchmarks.local_peers import read_stats
@@ -37,10 +39,14 @@ def test_the_client_mode_trainer_trains_and_averages_with_the_others(swarm):
     assert sum(r["loss"] for r in nat[-3:]) / 3 < nat[0]["loss"] - 0.1
     others = [read_stats(log_dir / f"trainer{i}.jsonl") for i in range(2)]
     assert all(o[-1]["epoch"] >= 2 for o in others)
-    # it averaged with them: a round of three happened (the client's own progress view may lag: in one CI run its
-    # tracker never counted the others, while they averaged with it)
-    joint = max(r["peers"] for r in nat) >= 3 or any("Averaged gradients with 3 peers" in t.stderr() for t in trainers)
-    assert joint, "no averaging round had all three trainers"
+    # it averaged with them: its parts went out and a normal trainer reduced them. A round of all three is usual but
+    # not certain (in one CI run the three finished without one: the normal two had averaged with each other and
+    # with the client, never all at once), and the client's own progress view may lag the others'
+    group_sizes = [int(n) for t in trainers for n in re.findall(r"Averaged gradients with (\d+) peers", t.stderr())]
+    client_groups = [int(n) for n in re.findall(r"Averaged gradients with (\d+) peers", trainers[2].stderr())]
+    assert max(client_groups, default=0) >= 2 or max(r["peers"] for r in nat) >= 3, (
+        f"the client never averaged with another trainer (group sizes seen: {group_sizes})"
+    )
 
 
 def test_client_mode_refuses_to_host(swarm):
