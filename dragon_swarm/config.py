@@ -106,12 +106,21 @@ class AveragingSection(Schema):
     ban_rounds: PositiveInt = 3
     ban_strikes: PositiveInt = 2
     ban_seconds: Annotated[float, Field(ge=0)] = 300.0
+    # a peer banned again after its ban ran out serves twice the last ban, up to this; clean for this long, it starts
+    # over at ban_seconds
+    max_ban_seconds: Annotated[float, Field(ge=0)] = 86400.0
     # a sender claiming more than this many times training.target_batch_size samples in one round is lying (an
     # honest peer holds the target plus a few micro-batches of overshoot); null turns the check off
     weight_claim_factor: Positive | None = 4.0
     # every all-reduce part is signed by its sender's identity key; a signed NaN/Inf part is published as proof that
     # bans its sender on every trainer (dragon_swarm.averaging.accusations)
     signed_parts: bool = True
+
+    @model_validator(mode="after")
+    def _longest_ban_holds_the_first(self) -> "AveragingSection":
+        if self.max_ban_seconds < self.ban_seconds:
+            raise ValueError(f"max_ban_seconds ({self.max_ban_seconds:g}) must be >= ban_seconds ({self.ban_seconds:g})")
+        return self
 
     @field_validator("compression")
     @classmethod

@@ -2,7 +2,7 @@
 and seeds a fresh averager's reputation book from that file at start.
 
 The book keeps time on the monotonic clock, which restarts with the process; the file stores wall-clock expiry
-times. A saved ban can only be shortened on load (never beyond `ban_seconds` from now), so a tampered file cannot
+times. A saved ban can only be shortened on load (never beyond `max_ban_seconds` from now), so a tampered file cannot
 ban a peer for longer than the policy allows; a broken file is reported and ignored (no bans restored).
 """
 

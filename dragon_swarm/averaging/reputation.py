@@ -24,7 +24,11 @@ A sender is banned for ``ban_seconds`` when
 * its distance EMA stayed above ``ban_distance_ratio`` for ``min_observations`` rounds in a row.
 
 Both counters restart after a ban, so a returning peer gets a fresh chance but is banned again as quickly if it
-keeps misbehaving. The EMA itself is kept: a peer cannot wash its history by sitting out a ban.
+keeps misbehaving. The EMA itself is kept: a peer cannot wash its history by sitting out a ban. A repeat offender
+serves longer: a ban that starts after an earlier one ran out lasts twice as long as that one, up to
+``max_ban_seconds`` (a liar caught every few minutes is otherwise back in the rounds between catches). A peer that
+stays out of trouble for ``max_ban_seconds`` after a ban starts over at ``ban_seconds`` (an honest peer banned by a
+fluke is not marked for life).
 
 The defaults are the policy trainers run with (``averaging:`` section of the swarm config, see
 ``RobustAveragingSettings.from_config``): 5x for 3 rounds, 2 strikes, 300 s.
@@ -52,6 +56,7 @@ __all__ = ["ReputationBook", "SenderRecord"]
 logger = logging.getLogger(__name__)
 
 
+DEFAULT_MAX_BAN_S = 24 * 3600.0
 MAX_RATIO = 100.0  # one observation's distance ratio is capped here; a ban ratio of MAX_RATIO never bans
 
 
@@ -67,6 +72,7 @@ class SenderRecord:
     invalid_strikes: int = 0  # invalid parts since the last ban
     refused_results: int = 0  # aggregates this peer returned as a reducer that we refused (see the runner)
     bans: int = 0
+    episodes: int = 0  # separate bans (a ban starting while not banned) since the peer last stayed clean long enough
     banned_until: float = -math.inf
     ban_reason: str | None = None
     last_seen: float = -math.inf
@@ -75,7 +81,10 @@ class SenderRecord:
 class ReputationBook:
     """Per-sender records and the local ban policy (see the module docstring).
 
-    :param ban_seconds: how long a ban lasts
+    :param ban_seconds: how long a first ban lasts; each further one (started after the last ran out) lasts twice
+      as long as the one before
+    :param max_ban_seconds: the longest ban, and how long a peer must stay unbanned to start over at ``ban_seconds``
+      (default: 24 h, or ``ban_seconds`` if that is longer)
     :param max_invalid: invalid parts (since the last ban) that trigger a ban
     :param ban_distance_ratio: a distance EMA above this (in units of the round's unit distance, see the module
       docstring) counts as far
@@ -92,6 +101,7 @@ class ReputationBook:
         self,
         *,
         ban_seconds: float = 300.0,
+        max_ban_seconds: float | None = None,
         max_invalid: int = 2,
         ban_distance_ratio: float = 5.0,
         min_observations: int = 3,
@@ -101,6 +111,11 @@ class ReputationBook:
         max_records: int = 10_000,
     ):
         _require(math.isfinite(ban_seconds) and ban_seconds >= 0, f"ban_seconds must be >= 0, got {ban_seconds!r}")
+        max_ban_seconds = max(DEFAULT_MAX_BAN_S, ban_seconds) if max_ban_seconds is None else max_ban_seconds
+        _require(
+            math.isfinite(max_ban_seconds) and max_ban_seconds >= ban_seconds,
+            f"max_ban_seconds must be >= ban_seconds ({ban_seconds:g}), got {max_ban_seconds!r}",
+        )
         _require(ban_distance_ratio > 0, f"ban_distance_ratio must be > 0, got {ban_distance_ratio!r}")
         _require(0 < ema_alpha <= 1, f"ema_alpha must be in (0, 1], got {ema_alpha!r}")
         _require(max_ratio >= ban_distance_ratio, f"max_ratio must be >= ban_distance_ratio, got {max_ratio!r}")
@@ -112,6 +127,7 @@ class ReputationBook:
         ]:
             _require(isinstance(value, int) and value >= minimum, f"{name} must be an int >= {minimum}, got {value!r}")
         self.ban_seconds, self.max_invalid = float(ban_seconds), max_invalid
+        self.max_ban_seconds = float(max_ban_seconds)
         self.ban_distance_ratio, self.min_observations = float(ban_distance_ratio), min_observations
         self.ema_alpha, self.min_senders, self.max_ratio = float(ema_alpha), min_senders, float(max_ratio)
         self.max_records = max_records
@@ -211,7 +227,7 @@ class ReputationBook:
             self._record(peer, _now(now)).refused_results += 1
 
     def ban(self, peer: str, reason: str, now: float | None = None) -> None:
-        """Ban ``peer`` for ``ban_seconds`` right away (e.g. on evidence from outside the all-reduce)."""
+        """Ban ``peer`` right away (e.g. on evidence from outside the all-reduce), as long as the policy says."""
         now = _now(now)
         with self._lock:
             self._ban(peer, self._record(peer, now), now, reason)
@@ -219,9 +235,10 @@ class ReputationBook:
     def restore_ban(self, peer: str, seconds_left: float, reason: str, now: float | None = None) -> None:
         """Ban ``peer`` for what was left of a ban this peer saved before it restarted (``averaging.ban_store``)."""
         now = _now(now)
-        seconds_left = min(max(float(seconds_left), 0.0), self.ban_seconds)  # a saved file cannot extend a ban
+        seconds_left = min(max(float(seconds_left), 0.0), self.max_ban_seconds)  # no file bans beyond the policy
         with self._lock:
             record = self._record(peer, now)
+            record.episodes = max(record.episodes, 1)  # banned again after this one, it serves the doubled time
             record.banned_until = max(record.banned_until, now + seconds_left)
             record.ban_reason = f"{reason} (kept across a restart)"
 
@@ -299,12 +316,22 @@ class ReputationBook:
         key = (lambda p: self._records[p].last_seen) if unbanned else (lambda p: self._records[p].banned_until)
         del self._records[min(candidates, key=key)]
 
+    def ban_length(self, episodes: int) -> float:
+        """Seconds the ``episodes``-th separate ban of one peer lasts: ``ban_seconds`` doubled per earlier one."""
+        return min(self.ban_seconds * 2.0 ** min(max(episodes - 1, 0), 64), self.max_ban_seconds)
+
     def _ban(self, peer: str, record: SenderRecord, now: float, reason: str) -> None:
-        record.banned_until = max(record.banned_until, now + self.ban_seconds)
+        if record.banned_until <= now:  # a new ban, not more evidence during the one it serves
+            if now - record.banned_until >= self.max_ban_seconds:
+                record.episodes = 0
+            record.episodes += 1
+        seconds = self.ban_length(record.episodes)
+        record.banned_until = max(record.banned_until, now + seconds)
         record.ban_reason = reason
         record.bans += 1
         record.far_streak = record.invalid_strikes = 0
-        logger.warning(f"banned {peer} for {self.ban_seconds:g} s: {reason}")
+        repeat = f" (ban #{record.episodes})" if record.episodes > 1 else ""
+        logger.warning(f"banned {peer} for {seconds:g} s{repeat}: {reason}")
 
 
 def _normalized(distances: list[float], max_ratio: float, unit: float | None = None) -> list[float]:

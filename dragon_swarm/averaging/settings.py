@@ -39,10 +39,11 @@ class RobustAveragingSettings:
     :param max_weight: the ``mean`` aggregator caps each sender's self-reported weight here (hivemind's
       GradientAverager sends its accumulated sample count: set this to the samples an honest peer gathers
       per round, or leave 1 to weigh everyone equally). Robust aggregators ignore weights.
-    :param ban_seconds, max_invalid, ban_distance_ratio, min_observations, ema_alpha: the ban policy, see
+    :param ban_seconds, max_ban_seconds, max_invalid, ban_distance_ratio, min_observations, ema_alpha: the ban policy, see
       :class:`~.reputation.ReputationBook`. The defaults: a sender 5x farther from the robust result than this
       peer, over a whole round's partition, 3 rounds in a row, or with 2 impossible weight claims, is banned for
-      300 s; one malformed part (NaN/Inf, wrong size) bans at once
+      300 s; one malformed part (NaN/Inf, wrong size) bans at once. ``max_ban_seconds``: a repeat offender's
+      doubled bans stop growing here (24 h)
     :param refuse_banned_peers: refuse banned peers in matchmaking (as leader and as follower)
     :param ignore_banned_reducers: keep local values for the partition of a banned peer that is in our group
       anyway (let in by a leader that has not banned it) instead of taking its aggregate
@@ -68,6 +69,7 @@ class RobustAveragingSettings:
     tol: float = 1e-6
     max_weight: float = 1.0
     ban_seconds: float = 300.0
+    max_ban_seconds: float = 86400.0
     max_invalid: int = 2
     ban_distance_ratio: float = 5.0
     min_observations: int = 3
@@ -112,6 +114,7 @@ class RobustAveragingSettings:
             relative_tau=averaging.relative_tau,
             trim_ratio=averaging.trim_ratio,
             ban_seconds=averaging.ban_seconds,
+            max_ban_seconds=averaging.max_ban_seconds,
             max_invalid=averaging.ban_strikes,
             ban_distance_ratio=averaging.ban_distance_ratio,
             min_observations=averaging.ban_rounds,
@@ -131,6 +134,7 @@ class RobustAveragingSettings:
     def make_reputation_book(self) -> ReputationBook:
         return ReputationBook(
             ban_seconds=self.ban_seconds,
+            max_ban_seconds=self.max_ban_seconds,
             max_invalid=self.max_invalid,
             ban_distance_ratio=self.ban_distance_ratio,
             min_observations=self.min_observations,

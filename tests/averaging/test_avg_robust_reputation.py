@@ -103,7 +103,7 @@ def test_strikes_restart_after_a_ban_but_totals_do_not():
     assert not after_one and after_two
     record = book.record(A)
     assert record.invalid == 4 and record.bans == 2
-    assert book.is_banned(A, now=30.0) and not book.is_banned(A, now=31.0)
+    assert book.is_banned(A, now=40.0) and not book.is_banned(A, now=41.0)  # a second ban: twice the first
 
 
 def test_conclusive_evidence_bans_at_once_and_restarts_strikes():
@@ -278,6 +278,41 @@ def test_manual_ban_extends_but_never_shortens():
 
     assert book.banned(now=120.0) == {A: 150.0}
     assert book.record(A).bans == 3 and book.record(A).ban_reason == "again"
+
+
+def test_a_repeat_offender_serves_doubled_bans_up_to_the_longest():
+    book = _book(ban_seconds=100.0, max_ban_seconds=350.0)
+    lengths = []
+    now = 0.0
+    for _ in range(5):  # banned again each time the last ban has just run out
+        book.ban(A, "lied", now=now)
+        lengths.append(book.banned(now=now)[A] - now)
+        now = book.banned(now=now)[A]
+    assert lengths == [100.0, 200.0, 350.0, 350.0, 350.0]
+    assert book.record(A).episodes == 5
+
+
+def test_more_evidence_during_a_ban_does_not_escalate_it():
+    book = _book(ban_seconds=100.0)
+    book.ban(A, "lied", now=0.0)
+    book.ban(A, "lied again, same ban", now=50.0)  # extends to 150, still the first ban
+    assert book.record(A).episodes == 1 and book.banned(now=60.0) == {A: 150.0}
+    book.ban(A, "back and lying", now=151.0)
+    assert book.banned(now=151.0) == {A: 351.0}  # the second ban: doubled
+
+
+def test_a_peer_clean_for_the_longest_ban_starts_over():
+    book = _book(ban_seconds=100.0, max_ban_seconds=1000.0)
+    book.ban(A, "fluke", now=0.0)
+    book.ban(A, "fluke", now=200.0)  # second: 200 s, until 400
+    book.ban(A, "much later", now=400.0 + 1000.0)  # clean for max_ban_seconds after it ended
+    assert book.record(A).episodes == 1 and book.banned(now=1400.0) == {A: 1500.0}
+
+
+@pytest.mark.parametrize("longest", [50.0, math.inf, -1.0])
+def test_the_longest_ban_must_be_finite_and_hold_the_first(longest):
+    with pytest.raises(ValueError, match="max_ban_seconds"):
+        _book(ban_seconds=100.0, max_ban_seconds=longest)
 
 
 def test_default_clock_is_monotonic():

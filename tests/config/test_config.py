@@ -135,18 +135,19 @@ def test_averaging_defaults_are_the_policy_trainers_run_with():
     assert (settings.relative_tau, settings.ban_distance_ratio, settings.min_observations) == (True, 5.0, 3)
     assert (settings.max_invalid, settings.ban_seconds, settings.weight_claim_limit) == (2, 300.0, 256.0)
     book, default_book = settings.make_reputation_book(), ReputationBook()
-    for name in ("ban_seconds", "max_invalid", "ban_distance_ratio", "min_observations", "ema_alpha"):
+    for name in ("ban_seconds", "max_ban_seconds", "max_invalid", "ban_distance_ratio", "min_observations", "ema_alpha"):
         assert getattr(book, name) == getattr(default_book, name), name
 
 
 def test_ban_policy_comes_from_the_config_file(tmp_path):
     raw = yaml.safe_load(TINY.read_text())
-    policy = dict(relative_tau=False, tau=2.5, ban_distance_ratio=7, ban_rounds=4, ban_strikes=1, ban_seconds=60, weight_claim_factor=2)
+    policy = dict(relative_tau=False, tau=2.5, ban_distance_ratio=7, ban_rounds=4, ban_strikes=1, ban_seconds=60, max_ban_seconds=600, weight_claim_factor=2)
     raw["averaging"].update(policy)
     config = load_config(write(tmp_path, yaml.safe_dump(raw)))
     settings = RobustAveragingSettings.from_config(config.averaging, config.training.target_batch_size)
     assert (settings.relative_tau, settings.tau, settings.ban_distance_ratio) == (False, 2.5, 7.0)
     assert (settings.min_observations, settings.max_invalid, settings.ban_seconds) == (4, 1, 60.0)
+    assert settings.make_reputation_book().ban_length(3) == 240.0 and settings.make_reputation_book().ban_length(9) == 600.0
     assert settings.weight_claim_limit == 2.0 * config.training.target_batch_size
     off = load_config("dragon-tiny", {"averaging.weight_claim_factor": None})
     assert RobustAveragingSettings.from_config(off.averaging, 64).weight_claim_limit is None
@@ -160,6 +161,7 @@ def test_ban_policy_comes_from_the_config_file(tmp_path):
         ("ban_strikes", 1.5, "averaging.ban_strikes must be an int"),
         ("ban_distance_ratio", -1, "averaging.ban_distance_ratio must be positive"),
         ("ban_seconds", -1, "averaging.ban_seconds must be >= 0"),
+        ("max_ban_seconds", 60, "averaging: max_ban_seconds"),
         ("weight_claim_factor", 0, "averaging.weight_claim_factor"),
         ("relative_tau", "yes", "averaging.relative_tau must be a bool"),
     ],
