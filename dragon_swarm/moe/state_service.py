@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator, Callable, Sequence
 
 import hivemind
@@ -153,14 +154,27 @@ class ExpertStateService:
     ) -> tuple[ExpertState, str, list[str]] | None:
         """Ask up to `limit` hosts; keep the valid answers; return (robust choice, the peer it came from, problems).
         None when no host gave a usable state."""
-        states, sources, problems = [], [], []
-        for peer_id in [p for p in peer_ids if p != self.own_peer_id][:limit]:
+        asked = [p for p in peer_ids if p != self.own_peer_id][:limit]
+
+        def ask(peer_id: str) -> ExpertState | ExpertStateError:
             try:
-                states.append(self.fetch(peer_id, uid, template, timeout))
-                sources.append(peer_id)
+                return self.fetch(peer_id, uid, template, timeout)
             except ExpertStateError as e:
-                problems.append(str(e))
-                logger.warning(f"Expert state download refused: {e}")
+                return e
+
+        states, sources, problems = [], [], []
+        if not asked:
+            return None
+        # all hosts at once: each one that trains answers only between two of its micro-batches
+        with ThreadPoolExecutor(max_workers=len(asked), thread_name_prefix="expert-fetch") as pool:
+            answers = list(pool.map(ask, asked))
+        for peer_id, answer in zip(asked, answers):
+            if isinstance(answer, ExpertStateError):
+                problems.append(str(answer))
+                logger.warning(f"Expert state download refused: {answer}")
+            else:
+                states.append(answer)
+                sources.append(peer_id)
         if not states:
             return None
         chosen = expert_state.robust_choice(states, reference)

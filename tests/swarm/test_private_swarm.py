@@ -5,12 +5,14 @@ Real hivemind DHTs and p2pd on loopback. In this process: a member peer serving 
 our validating handler), its expert state service and a robust averager, a second member, and three outsiders that
 dial the member directly: one without the key, one with a wrong key, one with the key but an identity without the
 swarm's work. Then real peer processes: a bootstrap and a trainer with `--swarm-key` train; a peer without the key
-is turned away with one line saying why.
+is turned away with one line saying why. The same member's state service also shows a robust download asking
+every host at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import pytest
@@ -250,5 +252,38 @@ def test_a_round_snapshot_is_recorded_as_fetched_only_once_sent(swarm):
             time.sleep(0.05)
         assert host.fetched_by(UID, "r1") == {member_dht.peer_id.to_base58()}
     finally:
+        client.shutdown()
+        host.shutdown()
+
+
+def test_a_robust_download_asks_every_host_at_once_while_a_micro_batch_holds_the_expert(swarm):
+    """A host that trains answers a state request only between micro-batches (it holds the expert's lock for a whole
+    one). Asked one after another, k hosts cost k micro-batch waits (a joining trainer waited 48 s for 6 experts);
+    asked at once, all requests are at the hosts while the first micro-batch still runs."""
+    host_dht, backends, member_dht, _, _ = swarm
+    asked = []
+    namespace = f"{NAMESPACE}.parallel"
+    host = ExpertStateService(host_dht, namespace, lambda uid: asked.append(uid) or backends.get(uid))
+    host.start()
+    client = ExpertStateService(member_dht, namespace, lambda uid: None)
+    client.start(serve=False)
+    template = expert_state.make_template(D, CONFIG.model.expert_hidden, CONFIG.training)
+    answers = []
+    fetching = None
+    try:
+        with backends[UID].lock:  # the trainer's micro-batch
+            fetching = threading.Thread(target=lambda: answers.append(client.fetch_robust([host_dht.peer_id.to_base58()] * 3, UID, template, timeout=60)))
+            fetching.start()
+            deadline = time.monotonic() + 30
+            while len(asked) < 3 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            reached_while_held = len(asked)
+        fetching.join(timeout=60)
+        assert reached_while_held == 3, f"only {reached_while_held} of 3 requests reached the host during the micro-batch"
+        state, _, problems = answers[0]
+        assert problems == [] and state.version == backends[UID].version
+    finally:
+        if fetching is not None:
+            fetching.join(timeout=60)
         client.shutdown()
         host.shutdown()
