@@ -51,7 +51,10 @@ bans from the parts of its own span only (so a ban takes as many rounds as on th
 than half of the honest peers ban is left out of the next rounds, as their matchmaking refuses it. The books'
 clock is simulated (5 s per step), so results do not depend on this machine's speed. ``--no-bans`` gives every
 peer a fresh book each step: the numbers then measure the aggregator alone (use it for the naive ``mean``
-baseline: naive averaging has no reputation either). The loss is the mean
+baseline: naive averaging has no reputation either). On the network ``--no-bans`` turns off every guard that is not
+the aggregator: distance and weight-claim bans, verification by recomputation and signed parts (a malformed part is
+still refused: that is validation, not reputation). Without it a ``mean`` run still has those guards, and they hold
+it: ``sign_flip``, seed 13, 1.23 with them. The loss is the mean
 cross-entropy over ``--eval-batches`` fixed validation batches, measured a few times along the way (``curve``).
 
 Cost (dragon-tiny, B=4, T=32, one torch thread): a few seconds per step for 16 peers (CenteredClip under attack
@@ -91,7 +94,7 @@ import yaml
 
 from dragon_swarm.attacks import Attack, byzantine_gradient, claimed_weight, corrupt_targets, parse_attack
 from dragon_swarm.averaging.aggregators import AGGREGATORS, Aggregator
-from dragon_swarm.averaging.reputation import ReputationBook
+from dragon_swarm.averaging.reputation import MAX_RATIO, ReputationBook
 from dragon_swarm.averaging.settings import RobustAveragingSettings
 from dragon_swarm.averaging.robust_reducer import RobustTensorPartReducer
 from dragon_swarm.config import SwarmConfig, load_config, resolve_config_path
@@ -160,7 +163,6 @@ class RobustnessSettings:
             simulation_only = {
                 "--worker-momentum": self.worker_momentum != 0.0,
                 "--absolute-tau": self.absolute_tau,
-                "--no-bans": not self.bans,
                 "--min-observations": self.min_observations is not None,
                 "--ban-distance-ratio": self.ban_distance_ratio is not None,
             }
@@ -486,6 +488,9 @@ def write_network_config(settings: RobustnessSettings, work_dir: Path) -> Path:
     raw.setdefault("averaging", {}).update(
         aggregator=settings.aggregator, tau=averaging.tau, trim_ratio=averaging.trim_ratio
     )
+    if not settings.bans:  # the unprotected baseline: nobody is banned for what it sends, nobody is checked
+        raw["averaging"].update(ban_distance_ratio=MAX_RATIO, ban_strikes=10**9, weight_claim_factor=None, signed_parts=False)
+        raw.setdefault("verification", {})["enabled"] = False
     raw["model"]["seq_len"] = settings.seq_len
     # one global step per round of micro-batches, as in the simulation (an inflated claim only speeds epochs up)
     raw.setdefault("training", {}).update(batch_size=settings.batch_size, target_batch_size=settings.peers * settings.batch_size)
@@ -645,7 +650,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[RobustnessSettings, Path 
     p.add_argument("--eval-batches", type=int, default=4, help="validation batches per measurement (simulation)")
     p.add_argument("--eval-batch-size", type=int, default=16, help="sequences per validation batch (simulation)")
     p.add_argument("--no-bans", dest="bans", action="store_false",
-                   help="simulation: a fresh reputation book every step, to measure the aggregator alone")
+                   help="no reputation: simulation, a fresh book every step; network, no bans for distance or weight "
+                        "claims, no verification, no signed parts (the naive mean baseline; malformed parts are still refused)")
     p.add_argument("--min-observations", type=int, default=None,
                    help="simulation: far parts in a row before a peer bans a sender (default: the trainer's)")
     p.add_argument("--ban-distance-ratio", type=float, default=None,

@@ -257,6 +257,20 @@ def test_network_config_carries_the_averaging_settings(tmp_path):
     assert (config.model.seq_len, config.training.batch_size, config.training.target_batch_size) == (16, 2, 8)
 
 
+def test_the_unprotected_network_baseline_has_no_guard_but_the_aggregator(tmp_path):
+    settings = RobustnessSettings(peers=5, byzantine=2, attack=Attack.SIGN_FLIP, aggregator="mean", steps=3,
+                                  simulate=False, bans=False)  # fmt: skip
+    config = load_config(str(write_network_config(settings, tmp_path)))
+    assert not config.verification.enabled and not config.averaging.signed_parts
+    assert config.averaging.weight_claim_factor is None
+    book = RobustAveragingSettings.from_config(config.averaging, config.training.target_batch_size).make_reputation_book()
+    for t in range(50):  # 1000x farther than everyone else, round after round: never banned for it
+        book.record_distances(["a", "b", "c", "far"], [1.0, 1.0, 1.0, 1000.0], now=float(t))
+    assert not book.is_banned("far", now=50.0)
+    guarded = load_config(str(write_network_config(dataclasses.replace(settings, bans=True), tmp_path)))
+    assert guarded.verification.enabled and guarded.averaging.signed_parts
+
+
 def test_settings_refuse_nonsense():
     with pytest.raises(ValueError, match="byzantine"):
         RobustnessSettings(peers=4, byzantine=4, attack=Attack.NAN, aggregator="mean", steps=3)
