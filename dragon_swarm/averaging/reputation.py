@@ -91,7 +91,8 @@ class ReputationBook:
     :param min_observations: consecutive far observations (rounds) that trigger a ban
     :param ema_alpha: weight of the newest observation in the distance EMA, in (0, 1]
     :param min_senders: rounds with fewer valid senders update part counts but not the EMA (with 2 senders each
-      is exactly as far from the other, so the ratio says nothing about who is wrong)
+      is exactly as far from the other, so the ratio says nothing about who is wrong), unless the caller gives an
+      explicit ``unit`` (distances measured from its own part, in units of its norm: then one other sender is enough)
     :param max_ratio: one observation's ratio is capped here, so a single huge outlier cannot pin the EMA for long
     :param max_records: keep at most this many senders; the least recently seen unbanned ones are forgotten first
       (bounds memory if an attacker cycles through fresh peer ids)
@@ -180,7 +181,7 @@ class ReputationBook:
           the median distance shrinks and every honest peer looks far out. A peer's own distance cannot be
           shrunk that way. Falls back to the median when the reference is absent or at distance 0.
         :param unit: an explicit unit for the distances (wins over ``reference``), e.g. the norm of our own part
-          when the distances are measured from it
+          when the distances are measured from it; with one, rounds of fewer than ``min_senders`` are scored too
         :returns: the peers this observation got banned
         """
         values = torch.as_tensor(distances, dtype=torch.float64).reshape(-1).tolist()
@@ -191,10 +192,12 @@ class ReputationBook:
         now = _now(now)
         if unit is not None and not (math.isfinite(unit) and unit > 0):
             unit = None
+        explicit_unit = unit is not None
         if unit is None and reference is not None and reference in peers:
             own = values[list(peers).index(reference)]
             unit = own if math.isfinite(own) and own > 0 else None
-        ratios = _normalized(values, self.max_ratio, unit) if len(values) >= self.min_senders else [None] * len(values)
+        scored = len(values) >= self.min_senders or explicit_unit  # a unit from outside the round needs no median
+        ratios = _normalized(values, self.max_ratio, unit) if scored else [None] * len(values)
         newly_banned = []
         with self._lock:
             for peer, ratio in zip(peers, ratios):

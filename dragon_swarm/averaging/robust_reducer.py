@@ -22,7 +22,9 @@ squares) goes into the book once: a whole partition is a far steadier witness th
 judged in units of the local peer's own distance (it knows itself to be honest), and the local peer is never
 scored. If the result lies more than ``CAPTURED_RATIO`` times our own part's norm away from our part, colluders
 outnumbered us in this group and sit at the result; then every sender is judged by its distance from *our* part,
-in units of its norm.
+in units of its norm. So is the other sender of a round of two (fewer than the book's ``min_senders``), where the
+result cannot tell which of the two is far, in units of ``PAIR_NORM_SLACK`` times that norm: an attacker far out of
+scale that keeps landing in pairs with us is banned as fast as in a larger group.
 
 Order matters: validation happens *before* ``num_parts_received`` is incremented. hivemind's ``on_sender_failed``
 uses that counter to decide whether the sender still owes the current part; counting a rejected part would make
@@ -54,6 +56,10 @@ logger = logging.getLogger(__name__)
 
 # a round whose result lies this many times our own part's norm away from our part was captured by colluders
 CAPTURED_RATIO = 10.0
+# in a round of two, the other sender is judged in units of this many times our own part's norm: an honest partner
+# that averaged one micro-batch while we averaged 30 is ~4-5x our (noise-averaged) norm away from us; an x1000
+# attacker still scores the cap
+PAIR_NORM_SLACK = 5.0
 
 
 @dataclass(frozen=True)
@@ -81,7 +87,8 @@ class RobustTensorPartReducer(TensorPartReducer):
     :param round_name: a short label for log lines, e.g. the group id in hex
     :param clock: time source for the book (monotonic seconds)
     :param local_sender: this peer's own id: measured, never scored in the book
-    :param captured_ratio: see ``CAPTURED_RATIO``; None judges every round by the result (the ``mean`` baseline)
+    :param captured_ratio: see ``CAPTURED_RATIO``; None judges every round by the result and leaves rounds of two
+      unscored (the ``mean`` baseline)
     :param weight_claim_limit: a weight above this is a lie: one invalid strike per round for its sender (the part
       itself still counts; robust aggregators ignore weights anyway)
     :param on_rejected: called with (sender index, part index, reason) for every part rejected as malformed
@@ -257,12 +264,18 @@ class RobustTensorPartReducer(TensorPartReducer):
         own_norm = math.sqrt(self._local_squared_norm)
         own_distance = math.sqrt(self._squared_distances.get(self.local_sender, 0.0)) if self.local_sender else 0.0
         captured = self.captured_ratio is not None and own_norm > 0 and own_distance > self.captured_ratio * own_norm
-        if captured and set(senders) <= set(self._squared_from_local):
-            # the result is far from everything we would call honest: colluders outnumbered us in this group, so
-            # judging by the result would clear them; judge everyone by their distance from our own part instead
+        # us and one other: the result says nothing about which of two is far, but our own part is honest to us. In a
+        # sign_flip run a trainer kept landing in pairs with an attacker and wasted 10 rounds before verification
+        # banned it (100-197 s), while its distance rule never scored a pair
+        pair = self.captured_ratio is not None and own_norm > 0 and self.local_sender in senders and len(senders) < self.reputation.min_senders
+        if (captured or pair) and set(senders) <= set(self._squared_from_local):
+            # colluders outnumbered us in this group (judging by the result would clear them), or the result cannot
+            # tell: judge everyone by their distance from our own part, in units of its norm
             distances = torch.tensor([math.sqrt(self._squared_from_local[s]) for s in senders], dtype=torch.float64)
-            logger.info(f"round {self.round_name}: result {own_distance / own_norm:.0f}x our norm away from our part; judging senders by their distance from it")
-            self.reputation.record_distances(senders, distances, self.clock(), unscored=unscored, unit=own_norm)
+            if captured:
+                logger.info(f"round {self.round_name}: result {own_distance / own_norm:.0f}x our norm away from our part; judging senders by their distance from it")
+            unit = own_norm if captured else PAIR_NORM_SLACK * own_norm
+            self.reputation.record_distances(senders, distances, self.clock(), unscored=unscored, unit=unit)
             return
         distances = torch.tensor([math.sqrt(self._squared_distances[s]) for s in senders], dtype=torch.float64)
         self.reputation.record_distances(senders, distances, self.clock(), unscored=unscored, reference=self.local_sender)

@@ -11,7 +11,7 @@ from dragon_swarm.averaging.aggregators import make_aggregator
 from dragon_swarm.averaging.reputation import ReputationBook
 from dragon_swarm.averaging.robust_allreduce import refused_result_reason
 from dragon_swarm.averaging.robust_progress import supported_epoch, trusted_target
-from dragon_swarm.averaging.robust_reducer import RejectedPartError, RobustTensorPartReducer
+from dragon_swarm.averaging.robust_reducer import CAPTURED_RATIO, RejectedPartError, RobustTensorPartReducer
 
 
 @pytest.mark.parametrize(
@@ -159,6 +159,51 @@ def test_colluders_who_outnumber_us_are_judged_from_our_own_part():
         asyncio.run(round_())
     assert book.is_banned("c1") and book.is_banned("c2")
     assert book.record("me") is None
+
+
+def _pair_round(book, own, other, aggregator="centered_clip", captured_ratio=CAPTURED_RATIO):
+    params = {"tau": 1.0} if aggregator == "centered_clip" else {}
+    async def round_():
+        reducer = RobustTensorPartReducer(
+            [own.shape], [own.dtype], ["me", "other"], aggregator=make_aggregator(aggregator, **params),
+            reputation=book, local_sender="me", captured_ratio=captured_ratio,
+        )  # fmt: skip
+        await asyncio.gather(reducer.accumulate_part(0, 0, own), reducer.accumulate_part(1, 0, other))
+        reducer.finalize()
+
+    asyncio.run(round_())
+
+
+def test_the_other_sender_of_a_pair_is_judged_from_our_own_part():
+    # a round of two cannot say which is far by the result; our own part can. An x-1000 partner is banned after
+    # 3 pairs, an honest partner (another batch's gradient: as far from ours as ours is long) never is
+    generator = torch.Generator().manual_seed(0)
+    book = ReputationBook(ban_distance_ratio=5.0, min_observations=3, ema_alpha=0.2, min_senders=3)
+    for _ in range(3):
+        own = torch.randn(64, generator=generator)
+        _pair_round(book, own, -1000 * own)
+    assert book.is_banned("other") and book.record("me") is None
+
+    honest_book = ReputationBook(ban_distance_ratio=5.0, min_observations=3, ema_alpha=0.2, min_senders=3)
+    for _ in range(100):
+        own = torch.randn(64, generator=generator)
+        _pair_round(honest_book, own, 0.5 * own + torch.randn(64, generator=generator))
+    record = honest_book.record("other")
+    assert record.parts == 100 and record.distance_ema < 1.0 and record.bans == 0
+    # nor one that averaged a single micro-batch while we averaged 30 (our mean gradient is mostly signal)
+    signal_book = ReputationBook(ban_distance_ratio=5.0, min_observations=3, ema_alpha=0.2, min_senders=3)
+    signal = 0.1 * torch.randn(64, generator=generator)
+    for _ in range(100):
+        own = signal + torch.stack([torch.randn(64, generator=generator) for _ in range(30)]).mean(dim=0)
+        _pair_round(signal_book, own, signal + torch.randn(64, generator=generator))
+    assert signal_book.record("other").bans == 0
+
+
+def test_the_mean_baseline_leaves_pairs_unscored():
+    book = ReputationBook(ban_distance_ratio=5.0, min_observations=1, ema_alpha=1.0, min_senders=3)
+    own = torch.randn(64)
+    _pair_round(book, own, -1000 * own, aggregator="mean", captured_ratio=None)
+    assert book.record("other").distance_ema is None and not book.is_banned("other")
 
 
 def test_a_peer_never_bans_itself_for_its_own_malformed_part():

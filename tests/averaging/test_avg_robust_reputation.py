@@ -179,6 +179,14 @@ def test_too_few_senders_count_parts_but_not_distances():
     assert book.record(B).distance_ema is None
 
 
+def test_an_explicit_unit_scores_a_round_of_two():
+    book = _book(min_senders=3)  # distances measured from A's own part, in units of its norm (2.0)
+
+    book.record_distances([A, B], [0.0, 100.0], now=0.0, unscored=[A], unit=2.0)
+
+    assert book.record(B).distance_ema == pytest.approx(50.0)
+
+
 def test_zero_median_makes_any_nonzero_distance_maximal():
     book = _book(max_ratio=50.0)
 
