@@ -3,12 +3,19 @@
 Stock hivemind.Optimizer also averages parameters with peers every `average_state_every` epochs, with a plain
 mean: one Byzantine peer could poison every honest model through that path even when gradient averaging is
 robust. Here the state averager uses the same robust all-reduce, validation and bans.
+
+The step it applies is bounded too: an averaged gradient more than ``UPDATE_NORM_SLACK`` times the norm of what this
+peer sent is scaled down to that (robust aggregators only). A round that let a poisoned part through (a bias
+CenteredClip bounds but does not remove, or an aggregate just inside the receivers' distance limit) otherwise
+reaches Adam's moments: one 20x gradient multiplies the second moment ~20x with betas (0.9, 0.95), and every
+honest trainer then steps ~4x shorter for the next dozen rounds, long after the attacker is banned.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from typing import Optional, Sequence
 
 import hivemind
@@ -26,6 +33,19 @@ from dragon_swarm.averaging.robust_allreduce import (
 )
 
 logger = logging.getLogger(__name__)
+
+# an honest average is at most ~ the norm of the largest honest part; ours can be smaller than another's by a few
+# times (fewer micro-batches on their side: noisier), so the bound leaves that room (as the reducer's PAIR_NORM_SLACK)
+UPDATE_NORM_SLACK = 5.0
+
+
+def bounded_update_scale(update_norm: float, own_norm: float, slack: float = UPDATE_NORM_SLACK) -> float:
+    """The factor to multiply an averaged gradient of norm `update_norm` by, given that this peer sent one of norm
+    `own_norm`: 1 within `slack` x `own_norm`, else what brings it down to that. 1 when nothing can be judged (no
+    own gradient, or a non-finite norm: validation handles those)."""
+    if not (math.isfinite(update_norm) and math.isfinite(own_norm)) or own_norm <= 0 or update_norm <= slack * own_norm:
+        return 1.0
+    return slack * own_norm / update_norm
 
 
 class _ValidatedStateDownload(DecentralizedAverager):
@@ -84,6 +104,36 @@ class RobustOptimizer(hivemind.Optimizer):
             "grad_averager_factory", make_grad_averager_factory(robust, reputation, signer, **(kwargs.get("averager_opts") or {}))
         )
         super().__init__(**kwargs)
+
+    def _begin_averaging_gradients(self, grad_scaler) -> bool:
+        self._own_gradient_norm = self._accumulated_gradient_norm()  # what we send; the accumulators reset below
+        return super()._begin_averaging_gradients(grad_scaler)
+
+    def _accumulated_gradient_norm(self) -> float:
+        averager = self.grad_averager
+        times = averager.local_times_accumulated
+        if times == 0:
+            return 0.0
+        with torch.no_grad():
+            squared = sum(float(acc.double().pow(2).sum()) for acc in averager._grad_accumulators())
+        return math.sqrt(squared) / times
+
+    def _load_averaged_gradients_into_optimizer_(self):
+        super()._load_averaged_gradients_into_optimizer_()
+        own = getattr(self, "_own_gradient_norm", 0.0)
+        if self._robust_settings.aggregator == "mean" or own <= 0:
+            return  # the mean baseline stays unprotected
+        grads = [p.grad for group in self.state_averager.optimizer.param_groups for p in group["params"] if p.grad is not None]
+        with torch.no_grad():
+            norm = math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads))
+            scale = bounded_update_scale(norm, own)
+            if scale < 1.0:
+                for g in grads:
+                    g.mul_(scale)
+                logger.warning(
+                    f"Averaged gradient is {norm / own:.1f}x the norm of ours: scaled down to {UPDATE_NORM_SLACK:g}x "
+                    f"before the optimizer step (a poisoned part got through this round)"
+                )
 
     def _make_state_averager(self, **kwargs) -> TrainingStateAverager:
         # no distance bans on parameters: trainers in step hold identical parameters, so the round's unit distance

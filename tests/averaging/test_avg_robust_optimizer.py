@@ -11,6 +11,7 @@ from hivemind.utils.crypto import RSAPrivateKey
 
 from dragon_swarm.averaging.compression import install_codecs
 from dragon_swarm.averaging.reputation import ReputationBook
+from dragon_swarm.averaging.robust_optimizer import bounded_update_scale
 from dragon_swarm.averaging.robust_allreduce import (
     RobustAveragingSettings,
     RobustGradientAverager,
@@ -80,6 +81,20 @@ def test_factory_refuses_arguments_the_optimizer_sets():
 
 
 @pytest.mark.swarm
+@pytest.mark.parametrize(
+    "update, own, expected",
+    [
+        (1.0, 1.0, 1.0),  # an honest average: about our norm
+        (4.9, 1.0, 1.0),  # within the slack (another peer's noisier gradient)
+        (50.0, 1.0, 0.1),  # a poisoned round: brought down to 5x ours
+        (50.0, 0.0, 1.0),  # nothing of ours to judge by (all our micro-batches dropped)
+        (float("inf"), 1.0, 1.0),  # non-finite: validation's job, not a scale's
+    ],
+)
+def test_an_averaged_step_far_beyond_our_own_gradient_is_scaled_to_the_slack(update, own, expected):
+    assert bounded_update_scale(update, own, slack=5.0) == pytest.approx(expected)
+
+
 def test_two_optimizer_peers_train_through_the_robust_grad_averager():
     # Prepare: two peers with identical models, each with its own DHT, robust gradient averaging
     if multiprocessing.get_start_method(allow_none=True) != "fork":
