@@ -8,7 +8,7 @@ The step it applies is bounded too: an averaged gradient more than ``UPDATE_NORM
 peer sent is scaled down to that (robust aggregators only). A round that let a poisoned part through (a bias
 CenteredClip bounds but does not remove, or an aggregate just inside the receivers' distance limit) otherwise
 reaches Adam's moments: one 20x gradient multiplies the second moment ~20x with betas (0.9, 0.95), and every
-honest trainer then steps ~4x shorter for the next dozen rounds, long after the attacker is banned.
+honest trainer then steps ~4x shorter, and still ~2x shorter some 45 rounds later, long after the attacker is banned.
 """
 
 from __future__ import annotations
