@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from dragon_swarm.averaging.aggregators import AGGREGATORS, Aggregator, make_aggregator
-from dragon_swarm.averaging.reputation import ReputationBook
+from dragon_swarm.averaging.reputation import DEFAULT_MAX_BAN_S, ReputationBook
 
 if TYPE_CHECKING:
     from dragon_swarm.config import AveragingSection
@@ -69,7 +69,7 @@ class RobustAveragingSettings:
     tol: float = 1e-6
     max_weight: float = 1.0
     ban_seconds: float = 300.0
-    max_ban_seconds: float = 86400.0
+    max_ban_seconds: float = DEFAULT_MAX_BAN_S
     max_invalid: int = 2
     ban_distance_ratio: float = 5.0
     min_observations: int = 3

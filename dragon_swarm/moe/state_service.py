@@ -162,9 +162,9 @@ class ExpertStateService:
             except ExpertStateError as e:
                 return e
 
-        states, sources, problems = [], [], []
         if not asked:
             return None
+        states, sources, problems = [], [], []
         # all hosts at once: each one that trains answers only between two of its micro-batches
         with ThreadPoolExecutor(max_workers=len(asked), thread_name_prefix="expert-fetch") as pool:
             answers = list(pool.map(ask, asked))
