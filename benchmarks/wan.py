@@ -3,6 +3,7 @@
 
     python -m benchmarks.wan --peers 2 --steps 10 --delay-ms 25 --mbit 20
     python -m benchmarks.wan --mode remote_experts --peers 4 --steps 30 --delay-ms 50 --mbit 10 --config tests/configs/swarm-test.yaml
+    python -m benchmarks.wan --mode remote_experts --in-flight 2 ...   # 2 micro-batches in flight per trainer
     python -m benchmarks.wan --mode local_experts ...   # once the config has training.mode (else: a JSON error)
 
 ``remote_experts``: a bootstrap, one expert host (``--no-train --experts all``) and ``--peers`` trainers
@@ -433,6 +434,7 @@ def run(
         "delay_ms": delay_ms,
         "rtt_ms": 2 * delay_ms,
         "mbit": mbit,
+        "micro_batches_in_flight": cfg.training.micro_batches_in_flight,
         "tokens_per_second": tps,  # mean over trainers
         "alone_tokens_per_second": alone_tps,
         "over_alone": tps / alone_tps if tps and alone_tps else None,
@@ -487,6 +489,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--project-125m", action="store_true", help="local_experts: project bytes/hour of an hrm-smoe-125m volunteer")
     p.add_argument("--mb-seconds", type=float, nargs="+", default=[0.5, 2.0, 40.0],
                    help="hrm-smoe-125m micro-batch times to project for (default: fast GPU, slow GPU, 2-core CPU)")  # fmt: skip
+    p.add_argument("--in-flight", type=int, default=1,
+                   help="remote_experts: micro-batches each trainer computes at once (training.micro_batches_in_flight)")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for the trainers, per run")
     p.add_argument("--keep-logs", type=Path, default=None, help="put the peers' logs here instead of a temporary folder")
     args = p.parse_args(argv)
@@ -494,6 +498,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--peers must be >= 1 and --steps >= 2 (throughput is measured between the first and last step)")
     if args.delay_ms < 0 or args.mbit < 0:
         p.error("--delay-ms and --mbit must be >= 0")
+    if args.in_flight < 1 or (args.in_flight > 1 and args.mode != "remote_experts"):
+        p.error("--in-flight must be >= 1, and more than 1 only with --mode remote_experts")
     if args.project_125m and args.mode != "local_experts":
         p.error("--project-125m needs --mode local_experts (it scales the bytes of an outer round)")
     work = args.keep_logs or Path(tempfile.mkdtemp(prefix="dragon-wan-"))
@@ -506,7 +512,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         config = derived
     # the peers do not evaluate during the timed window (this script evaluates afterwards)
-    config = derived_config(config, work, "bench", eval_every=0)
+    in_flight = {"micro_batches_in_flight": args.in_flight} if args.in_flight > 1 else {}
+    config = derived_config(config, work, "bench", eval_every=0, **in_flight)
     result = run(
         args.mode, config, work, args.peers, args.steps, args.delay_ms, args.mbit or None, not args.no_loopback, args.timeout,
         alone=not args.no_alone, learning=not args.no_learning, eval_batches=args.eval_batches,

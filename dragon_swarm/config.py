@@ -79,11 +79,19 @@ class TrainingSection(Schema):
     sync_every: PositiveInt = 50
     outer_lr: Positive = 0.7
     outer_momentum: Annotated[float, interval(0.0, 1.0, "[)")] = 0.9
+    # remote_experts: micro-batches computed at once, so that one's waits for expert answers overlap another's
+    # compute (`training.pipeline`); 1 on one machine (nothing to wait for), 2-4 over a home link. Peer-local.
+    micro_batches_in_flight: PositiveInt = 1
 
     @model_validator(mode="after")
     def _target_holds_a_batch(self) -> "TrainingSection":
         if self.target_batch_size < self.batch_size:
             raise ValueError(f"target_batch_size ({self.target_batch_size}) must be >= batch_size ({self.batch_size})")
+        if self.mode == "local_experts" and self.micro_batches_in_flight > 1:
+            raise ValueError(
+                f"micro_batches_in_flight ({self.micro_batches_in_flight}) is for remote_experts mode: a local_experts "
+                "trainer calls no expert over the network, it has no waits to overlap"
+            )
         return self
 
 
@@ -194,7 +202,10 @@ class SwarmConfig(Schema):
     verification: VerificationSection = VerificationSection()
 
     # keys that each peer may choose for itself; everything else must match swarm-wide
-    PEER_LOCAL_KEYS: ClassVar[tuple[tuple[str, str], ...]] = (("training", "batch_size"),)
+    PEER_LOCAL_KEYS: ClassVar[tuple[tuple[str, str], ...]] = (
+        ("training", "batch_size"),
+        ("training", "micro_batches_in_flight"),
+    )
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> "SwarmConfig":

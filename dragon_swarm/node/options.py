@@ -78,6 +78,9 @@ class PeerFlags(BaseModel):
     max_memory: str | None = flag(None, "memory cap for training: a fraction (0.5, 50%%) or a size (6GiB, 800MiB)")
     threads: int | None = flag(None, "torch CPU threads", ge=1)
     batch_size: int | Literal["auto"] | None = flag(None, "micro-batch size, or 'auto': the largest that fits --max-memory, measured")
+    in_flight: int | None = flag(
+        None, "micro-batches computed at once in remote-expert mode, so that one's waits for expert answers overlap "
+        "another's compute (training.micro_batches_in_flight; 2-4 over a home link)", ge=1)  # fmt: skip
     host_maddrs: tuple[str, ...] | None = flag(
         None, "listen addresses (default: a free port on all interfaces when joining peers on other machines, "
         "loopback otherwise; e.g. /ip4/0.0.0.0/tcp/31338 for a fixed port)")  # fmt: skip
@@ -236,6 +239,8 @@ def resolve(flags: PeerFlags, profile=None) -> PeerOptions:
     )
     batch_size = pick("batch_size")
     overrides = {"training.batch_size": batch_size} if isinstance(batch_size, int) else {}
+    if flags.in_flight is not None:
+        overrides["training.micro_batches_in_flight"] = flags.in_flight
     config = _load_config(flags.config, overrides)
     host_spec = "" if no_host else flags.experts
     if host_spec and host_spec != "auto":

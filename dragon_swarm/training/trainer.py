@@ -12,6 +12,7 @@ follows the pause gate. What it sends after each micro-batch is decided by its `
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import threading
@@ -38,10 +39,11 @@ from dragon_swarm.training.checkpoint import CHECKPOINT_NAME, TrainerState, read
 from dragon_swarm.training.contribution import GradientContribution, HonestContribution
 from dragon_swarm.training.evaluation import EVAL_FORWARD_SEQUENCES, eval_batches, evaluate_loss
 from dragon_swarm.training.optim import decay_param_groups
+from dragon_swarm.training.pipeline import MicroBatchPipeline, weights_version
 from dragon_swarm.training.versions import VersionKeeper
 from dragon_swarm.verification.ledger import RoundLedger
 from dragon_swarm.verification.service import VerificationService
-from dragon_swarm.verification.transcript import RecordingDispatcher
+from dragon_swarm.verification.transcript import ExpertTranscript, RecordingDispatcher
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +57,17 @@ def warmup_schedule(warmup_steps: int):
         return min(1.0, (epoch + 1) / max(1, warmup_steps))
 
     return factor
+
+
+@dataclasses.dataclass
+class _ComputedMicroBatch:
+    index: int
+    tokens: int
+    loss: torch.Tensor
+    ce: torch.Tensor
+    aux: torch.Tensor
+    grads: tuple[torch.Tensor | None, ...]  # one per trunk parameter, in `trunk_params` order
+    transcript: ExpertTranscript | None  # what the experts answered (verification), else None
 
 
 class Trainer:
@@ -138,6 +151,12 @@ class Trainer:
             verbose=True,
         )
         self._reported_bans: set[str] = set()
+        self._pipeline: MicroBatchPipeline[_ComputedMicroBatch] | None = None  # `training.micro_batches_in_flight` > 1
+        self._last_done: float | None = None  # when the last micro-batch was applied
+        if t.micro_batches_in_flight > 1:
+            logger.info(
+                f"{t.micro_batches_in_flight} micro-batches in flight: while one waits for its experts, the next computes"
+            )
         if saved is not None:
             self._restore(saved)
         self.accusations: AccusationBoard | None = None
@@ -211,38 +230,78 @@ class Trainer:
 
     def train(self, max_micro_batches: int | None, stop: threading.Event, save_every: int = 10) -> None:
         """Train until this peer has trained `max_micro_batches` in total (None: no limit) or `stop` is set."""
-        while not stop.is_set() and (max_micro_batches is None or self.micro_batches < max_micro_batches):
-            if self.gate.paused:
-                self._pause_until_resumed(stop)
-                continue
-            self.bus.publish(StateChanged(PeerState.TRAINING))
-            report = self.train_micro_batch()
-            if report is not None and self.micro_batches % save_every == 0:
-                self.save()
-            self.versions.maybe_keep(int(self.optimizer.local_epoch), self._state)
+        try:
+            while not stop.is_set() and (max_micro_batches is None or self.micro_batches < max_micro_batches):
+                if self.gate.paused:
+                    self._close_pipeline()  # nothing computes while paused
+                    self._pause_until_resumed(stop)
+                    continue
+                self.bus.publish(StateChanged(PeerState.TRAINING))
+                last = max_micro_batches is not None and self.micro_batches + 1 >= max_micro_batches
+                report = self.train_micro_batch(prefetch=not last)
+                if report is not None and self.micro_batches % save_every == 0:
+                    self.save()
+                self.versions.maybe_keep(int(self.optimizer.local_epoch), self._state)
+        finally:
+            self._close_pipeline()
 
-    def train_micro_batch(self) -> StepReport | None:
+    def _compute(self, index: int) -> _ComputedMicroBatch:
+        """Forward and backward of micro-batch `index` from the current weights; changes no state of the trainer
+        (it may run in a pipeline worker thread, see `training.pipeline`)."""
+        if self.recorder is not None:
+            self.recorder.begin()
+        inputs, targets = self.train_stream.batch(
+            self.config.swarm.seed, self.peer_id, self.contribution.batch_step(index), self.batch_size,
+            self.config.model.seq_len,
+        )  # fmt: skip
+        inputs, targets = inputs.to(self.device), self.contribution.targets(targets.to(self.device))
+        loss, ce, aux = self.model.compute_loss(inputs, targets)
+        grads = torch.autograd.grad(loss, [p for _, p in self.trunk_params], allow_unused=True)
+        transcript = self.recorder.take() if self.recorder is not None else None
+        return _ComputedMicroBatch(index, inputs.numel(), loss.detach(), ce.detach(), aux.detach(), grads, transcript)
+
+    def _next_computed(self, prefetch: bool) -> _ComputedMicroBatch:
+        """This micro-batch's forward and backward: here, or from the pipeline when several are in flight."""
+        depth = self.config.training.micro_batches_in_flight
+        if depth <= 1:
+            return self._compute(self.micro_batches)
+        if self._pipeline is None:
+            params = [p for _, p in self.trunk_params]
+            self._pipeline = MicroBatchPipeline(self._compute, depth, lambda: weights_version(params))
+        # the step this micro-batch ends in changes the weights: a micro-batch started now would be computed again
+        prefetch = prefetch and not self.optimizer.tracker.ready_to_update_epoch
+        return self._pipeline.next(self.micro_batches, prefetch=prefetch)
+
+    def _close_pipeline(self) -> None:
+        if self._pipeline is not None:
+            if self._pipeline.recomputed:
+                logger.info(f"{self._pipeline.recomputed} micro-batch(es) computed again: weights changed while in flight")
+            self._pipeline.close()
+            self._pipeline = None
+            self._last_done = None  # a pause is not a micro-batch's time
+
+    def train_micro_batch(self, prefetch: bool = True) -> StepReport | None:
         """One micro-batch: forward, backward, the contribution, and the swarm optimizer (which all-reduces and
-        steps when the swarm has gathered its target batch). None when the micro-batch was dropped."""
+        steps when the swarm has gathered its target batch). None when the micro-batch was dropped. With
+        `training.micro_batches_in_flight` > 1 the forward and backward ran in the pipeline (`prefetch`: the next
+        ones start meanwhile); everything from the contribution on happens here, in order."""
         started = time.perf_counter()
+        computed = self._next_computed(prefetch)
+        if self._last_done is not None and self._pipeline is not None:
+            started = self._last_done  # in flight, a micro-batch's time is the time since the previous one ended
         epoch_before = int(self.optimizer.local_epoch)
         if self.verification is not None and (self._ledger_epoch != epoch_before or not self.ledger.started_from(self.trunk_params)):
             trunk = self.verification.remember_trunk(epoch_before, self.model.trunk_state_dict())
             self.ledger.begin_round(self.contribution.state_tensors(), trunk)
             self._ledger_epoch = epoch_before
-        if self.recorder is not None:
-            self.recorder.begin()
-        inputs, targets = self.train_stream.batch(
-            self.config.swarm.seed, self.peer_id, self.contribution.batch_step(self.micro_batches), self.batch_size,
-            self.config.model.seq_len,
-        )  # fmt: skip
-        inputs, targets = inputs.to(self.device), self.contribution.targets(targets.to(self.device))
-        loss, ce, aux = self.model.compute_loss(inputs, targets)
-        loss.backward()
+        for (_, param), grad in zip(self.trunk_params, computed.grads):
+            if grad is not None:  # as `.backward()`: an unused parameter keeps what zero_grad left
+                param.grad = grad
+        loss, ce, aux = computed.loss, computed.ce, computed.aux
         tracker = self.optimizer.tracker
         claimed_batch = self.contribution.prepare(self.trunk_params, loss, self.batch_size, int(tracker.global_progress.num_peers))
         if claimed_batch is not None and self.verification is not None:
-            self.ledger.add(self.micro_batches, claimed_batch, self.trunk_params, self.recorder.take().to_bytes())
+            self.ledger.add(self.micro_batches, claimed_batch, self.trunk_params, computed.transcript.to_bytes())
         if claimed_batch is None:
             self.skipped_batches += 1
             self.optimizer.zero_grad()
@@ -250,6 +309,7 @@ class Trainer:
                 f"Micro-batch {self.micro_batches}: non-finite loss or gradient, dropped ({self.skipped_batches} so far)"
             )
             self.micro_batches += 1
+            self._last_done = time.perf_counter()
             return None
         if tracker.ready_to_update_epoch:
             self.bus.publish(StateChanged(PeerState.AVERAGING))  # this step() all-reduces with the swarm
@@ -261,11 +321,12 @@ class Trainer:
         if self.verification is not None and int(self.optimizer.local_epoch) > epoch_before:
             self.verification.after_round(epoch_before, self._senders_since(step_started))
         self.micro_batches += 1
-        self.tokens += inputs.numel()
-        elapsed = time.perf_counter() - started
+        self.tokens += computed.tokens
+        self._last_done = time.perf_counter()
+        elapsed = self._last_done - started
         self.train_seconds += elapsed
         val_loss, eval_seconds = self.maybe_evaluate()
-        report = self._step_report(ce, aux, inputs.numel(), elapsed, val_loss, eval_seconds)
+        report = self._step_report(ce, aux, computed.tokens, elapsed, val_loss, eval_seconds)
         self.bus.publish(report)
         logger.info(
             f"micro-batch {report.micro_batches} epoch {report.epoch} loss {report.loss:.3f} "

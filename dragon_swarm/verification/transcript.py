@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -128,21 +129,29 @@ class _GradTap(torch.autograd.Function):
 
 class RecordingDispatcher:
     """Wraps the trainer's dispatcher; `begin()` starts a micro-batch's transcript, `take()` returns it after the
-    backward pass. Every other attribute is the wrapped dispatcher's."""
+    backward pass. Every other attribute is the wrapped dispatcher's. Each thread records its own transcript, so
+    micro-batches computed at once (`training.pipeline`) never mix their calls."""
 
     def __init__(self, inner: Any):
         self.inner = inner
         self.num_layers, self.num_experts = inner.num_layers, inner.num_experts
-        self._transcript = ExpertTranscript()
+        self._local = threading.local()
 
     def __getattr__(self, name: str) -> Any:  # only called for attributes this wrapper does not have
         return getattr(self.__dict__["inner"], name)
 
+    @property
+    def _transcript(self) -> ExpertTranscript:
+        transcript = getattr(self._local, "transcript", None)
+        if transcript is None:
+            transcript = self._local.transcript = ExpertTranscript()
+        return transcript
+
     def begin(self) -> None:
-        self._transcript = ExpertTranscript()
+        self._local.transcript = ExpertTranscript()
 
     def take(self) -> ExpertTranscript:
-        transcript, self._transcript = self._transcript, ExpertTranscript()
+        transcript, self._local.transcript = self._transcript, ExpertTranscript()
         return transcript
 
     def alive_mask(self, layer: int) -> torch.Tensor:

@@ -36,6 +36,16 @@ def test_batch_size_is_peer_local_but_the_rest_is_hashed():
     assert load_config("dragon-tiny", {"averaging.ban_rounds": 4}).run_prefix != base.run_prefix
 
 
+def test_micro_batches_in_flight_is_peer_local_and_for_remote_experts_only():
+    base = load_config("dragon-tiny")
+    assert base.training.micro_batches_in_flight == 1
+    assert load_config("dragon-tiny", {"training.micro_batches_in_flight": 3}).run_prefix == base.run_prefix
+    with pytest.raises(ConfigError, match="micro_batches_in_flight"):
+        load_config("dragon-tiny", {"training.micro_batches_in_flight": 0})
+    with pytest.raises(ConfigError, match="is for remote_experts mode"):
+        load_config("dragon-tiny", {"training.mode": "local_experts", "training.micro_batches_in_flight": 2})
+
+
 def test_int_and_float_spellings_hash_the_same(tmp_path):
     respelled = write(tmp_path, TINY.read_text().replace("lr: 0.003", "lr: 3.0e-3", 1).replace("tau", "tau", 1))
     assert load_config(respelled).run_prefix == load_config(str(TINY)).run_prefix

@@ -1,12 +1,7 @@
 import pytest
-import torch
 
 
 @pytest.fixture(autouse=True)
-def one_torch_thread():
-    """The model tests use toy sizes: one thread is as fast as two and does not
-    stall when other test processes share the cores (OpenMP barriers do)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _model_tests_use_one_torch_thread(one_torch_thread):
+    """The model tests use toy sizes (see `one_torch_thread` in tests/conftest.py)."""
     yield
-    torch.set_num_threads(before)

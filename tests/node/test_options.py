@@ -76,6 +76,12 @@ def test_profile_sets_defaults_and_flags_win():
     assert parse("--new-swarm", "--profile", "expert-host", "--no-host").train  # --no-host keeps training on
 
 
+def test_in_flight_flag_sets_the_peer_local_key():
+    options = parse("--new-swarm", "--in-flight", "3")
+    assert options.config.training.micro_batches_in_flight == 3
+    assert options.config.run_prefix == parse("--new-swarm").config.run_prefix
+
+
 def test_explicit_batch_size_beats_the_profiles_auto():
     options = parse("--new-swarm", "--profile", "cpu-laptop", "--batch-size", "4")
     assert not options.batch_size_auto and options.batch_size == 4

@@ -16,13 +16,16 @@ from hivemind.moe.server.dht_handler import get_experts
 from hivemind.p2p import PeerID
 
 from dragon_swarm.config import load_config
+from dragon_swarm.model import HRMSMoE
 from dragon_swarm.moe.backend import build_expert_backends
 from dragon_swarm.moe.host import ExpertHost
 from dragon_swarm.moe.registry import find_replicas
 from dragon_swarm.moe.router import RemoteExpertDispatcher, relative_difference
 from dragon_swarm.node.startup import choose_experts
 from dragon_swarm.swarm.dht_node import start_dht, visible_maddrs
+from dragon_swarm.verification.transcript import RecordingDispatcher
 from tests.swarm.paths import TEST_CONFIG
+from tests.training.test_pipeline import SlowExperts, random_batches, run_loop
 
 pytestmark = pytest.mark.swarm
 
@@ -33,12 +36,13 @@ D = CONFIG.model.d_model
 UIDS = [f"{CONFIG.expert_prefix}.0.{i}" for i in range(4)]
 
 
-def start_host(client, served: list[str], stack: list, forward_delay_s: float = 0.0) -> ExpertHost:
+def start_host(client, served: list[str], stack: list, forward_delay_s: float = 0.0, frozen: bool = False) -> ExpertHost:
     """A real expert host joined through `client`; with `forward_delay_s`, each expert forward first sleeps that long
-    (a slow machine)."""
+    (a slow machine); `frozen`: its experts learn nothing (learning rate 0), so every call gives the same answer."""
     dht = start_dht(initial_peers=visible_maddrs(client))
     stack.append(dht.shutdown)
-    backends = build_expert_backends(served, D, CONFIG.model.expert_hidden, CONFIG.training, 64, CONFIG.swarm.seed)
+    training = CONFIG.training.model_copy(update={"expert_lr": 0.0}) if frozen else CONFIG.training
+    backends = build_expert_backends(served, D, CONFIG.model.expert_hidden, training, 64, CONFIG.swarm.seed)
     if forward_delay_s:
         for backend in backends.values():
             backend.module.register_forward_pre_hook(lambda module, args: time.sleep(forward_delay_s))
@@ -206,6 +210,41 @@ def test_router_times_each_replica_and_prefers_the_fast_one():
         assert slow.backends[UIDS[0]].requests_served == served_by_slow  # expert 0.0 now always goes to the fast host
         assert fast.backends[UIDS[0]].requests_served == served_by_fast + 3
         assert dispatcher.table.choose(UIDS[0], time.time(), random.Random(0)) == fast_id
+    finally:
+        for shutdown in reversed(stack):
+            shutdown()
+
+
+def test_two_micro_batches_in_flight_through_remote_experts_compute_what_the_sequential_path_does():
+    """Issue 10: the trainer's loop with 2 micro-batches in flight (`training.pipeline`) against a real host over
+    p2pd gives the sequential loop's losses, trunk steps between micro-batches included; the two really waited for
+    their experts at once. The host's experts are frozen: a training host's answers change with every backward,
+    whichever loop calls it."""
+    stack = []
+    try:
+        client = start_dht()
+        stack.append(client.shutdown)
+        all_uids = [f"{CONFIG.expert_prefix}.{layer}.{i}" for layer in range(CONFIG.model.num_moe_layers) for i in range(4)]
+        start_host(client, all_uids, stack, frozen=True)
+        settings = CONFIG.experts.model_copy(update={"cross_check_fraction": 0.0})
+        dispatcher = RemoteExpertDispatcher(client, CONFIG.expert_prefix, CONFIG.model.num_moe_layers, 4, D, settings)
+        dispatcher.start()
+        stack.append(dispatcher.shutdown)
+        assert dispatcher.wait_for_experts(30.0)
+        batches = random_batches(CONFIG.model.vocab_size, CONFIG.model.seq_len, 6, batch_size=2)  # <= 64 tokens an expert
+        results = {}
+        for depth in (1, 2):
+            counting = SlowExperts(dispatcher, delay=0.0)
+            recorder = RecordingDispatcher(counting)
+            torch.manual_seed(0)
+            model = HRMSMoE(CONFIG.model, recorder)
+            losses, recorded, recomputed = run_loop(model, recorder, batches, depth)
+            results[depth] = losses, recorded, recomputed, counting.most_waiting
+        (sequential, sequential_calls, _, sequential_waiting), (pipelined, pipelined_calls, recomputed, waiting) = results[1], results[2]
+        assert sequential_waiting == 1 and waiting >= 2
+        assert pipelined == pytest.approx(sequential, rel=1e-4)  # float error (the host may batch the two together)
+        assert pipelined_calls == sequential_calls and recomputed == 0
+        assert dispatcher.failures == 0
     finally:
         for shutdown in reversed(stack):
             shutdown()

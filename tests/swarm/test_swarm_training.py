@@ -56,10 +56,12 @@ def scenario(module_launcher) -> Scenario:
     host_replica.wait_for_log("Serving 4 expert(s)", timeout=120)
 
     stats = [log_dir / f"trainer{i}.jsonl" for i in range(2)]
+    # trainer1 keeps 2 micro-batches in flight (issue 10): every property below holds for it as for trainer0
     trainers = [
         module_launcher.start(
             f"trainer{i}",
-            peer_args(initial_peers, log_dir / f"trainer{i}", "--no-host", "--max-steps", str(MAX_STEPS), "--stats-file", str(stats[i])),
+            peer_args(initial_peers, log_dir / f"trainer{i}", "--no-host", "--max-steps", str(MAX_STEPS), "--stats-file", str(stats[i]),
+                      *(["--in-flight", "2"] if i == 1 else [])),
         )
         for i in range(2)
     ]
@@ -90,6 +92,11 @@ def test_trainers_finish_every_step(scenario: Scenario):
     for path in scenario.stats:
         steps = [r["micro_batches"] for r in read_stats(path)]
         assert steps == list(range(1, MAX_STEPS + 1))
+
+
+def test_the_second_trainer_kept_two_micro_batches_in_flight(scenario: Scenario):
+    assert "2 micro-batches in flight" in scenario.trainers[1].stderr()
+    assert "micro-batches in flight" not in scenario.trainers[0].stderr()
 
 
 def test_stats_records_have_the_promised_fields(scenario: Scenario):

@@ -24,12 +24,7 @@ from dragon_swarm.verification.transcript import ExpertCall, ExpertTranscript, R
 SEED, SENDER, BATCH, CLIP, BETA = 1234, "12D3KooWSender", 4, 1.0, 0.9
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
