@@ -70,7 +70,10 @@ host, N trainers ``--no-host --max-steps S --stats-file ...``, the last F of the
 ``training.batch_size`` = ``--batch-size`` and ``training.target_batch_size`` = N x that (one global step per
 round of micro-batches, as in the simulation).
 ``final_loss`` is the mean over honest trainers of their last 5 training losses; the clean run starts N - F
-honest trainers. It needs the trainer to build its gradient averager from the ``averaging`` section; on 2 cores
+honest trainers. Progress: ``details.honest_final_epochs`` (each honest trainer's model version at its last
+micro-batch) and ``pace_ratio``, the honest trainers' model versions per micro-batch while all of them train,
+attacked / clean (``round_accounting.epochs_per_micro_batch_together``: final epochs also count the micro-batches a
+trainer ran before the others had started, and where a fast trainer stopped). It needs the trainer to build its gradient averager from the ``averaging`` section; on 2 cores
 keep N small (4-6 peers).
 """
 
@@ -102,7 +105,7 @@ from dragon_swarm.data.corpus import default_data_dir
 from dragon_swarm.data.dataset import TokenStream, build_token_stream
 from dragon_swarm.model.dispatch import LocalExperts
 from dragon_swarm.model.hrm_smoe import HRMSMoE
-from benchmarks.round_accounting import account_trainer, attack_start
+from benchmarks.round_accounting import account_trainer, attack_start, epochs_per_micro_batch_together
 from benchmarks.local_peers import PeerLauncher, read_stats, stop_peers_on_sigterm
 
 logger = logging.getLogger(__name__)
@@ -545,6 +548,8 @@ def run_network(settings: RobustnessSettings, work_dir: Path) -> RunResult:
     details = {
         "honest_steps": [len(trace) for trace in losses],
         "honest_final_epochs": [trace[-1]["epoch"] for trace in records],
+        # model versions per honest micro-batch while all honest trainers train (start-up and finish excluded)
+        "honest_epochs_per_micro_batch": epochs_per_micro_batch_together(records),
         "byzantine_exit_codes": [t.proc.returncode for t in trainers[settings.honest :]],
         # per honest trainer: rounds not averaged and why, time to its first ban of each attacker, refused parts
         "accounting": [account_trainer(t.stderr(), attackers) for t in trainers[: settings.honest]],
@@ -596,6 +601,8 @@ def run(settings: RobustnessSettings, clean_cache: Path | None = None, keep_logs
         "final_loss": attacked.final_loss,
         "clean_final_loss": clean.final_loss,
         "ratio": ratio,
+        # network runs: honest trainers' pace (model versions per micro-batch while all train), attacked / clean
+        "pace_ratio": _pace_ratio(attacked.details, clean.details),
         "diverged": attacked.diverged,
         "clean_diverged": clean.diverged,
         "failure": attacked.failure,
@@ -608,6 +615,11 @@ def run(settings: RobustnessSettings, clean_cache: Path | None = None, keep_logs
         "clean_seconds": clean.seconds,
         "torch_threads": torch.get_num_threads(),
     }
+
+
+def _pace_ratio(attacked: dict, clean: dict) -> float | None:
+    a, c = attacked.get("honest_epochs_per_micro_batch"), clean.get("honest_epochs_per_micro_batch")
+    return a / c if a is not None and c else None
 
 
 def cached_clean(cache: Path, execute: Callable[[RobustnessSettings], RunResult]) -> Callable[[RobustnessSettings], RunResult]:

@@ -6,6 +6,9 @@ Counted per trainer:
 - for each attacker, seconds from the attack's start (the attacker's first micro-batch) to this trainer's first ban
   of it (`Banned trainer ...` from the trainer, or the reputation book's `banned ...` line), None if never;
 - parts it refused, by reason (`rejected part ... (reason)`), and aggregates it refused or ignored.
+
+And for all honest trainers together, from their stats records: the swarm's pace while they all train
+(`epochs_per_micro_batch_together`).
 """
 
 from __future__ import annotations
@@ -88,3 +91,20 @@ def _reason_class(reason: str) -> str:
     """'contains 64 NaN value(s) out of 64' -> 'contains NaN'; numbers vary by part, the kind is what counts."""
     reason = re.sub(r"[-+]?\d[\d.e+-]*", "N", reason)
     return re.sub(r"\s+", " ", reason).strip()[:120]
+
+
+def epochs_per_micro_batch_together(traces: list[list[dict]]) -> float | None:
+    """Model versions the swarm advanced per micro-batch of an honest trainer, while every honest trainer was training:
+    from the last one's first record to the first one's last. Final epochs also count the micro-batches a trainer ran
+    before the others had started (alone, against a target sized for all) and the swarm's epoch when a fast trainer
+    stopped; this pace counts neither. `traces`: each trainer's stats records (`time`, `epoch`). Mean over trainers;
+    None when the trainers never trained at the same time."""
+    if not traces or any(not trace for trace in traces):
+        return None
+    start, end = max(trace[0]["time"] for trace in traces), min(trace[-1]["time"] for trace in traces)
+    paces = []
+    for trace in traces:
+        inside = [r for r in trace if start <= r["time"] <= end]
+        if len(inside) >= 2:
+            paces.append((inside[-1]["epoch"] - inside[0]["epoch"]) / (len(inside) - 1))
+    return sum(paces) / len(paces) if len(paces) == len(traces) else None

@@ -1,6 +1,6 @@
 """The robustness benchmark's accounting of an honest trainer's rounds, bans and refused parts, from log lines."""
 
-from benchmarks.round_accounting import _elapsed, account_trainer, attack_start
+from benchmarks.round_accounting import _elapsed, account_trainer, attack_start, epochs_per_micro_batch_together
 
 ATTACKER = "QmAttacker1111"
 HONEST = "QmHonest2222"
@@ -49,3 +49,16 @@ def test_an_honest_peer_banned_is_reported_and_day_wrap_is_handled():
 def test_a_ban_logged_before_the_attack_start_line_is_negative_not_a_day():
     assert _elapsed(86399, 3) == 4  # across midnight
     assert _elapsed(100, 99) == -1  # a second early, not 86399 s late
+
+
+def test_the_pace_counts_only_micro_batches_all_honest_trainers_ran_together():
+    # trainer a starts 10 s early and runs 5 micro-batches alone at epoch 0; b stops at t=30, a runs on alone
+    a = [{"time": t, "epoch": 0} for t in range(0, 10, 2)] + [{"time": 10 + 2 * k, "epoch": k} for k in range(16)]
+    b = [{"time": 10 + 2 * k, "epoch": k} for k in range(11)]  # t = 10..30, one epoch per micro-batch
+    assert epochs_per_micro_batch_together([a, b]) == 1.0
+    # final epochs tell a different story: a ended 5 versions ahead of b after as many micro-batches as b plus 10
+    assert (a[-1]["epoch"], b[-1]["epoch"]) == (15, 10)
+    half = [{"time": 10 + 2 * k, "epoch": k // 2} for k in range(11)]
+    assert epochs_per_micro_batch_together([half, b]) == (0.5 + 1.0) / 2
+    assert epochs_per_micro_batch_together([a, [{"time": 100, "epoch": 9}]]) is None  # never together
+    assert epochs_per_micro_batch_together([]) is None
