@@ -435,6 +435,7 @@ def run(
         "rtt_ms": 2 * delay_ms,
         "mbit": mbit,
         "micro_batches_in_flight": cfg.training.micro_batches_in_flight,
+        "target_batch_size": cfg.training.target_batch_size,
         "tokens_per_second": tps,  # mean over trainers
         "alone_tokens_per_second": alone_tps,
         "over_alone": tps / alone_tps if tps and alone_tps else None,
@@ -491,6 +492,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="hrm-smoe-125m micro-batch times to project for (default: fast GPU, slow GPU, 2-core CPU)")  # fmt: skip
     p.add_argument("--in-flight", type=int, default=1,
                    help="remote_experts: micro-batches each trainer computes at once (training.micro_batches_in_flight)")
+    p.add_argument("--target-batch", type=int, default=None,
+                   help="training.target_batch_size of the swarm (default: the config's): micro-batches per model version")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for the trainers, per run")
     p.add_argument("--keep-logs", type=Path, default=None, help="put the peers' logs here instead of a temporary folder")
     args = p.parse_args(argv)
@@ -512,8 +515,10 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         config = derived
     # the peers do not evaluate during the timed window (this script evaluates afterwards)
-    in_flight = {"micro_batches_in_flight": args.in_flight} if args.in_flight > 1 else {}
-    config = derived_config(config, work, "bench", eval_every=0, **in_flight)
+    overrides = {"micro_batches_in_flight": args.in_flight} if args.in_flight > 1 else {}
+    if args.target_batch is not None:
+        overrides["target_batch_size"] = args.target_batch
+    config = derived_config(config, work, "bench", eval_every=0, **overrides)
     result = run(
         args.mode, config, work, args.peers, args.steps, args.delay_ms, args.mbit or None, not args.no_loopback, args.timeout,
         alone=not args.no_alone, learning=not args.no_learning, eval_batches=args.eval_batches,

@@ -9,8 +9,9 @@ Every result must come from the weights it is applied to: a micro-batch computed
 download) is stale. Each job records the trunk's *weights version* when it starts (`weights_version`: the sum of the
 parameters' in-place version counters, which every optimizer step and state load bumps); a result whose version is
 no longer the current one is discarded together with every job after it, and recomputed from the current weights.
-The caller launches extra jobs only while no epoch transition is due (`next(..., prefetch=False)` otherwise), so a
-transition costs at most the jobs already running. An expert host still sees the discarded jobs' calls: in remote-
+The caller launches extra jobs only while the swarm's next step is expected after they would be applied
+(`worth_starting_ahead`; `next(..., prefetch=False)` otherwise), so a transition costs at most the jobs already
+running, and a swarm that steps after every round of micro-batches runs them one at a time. An expert host still sees the discarded jobs' calls: in remote-
 expert mode it trains on what callers send, as it does for any caller's micro-batch.
 
 The weights the workers read are never changed by them (gradients come from `torch.autograd.grad`, not
@@ -23,6 +24,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import math
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Generic, Iterable, TypeVar
 
@@ -31,6 +33,17 @@ import torch
 logger = logging.getLogger(__name__)
 
 R = TypeVar("R")
+
+
+def worth_starting_ahead(seconds_to_next_step: float, micro_batch_seconds: float | None, ahead: int) -> bool:
+    """Whether to start `ahead` micro-batches beyond the current one: only when the swarm's next optimizer step is
+    expected after all of them would be applied. A result started before a step is stale and computed again, so in a
+    swarm that steps every round of micro-batches (a target batch about one micro-batch per trainer) starting ahead
+    only wastes compute and bandwidth. With no measured micro-batch or no estimate of the next step (hivemind's is
+    infinite right after a step, until it has heard from the swarm): not ahead. Pure."""
+    if micro_batch_seconds is None or micro_batch_seconds <= 0 or not math.isfinite(seconds_to_next_step):
+        return False
+    return seconds_to_next_step > (ahead + 1) * micro_batch_seconds
 
 
 def weights_version(params: Iterable[torch.Tensor]) -> int:

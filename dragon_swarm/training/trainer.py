@@ -39,7 +39,7 @@ from dragon_swarm.training.checkpoint import CHECKPOINT_NAME, TrainerState, read
 from dragon_swarm.training.contribution import GradientContribution, HonestContribution
 from dragon_swarm.training.evaluation import EVAL_FORWARD_SEQUENCES, eval_batches, evaluate_loss
 from dragon_swarm.training.optim import decay_param_groups
-from dragon_swarm.training.pipeline import MicroBatchPipeline, weights_version
+from dragon_swarm.training.pipeline import MicroBatchPipeline, weights_version, worth_starting_ahead
 from dragon_swarm.training.versions import VersionKeeper
 from dragon_swarm.verification.ledger import RoundLedger
 from dragon_swarm.verification.service import VerificationService
@@ -153,6 +153,7 @@ class Trainer:
         self._reported_bans: set[str] = set()
         self._pipeline: MicroBatchPipeline[_ComputedMicroBatch] | None = None  # `training.micro_batches_in_flight` > 1
         self._last_done: float | None = None  # when the last micro-batch was applied
+        self._micro_batch_seconds: float | None = None  # moving average, for `worth_starting_ahead`
         if t.micro_batches_in_flight > 1:
             logger.info(
                 f"{t.micro_batches_in_flight} micro-batches in flight: while one waits for its experts, the next computes"
@@ -268,8 +269,11 @@ class Trainer:
         if self._pipeline is None:
             params = [p for _, p in self.trunk_params]
             self._pipeline = MicroBatchPipeline(self._compute, depth, lambda: weights_version(params))
-        # the step this micro-batch ends in changes the weights: a micro-batch started now would be computed again
-        prefetch = prefetch and not self.optimizer.tracker.ready_to_update_epoch
+        # a micro-batch started before the swarm's next step would be computed again: start ahead only when the step
+        # is expected after the ones in flight are applied
+        tracker = self.optimizer.tracker
+        seconds_to_step = 0.0 if tracker.ready_to_update_epoch else tracker.estimated_next_update_time - get_dht_time()
+        prefetch = prefetch and worth_starting_ahead(seconds_to_step, self._micro_batch_seconds, depth - 1)
         return self._pipeline.next(self.micro_batches, prefetch=prefetch)
 
     def _close_pipeline(self) -> None:
@@ -325,6 +329,8 @@ class Trainer:
         self._last_done = time.perf_counter()
         elapsed = self._last_done - started
         self.train_seconds += elapsed
+        previous = self._micro_batch_seconds
+        self._micro_batch_seconds = elapsed if previous is None else 0.8 * previous + 0.2 * elapsed
         val_loss, eval_seconds = self.maybe_evaluate()
         report = self._step_report(ce, aux, computed.tokens, elapsed, val_loss, eval_seconds)
         self.bus.publish(report)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from dragon_swarm.model import HRMSMoE, LocalExperts, ModelConfig
-from dragon_swarm.training.pipeline import MicroBatchPipeline, weights_version
+from dragon_swarm.training.pipeline import MicroBatchPipeline, weights_version, worth_starting_ahead
 from dragon_swarm.verification.transcript import RecordingDispatcher
 
 
@@ -87,6 +87,15 @@ def test_a_failure_is_raised_in_order_unless_the_job_was_stale():
             pipeline.next(5)
     finally:
         pipeline.close()
+
+
+def test_micro_batches_start_ahead_only_when_the_next_step_is_further_away_than_they_take():
+    assert worth_starting_ahead(seconds_to_next_step=10.0, micro_batch_seconds=2.0, ahead=1)
+    assert not worth_starting_ahead(10.0, 2.0, ahead=4)  # 5 micro-batches take 10 s: the last would be stale
+    assert not worth_starting_ahead(3.0, 2.0, ahead=1)  # a swarm stepping every round of micro-batches
+    assert not worth_starting_ahead(0.0, 2.0, ahead=1)  # ready to step now
+    assert not worth_starting_ahead(100.0, None, ahead=1)  # nothing measured yet
+    assert not worth_starting_ahead(float("inf"), 2.0, ahead=1)  # no estimate yet (right after a step)
 
 
 def test_depth_must_be_positive():
