@@ -62,6 +62,7 @@ class RobustProgressTracker(ProgressTracker):
         self._ignored_peers: frozenset[str] = frozenset()
         self._reported_runaways: set[str] = set()
         self._configured_target: int | None = None  # hivemind's target_batch_size, before trusted_target
+        self.reported_epochs: dict[str, int] = {}  # peer (base58) -> epoch of its latest progress record
         super().__init__(*args, **kwargs)
 
     def ignore_peers(self, peer_ids: Iterable[str]) -> None:
@@ -89,6 +90,7 @@ class RobustProgressTracker(ProgressTracker):
                 ignored.add(sender)
                 continue
             parsed[subkey] = (entry, progress, sender)
+        self.reported_epochs = {sender: int(progress.epoch) for _, progress, sender in parsed.values()}
         self._follow_trusted_trainers(len({sender for _, _, sender in parsed.values()}), len(ignored))
         epochs = [progress.epoch for _, progress, _ in parsed.values() if not progress.client_mode]
         ceiling = supported_epoch(epochs, self.local_progress.epoch)

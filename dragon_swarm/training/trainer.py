@@ -175,6 +175,7 @@ class Trainer:
                 batch_of_peer=lambda peer: lambda step, size: self.train_stream.batch(seed, peer, step, size, seq_len),
                 ban=lambda peer, reason: self.optimizer.grad_averager.ban_peer(peer, reason, timeout=10),
                 report_check=self.contribution.report_check,
+                reported_epoch=lambda peer: self.optimizer.tracker.reported_epochs.get(peer),
             )  # fmt: skip
 
     # --- state ---

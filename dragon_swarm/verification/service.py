@@ -102,6 +102,18 @@ def weights_distance(theirs: dict[str, torch.Tensor], ours: dict[str, torch.Tens
     return distance if distance == distance else None
 
 
+def commitment_rounds(epoch: int, reported_epoch: int | None) -> list[int]:
+    """The round numbers under which a peer that averaged with us in round `epoch` may have committed: ours and one
+    version either side (one all-reduce can join trainers a version apart), and, when the peer's own progress record
+    puts it more than one version away (it downloaded state and jumped, or we did), its version and one either side.
+    It must still have committed under one of them; a peer naming a version where it has no commitment is struck as
+    before. Pure."""
+    rounds = [e for e in (epoch - 1, epoch, epoch + 1) if e >= 0]
+    if reported_epoch is not None and abs(reported_epoch - epoch) > 1:
+        rounds += [e for e in (reported_epoch - 1, reported_epoch, reported_epoch + 1) if e >= 0 and e not in rounds]
+    return rounds
+
+
 class VerificationService:
     """One per trainer: `remember_trunk` at each round's start, `commit` before its all-reduce, `after_round` when
     the version moved on. Checks run on one background thread, never on the training thread."""
@@ -109,10 +121,13 @@ class VerificationService:
     def __init__(
         self, config: SwarmConfig, dht: hivemind.DHT, batch_of_peer: Callable[[str], BatchOf],
         ban: Callable[[str, str], None], report_check: Callable[[Verdict], Verdict] | None = None,
+        reported_epoch: Callable[[str], int | None] | None = None,
     ):  # fmt: skip
         """report_check: what this trainer says of a round it was drawn to check (the trainer's contribution
-        decides; an honest one passes the verdict on)"""
+        decides; an honest one passes the verdict on). reported_epoch: a peer's version in its latest progress record
+        (None: unknown), for `commitment_rounds`."""
         self.config, self.dht, self.batch_of_peer, self.ban = config, dht, batch_of_peer, ban
+        self.reported_epoch = reported_epoch or (lambda peer: None)
         self.report_check = report_check or (lambda verdict: verdict)
         self.settings = config.verification
         self.peer_id = dht.peer_id.to_base58()
@@ -180,14 +195,17 @@ class VerificationService:
     def _check_round(self, epoch: int, senders: list[str] | None) -> None:
         commitments = self._commitments(epoch)
         others = [peer for peer in senders or () if peer != self.peer_id]
-        committed = set(commitments)
-        if any(peer not in committed for peer in others):
-            # one all-reduce can join trainers one version apart (a peer that missed a round catches up later): each
-            # commits under its own version
-            for nearby in (epoch - 1, epoch + 1):
-                committed |= set(self._commitments(nearby)) if nearby >= 0 else set()
+        found: dict[int, set[str]] = {epoch: set(commitments)}
         for peer in others:
-            if peer in committed:
+            # each peer commits under its own version, which need not be ours (see `commitment_rounds`)
+            committed = False
+            for round_number in commitment_rounds(epoch, self.reported_epoch(peer)):
+                if round_number not in found:
+                    found[round_number] = set(self._commitments(round_number))
+                if peer in found[round_number]:
+                    committed = True
+                    break
+            if committed:
                 self.strikes.clear(peer)
             else:  # an honest trainer commits before its parts go out: this one's round cannot be checked
                 self._strike(peer, f"averaged in round {epoch} without committing to it")

@@ -17,7 +17,7 @@ from dragon_swarm.verification.commitment import RoundCommitment, RoundRecord
 from dragon_swarm.verification.draw import assign_checks, round_seed
 from dragon_swarm.verification.ledger import RoundLedger
 from dragon_swarm.verification.recompute import DEFAULT_TOLERANCE, compare_sent, recompute_sent, verify_round
-from dragon_swarm.verification.service import weights_distance
+from dragon_swarm.verification.service import commitment_rounds, weights_distance
 from dragon_swarm.verification.strikes import StrikeBook
 from dragon_swarm.verification.transcript import ExpertCall, ExpertTranscript, RecordingDispatcher, ReplayDispatcher, TranscriptMismatch
 
@@ -230,3 +230,12 @@ def test_strikes_ban_only_a_run_of_faults():
     assert book.strike("a") == 1 and book.strike("b") == 1  # counted afresh after the ban, per peer
     with pytest.raises(ValueError):
         StrikeBook(0)
+
+
+def test_a_peer_is_looked_for_under_its_own_version_when_it_is_far_from_ours():
+    # a CI run: two honest trainers five versions apart (one had downloaded state) averaged together and struck each
+    # other out for "averaging without committing" although each had committed under its own version
+    assert commitment_rounds(9, reported_epoch=14) == [8, 9, 10, 13, 14, 15]
+    assert commitment_rounds(9, reported_epoch=10) == [8, 9, 10]  # one version apart: already searched
+    assert commitment_rounds(9, reported_epoch=None) == [8, 9, 10]  # no progress record: ours only
+    assert commitment_rounds(0, reported_epoch=1) == [0, 1]
