@@ -40,9 +40,10 @@ AdamW at ``expert_lr``, clipping as the peers do), evaluated the same way. Every
 ``training.eval_every: 0``: the peers do not evaluate during the timed window; this script evaluates afterwards.
 
 ``--project-125m``: from the measured bytes one trainer sends per outer round (``local_experts``), the bytes per
-hour one ``hrm-smoe-125m`` volunteer would send (scaled by the trunk size ratio, ``count_parameters``, and by the
-averaging codec's bytes per value), for micro-batch times given by ``--mb-seconds``, against the original plan's
-660 MB/hour.
+hour one ``hrm-smoe-125m`` volunteer would send (the measured overhead over the protocol's own bytes,
+``round_bytes_model``, carried over to the 125m trunk, its ``training.outer_compression`` and
+``--held-experts-125m`` experts held by 2 volunteers each), for micro-batch times given by ``--mb-seconds``, against
+the original plan's 660 MB/hour.
 """
 
 from __future__ import annotations
@@ -360,40 +361,50 @@ def train_single_process(config, train_stream, micro_batches: int, batch_size: i
 # --- the hrm-smoe-125m projection ---
 
 
+def round_bytes_model(trunk: int, codec_bytes: float, group: int, held_expert_params: int, holders: int) -> float:
+    """What one trainer sends per outer round, by the protocol: the butterfly all-reduce of the pseudo-gradient (its
+    parts to the other reducers, the aggregate of its own partition back to them: 2 (n-1)/n trunk-sized vectors) and
+    the float16 weights of each held expert to every other holder. Pure."""
+    allreduce = 2.0 * (group - 1) / group * trunk * codec_bytes if group > 1 else 0.0
+    return allreduce + held_expert_params * 2.0 * max(holders - 1, 0)
+
+
 def project_volunteer_bytes_per_hour(
-    bytes_per_round: float, measured_config: Path, mb_seconds: list[float], target_config: Path = TARGET_125M
-) -> dict:
+    bytes_per_round: float, measured_config: Path, mb_seconds: list[float], *, peers: int, held_experts: float,
+    target_config: Path = TARGET_125M, target_held_experts: int = 16, target_holders: int = 2,
+) -> dict:  # fmt: skip
     """Bytes per hour one local-expert volunteer of ``target_config`` sends, from the bytes one trainer of
-    ``measured_config`` sent per outer round. Assumptions: what a round sends grows with the trunk (the all-reduce of
-    start, pseudo-gradient and momentum is 3 trunk-sized vectors; the held experts' merge is assumed to grow the same
-    way) and with the averaging codec's bytes per value; the group size and the overheads stay as measured; a round
-    lasts ``sync_every`` micro-batches of ``mb_seconds`` each (the outer step's own time is left out: it adds to the
-    round and so lowers the rate)."""
+    ``measured_config`` sent per outer round: the measured bytes over `round_bytes_model` of the measured swarm
+    (``peers`` trainers, each holding ``held_experts`` experts, every expert held by all of them) give the overhead
+    (libp2p framing, DHT, matchmaking, retries), which multiplies `round_bytes_model` of the target (the same group,
+    ``target_held_experts`` held by ``target_holders`` each). A round lasts ``sync_every`` micro-batches of
+    ``mb_seconds`` each (the outer step's own time is left out: it adds to the round and so lowers the rate)."""
     from dragon_swarm.config import load_config
     from dragon_swarm.model.hrm_smoe import count_parameters
 
     measured, target = load_config(str(measured_config)), load_config(str(target_config))
-    trunk_m, trunk_t = count_parameters(measured.model)["trunk"], count_parameters(target.model)["trunk"]
-    codec_m = CODEC_BYTES_PER_VALUE.get(measured.averaging.compression, 4.0)
-    codec_t = CODEC_BYTES_PER_VALUE.get(target.averaging.compression, 4.0)
-    per_round = bytes_per_round * (trunk_t / trunk_m) * (codec_t / codec_m)
-    per_round_fp32 = bytes_per_round * (trunk_t / trunk_m)
+    count_m, count_t = count_parameters(measured.model), count_parameters(target.model)
+    codec_m = CODEC_BYTES_PER_VALUE.get(measured.training.outer_compression, 4.0)
+    codec_t = CODEC_BYTES_PER_VALUE.get(target.training.outer_compression, 4.0)
+    model_m = round_bytes_model(count_m["trunk"], codec_m, peers, round(held_experts * count_m["per_expert"]), peers)
+    model_t = round_bytes_model(count_t["trunk"], codec_t, peers, target_held_experts * count_t["per_expert"], target_holders)
+    overhead = bytes_per_round / model_m if model_m else 1.0
+    per_round = overhead * model_t
     rows = []
     for s in mb_seconds:
         round_s = target.training.sync_every * s
         per_hour = per_round * 3600.0 / round_s
-        rows.append({
-            "micro_batch_s": s, "round_s": round_s, "bytes_per_hour": per_hour, "mb_per_hour": per_hour / 1e6,
-            "mb_per_hour_if_fp32": per_round_fp32 * 3600.0 / round_s / 1e6, "vs_plan": per_hour / PLAN_BYTES_PER_HOUR,
-        })  # fmt: skip
+        rows.append({"micro_batch_s": s, "round_s": round_s, "bytes_per_hour": per_hour, "mb_per_hour": per_hour / 1e6, "vs_plan": per_hour / PLAN_BYTES_PER_HOUR})
     return {
         "target_config": str(target_config),
         "measured_bytes_per_round": bytes_per_round,
-        "trunk_params_measured": trunk_m,
-        "trunk_params_target": trunk_t,
-        "trunk_ratio": trunk_t / trunk_m,
-        "codec_measured": measured.averaging.compression,
-        "codec_target": target.averaging.compression,
+        "modelled_bytes_per_round_measured": model_m,
+        "overhead": overhead,
+        "trunk_params_target": count_t["trunk"],
+        "codec_target": target.training.outer_compression,
+        "held_experts_target": target_held_experts,
+        "holders_target": target_holders,
+        "group_target": peers,
         "bytes_per_round_target": per_round,
         "sync_every_target": target.training.sync_every,
         "plan_mb_per_hour": PLAN_BYTES_PER_HOUR / 1e6,
@@ -490,6 +501,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--project-125m", action="store_true", help="local_experts: project bytes/hour of an hrm-smoe-125m volunteer")
     p.add_argument("--mb-seconds", type=float, nargs="+", default=[0.5, 2.0, 40.0],
                    help="hrm-smoe-125m micro-batch times to project for (default: fast GPU, slow GPU, 2-core CPU)")  # fmt: skip
+    p.add_argument("--held-experts-125m", type=int, default=16,
+                   help="--project-125m: experts one hrm-smoe-125m volunteer holds (each held by 2), of 128")
+    p.add_argument("--sync-every", type=int, default=None, help="local_experts: training.sync_every of the swarm (default: the config's)")
     p.add_argument("--in-flight", type=int, default=1,
                    help="remote_experts: micro-batches each trainer computes at once (training.micro_batches_in_flight)")
     p.add_argument("--target-batch", type=int, default=None,
@@ -518,6 +532,8 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {"micro_batches_in_flight": args.in_flight} if args.in_flight > 1 else {}
     if args.target_batch is not None:
         overrides["target_batch_size"] = args.target_batch
+    if args.sync_every is not None:
+        overrides["sync_every"] = args.sync_every
     config = derived_config(config, work, "bench", eval_every=0, **overrides)
     result = run(
         args.mode, config, work, args.peers, args.steps, args.delay_ms, args.mbit or None, not args.no_loopback, args.timeout,
@@ -526,7 +542,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.project_125m:
         if result.get("bytes_per_round"):
             try:
-                result["project_125m"] = project_volunteer_bytes_per_hour(result["bytes_per_round"], config, args.mb_seconds)
+                held = _mean(result["per_trainer"], "experts_held") or 0.0
+                result["project_125m"] = project_volunteer_bytes_per_hour(
+                    result["bytes_per_round"], config, args.mb_seconds, peers=args.peers, held_experts=held,
+                    target_held_experts=args.held_experts_125m,
+                )  # fmt: skip
             except Exception as e:  # a config that does not load must not lose the measurements
                 result["project_125m"] = {"error": f"{type(e).__name__}: {e}"}
         else:

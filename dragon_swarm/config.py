@@ -79,6 +79,9 @@ class TrainingSection(Schema):
     sync_every: PositiveInt = 50
     outer_lr: Positive = 0.7
     outer_momentum: Annotated[float, interval(0.0, 1.0, "[)")] = 0.9
+    # local_experts: the codec of the pseudo-gradient in the outer all-reduce (8-bit blockwise: ~1 byte per value;
+    # every trainer ends the round with the same bytes, so the trunks stay bit-identical whatever the codec)
+    outer_compression: str = "blockwise8bit"
     # remote_experts: micro-batches computed at once, so that one's waits for expert answers overlap another's
     # compute (`training.pipeline`); 1 on one machine (nothing to wait for), 2-4 over a home link. Peer-local.
     micro_batches_in_flight: PositiveInt = 1
@@ -93,6 +96,13 @@ class TrainingSection(Schema):
                 "trainer calls no expert over the network, it has no waits to overlap"
             )
         return self
+
+    @field_validator("outer_compression")
+    @classmethod
+    def _known_outer_codec(cls, name: str) -> str:
+        from dragon_swarm.averaging.compression import CODECS
+
+        return _registered(name, CODECS)
 
 
 class AveragingSection(Schema):

@@ -6,6 +6,10 @@ The seams, all subclass overrides (no vendored hivemind code beyond one short me
   :class:`~.robust_reducer.RobustTensorPartReducer` right after ``AllReduceRunner.__init__`` built the stock one.
 * ``_run_allreduce_inplace_`` of the averagers is hivemind's, except that it builds the robust runner
   (hivemind names ``AllReduceRunner`` inside that method; there is no hook).
+* ``identical_results`` (the local-expert trainers' outer rounds): each reducer answers every sender with the
+  aggregate itself, compressed once with the part's codec, and takes the same decoded bytes for its own part, so every
+  member ends the round with bit-identical values (hivemind answers ``aggregate - part``, each member then holds the
+  aggregate plus its own compression errors). The reducer loop for that mode is ours (``_answer_with_aggregates``).
 * Matchmaking, leader side: ``rpc_join_group`` answers PROTOCOL_VIOLATION to a banned peer before hivemind's
   matchmaking sees the request. Follower side: before each step, the averager wraps its ``Matchmaking``
   instance's ``_request_join_group`` so that banned leaders (also ones we are redirected to) are skipped as if
@@ -37,6 +41,8 @@ import torch
 from hivemind.averaging import DecentralizedAverager
 from hivemind.averaging.allreduce import AllreduceException, AllReduceRunner, AveragingMode
 from hivemind.averaging.group_info import GroupInfo
+from hivemind.averaging.partition import BannedException
+from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
 from hivemind.optim.grad_averager import GradientAverager
 from hivemind.p2p import P2PContext, PeerID
 from hivemind.proto import averaging_pb2, runtime_pb2
@@ -95,10 +101,13 @@ class RobustAllReduceRunner(AllReduceRunner):
         signer: PartSigner | None = None,
         require_signed_parts: bool = False,
         accuse: Callable[[Accusation], None] | None = None,
+        identical_results: bool = False,
         **kwargs,
     ):
         super().__init__(**kwargs)
         self.reputation, self.result_distance_limit = reputation, result_distance_limit
+        self.identical_results = identical_results
+        self._answers: dict[tuple[int, int], runtime_pb2.Tensor] = {}  # (part, codec) -> the aggregate, serialized once
         self.signer, self.require_signed_parts, self.accuse = signer, require_signed_parts, accuse
         # the last parts received per sender, with their seals: evidence if the reducer rejects one of them
         self._recent_parts: collections.OrderedDict[tuple[int, int], tuple[runtime_pb2.Tensor, float, bytes]] = collections.OrderedDict()
@@ -113,6 +122,7 @@ class RobustAllReduceRunner(AllReduceRunner):
                 f"keeping local values for this round, still serving our partition to the other {len(self.ordered_peer_ids) - 1 - len(banned)}"
             )
         container = self.tensor_part_container
+        container.return_deltas = not identical_results  # a failed reducer then leaves our own values, not zeros
         total_norm = torch.sqrt(sum(t.detach().double().pow(2).sum() for t in container.local_tensors) + 0.0)
         self._norm_per_value = float(total_norm) / max(1, container.total_size) ** 0.5
         self._refused_from: set[int] = set()
@@ -156,8 +166,50 @@ class RobustAllReduceRunner(AllReduceRunner):
     async def _accumulate_parts_streaming(self, stream, sender_index: int):
         if self.require_signed_parts:
             stream = self._sealed_parts(stream, sender_index)
-        async for message in super()._accumulate_parts_streaming(stream, sender_index):
+        if self.identical_results:
+            answers = self._answer_with_aggregates(stream, sender_index)
+        else:
+            answers = super()._accumulate_parts_streaming(stream, sender_index)
+        async for message in answers:
             yield message
+
+    async def _answer_with_aggregates(self, stream, sender_index: int):
+        """The reducer's loop of ``identical_results``: each part aggregated, answered with the aggregate serialized
+        once per codec (every sender of the part gets the same bytes). A sender whose stream ends early or carries a
+        part that cannot be decoded is excluded from the parts it did not send, as in hivemind."""
+        loop = asyncio.get_running_loop()
+        part_index = 0
+        try:
+            async for message in stream:
+                tensor_part = await loop.run_in_executor(None, deserialize_torch_tensor, message.tensor_part)
+                try:
+                    aggregate = await self.tensor_part_reducer.accumulate_part(sender_index, part_index, tensor_part, weight=message.weight)
+                except BannedException:
+                    break
+                answer = await loop.run_in_executor(None, self._serialized_aggregate, part_index, aggregate, message.tensor_part.compression)
+                part_index += 1
+                yield averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART, tensor_part=answer)
+        finally:
+            if part_index != self.tensor_part_reducer.num_parts:
+                await self._ban_sender(self.sender_peer_ids[sender_index])
+
+    def _serialized_aggregate(self, part_index: int, aggregate: torch.Tensor, codec: int) -> runtime_pb2.Tensor:
+        key = (part_index, int(codec))
+        if key not in self._answers:
+            self._answers[key] = serialize_torch_tensor(aggregate.detach(), codec)
+        return self._answers[key]
+
+    async def _reduce_own_parts_identically(self) -> None:
+        """Our own partition in ``identical_results`` mode: what we keep is what the other members decode."""
+        container = self.tensor_part_container
+        peer_index, sender_index = self.ordered_peer_ids.index(self.peer_id), self.sender_peer_ids.index(self.peer_id)
+        loop = asyncio.get_running_loop()
+        for part_index, part in enumerate(self.parts_for_local_averaging):
+            aggregate = await self.tensor_part_reducer.accumulate_part(sender_index, part_index, part, weight=self.weight)
+            _, info = container._input_parts_by_peer[peer_index][part_index]
+            codec = container.compression.compress(part, info).compression  # the codec our own messages use
+            answer = await loop.run_in_executor(None, self._serialized_aggregate, part_index, aggregate, codec)
+            container.register_processed_part(peer_index, part_index, deserialize_torch_tensor(answer))
 
     async def _sealed_parts(self, stream, sender_index: int):
         """The sender's part messages while each one's seal is the sender's signature of it; a part without one is
@@ -236,7 +288,10 @@ class RobustAllReduceRunner(AllReduceRunner):
         if peer_id != self.peer_id:
             return await super()._communicate_with_peer(peer_id)
         try:
-            await super()._communicate_with_peer(peer_id)
+            if self.identical_results:
+                await self._reduce_own_parts_identically()
+            else:
+                await super()._communicate_with_peer(peer_id)
         except AllreduceException as e:  # our own part was rejected or excluded (includes BannedException)
             if self._future.done():
                 raise
@@ -276,6 +331,7 @@ class _RobustAveragerMixin:
         if not isinstance(settings, RobustAveragingSettings):
             raise TypeError(f"settings must be RobustAveragingSettings, got {type(settings).__name__}")
         self._signer = signer  # seals the parts this peer sends (`averaging.part_signatures`); None: unsigned
+        self._identical_results = False  # RobustDecentralizedAverager(identical_results=True) turns it on
         self._new_accusations: list[Accusation] = []  # averager process: proofs our reducer kept, not yet taken
         self.robust_settings = settings
         self.reputation = reputation if reputation is not None else settings.make_reputation_book()
@@ -397,6 +453,7 @@ class _RobustAveragerMixin:
             signer=self._signer,
             require_signed_parts=self.robust_settings.signed_parts,
             accuse=self._new_accusations.append,
+            identical_results=self._identical_results,
             p2p=self._p2p,
             servicer_type=type(self),
             prefix=self.prefix,
@@ -416,7 +473,10 @@ class _RobustAveragerMixin:
             self._received_fraction.value = 1.0
             remaining = iter(tensors)
             async for update in runner:
-                next(remaining).add_(update, alpha=self._averaging_alpha)
+                if self._identical_results:  # the round's result itself, the same bytes on every member
+                    next(remaining).copy_(update)
+                else:
+                    next(remaining).add_(update, alpha=self._averaging_alpha)
                 self.last_updated = get_dht_time()
                 self._state_updated.set()
             parts = runner.tensor_part_container
@@ -434,6 +494,8 @@ class RobustDecentralizedAverager(_RobustAveragerMixin, DecentralizedAverager):
     :param settings: aggregation and ban policy
     :param reputation: seeds the averager process's book (default: an empty book from ``settings``)
     :param signer: seals this peer's parts (needed when ``settings.signed_parts``: the other peers demand seals)
+    :param identical_results: every member ends a round with bit-identical averaged tensors (each reducer sends its
+      aggregate, not the difference from the sender's part; see the module docstring); ``averaging_alpha`` is ignored
     :param kwargs: as for DecentralizedAverager (``start=True`` forks the averager process here)
     """
 
@@ -445,9 +507,11 @@ class RobustDecentralizedAverager(_RobustAveragerMixin, DecentralizedAverager):
         settings: RobustAveragingSettings = RobustAveragingSettings(),
         reputation: Optional[ReputationBook] = None,
         signer: Optional[PartSigner] = None,
+        identical_results: bool = False,
         **kwargs,
     ):
         self._init_robust(settings, reputation, signer)  # before super().__init__, which may start the process
+        self._identical_results = identical_results
         super().__init__(averaged_tensors, dht, **kwargs)
 
 

@@ -5,7 +5,9 @@ Replica sync is pull-based robust gossip rather than one hivemind all-reduce gro
 process holding its own copy of the tensors, and a host of 8-32 experts would need that many; the download path
 exists anyway (joining, takeover). Each round a host fetches the state of its expert's other replicas, drops those
 too far from its own, merges the rest with CenteredClip (weights and AdamW moments, `moe.expert_state`) and applies
-the change as a delta, so updates the runtime made meanwhile are kept. Every honest replica computes its own robust
+the change as a delta, so updates the runtime made meanwhile are kept. Local-expert mode's outer rounds
+(`merge_round`) merge the frozen weights of the round alone, sent as float16, in peer-id order; each holder keeps its
+own AdamW moments. Every honest replica computes its own robust
 result, so a Byzantine replica moves an honest one no more than it would move the trunk's all-reduce; one that is
 far from the robust result round after round is banned like a trainer (the config's `averaging:` ban policy).
 """
@@ -94,7 +96,16 @@ class ReplicaSync(PeriodicThread):
             self.round_partners[uid] = sources
         if not others:
             return False
-        merged = expert_state.robust_merge(own, others)
+        if tag is None:
+            merged = expert_state.robust_merge(own, others)
+            distances = merged.distances[1:]
+        else:
+            # an outer round: weights only, everyone's (ours too) as they crossed the wire, in peer-id order, so that
+            # holders who fetched the same snapshots compute the same merge
+            entries = sorted([(self.hosting.own_peer_id, expert_state.from_round_weights(expert_state.round_weights(own), backend)), *zip(sources, others)], key=lambda e: e[0])
+            merged = expert_state.merge_weights([state for _, state in entries])
+            by_peer = dict(zip((peer for peer, _ in entries), merged.distances))
+            distances = [by_peer[peer] for peer in sources]
         before = max(float(torch.linalg.vector_norm(s.parameter_vector() - own_vector)) for s in others) / own_norm
         self.last_distance[uid] = before
         apply_delta(backend, own, merged.state)
@@ -104,7 +115,7 @@ class ReplicaSync(PeriodicThread):
             f"Replica sync {uid}: merged {len(others) + 1} replicas (farthest was {before:.2%} of the weights' norm away)"
         )
         if len(others) >= 2:  # with two replicas nobody can tell which one is off
-            for peer, distance in zip(sources, merged.distances[1:]):
+            for peer, distance in zip(sources, distances):
                 if distance > self.ban_ratio * max(merged.spread, 1e-12):
                     self._strike(uid, peer, f"{distance / max(merged.spread, 1e-12):.1f}x the replicas' median distance from the robust result")
                 else:

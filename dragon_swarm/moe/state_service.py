@@ -60,7 +60,7 @@ class ExpertStateServicer(ServicerBase):
                 yield runtime_pb2.ExpertResponse(metadata=b"error: no snapshot of that round here (yet)")
                 return
             self._buckets[requester] = (tokens - 1.0, now)
-            data = await loop.run_in_executor(None, lambda: expert_state.to_bytes(frozen))
+            data = await loop.run_in_executor(None, lambda: expert_state.to_bytes(expert_state.round_weights(frozen)))
         else:
             self._buckets[requester] = (tokens - 1.0, now)
             backend = self.lookup(uid)
@@ -116,8 +116,8 @@ class ExpertStateService:
     def fetch(
         self, peer_id: str, uid: str, template: ExpertTemplate | ExpertBackend, timeout: float, tag: str | None = None
     ) -> ExpertState:
-        """One host's state of `uid` (its frozen snapshot of round `tag`, if given), validated against `template`
-        (this expert's shapes). Raises ExpertStateError."""
+        """One host's state of `uid` (with a round `tag`: the weights of its frozen snapshot of that round, without
+        optimizer state), validated against `template` (this expert's shapes). Raises ExpertStateError."""
         max_bytes = int(SIZE_SLACK * expected_state_bytes(template)) + 65536
         request_uid = uid if tag is None else f"{uid}@{tag}"
         try:
@@ -130,6 +130,8 @@ class ExpertStateService:
             raise ExpertStateError(f"{uid} from {peer_id[-8:]}: {type(e).__name__}: {str(e)[:120]}") from None
         state = expert_state.from_bytes(data, f"{uid} from {peer_id[-8:]}")
         try:
+            if tag is not None:  # an outer round's snapshot: float16 weights alone (`expert_state.round_weights`)
+                state = expert_state.from_round_weights(state, template)
             expert_state.validate(state, template, uid)
         except ExpertStateError as e:
             raise ExpertStateError(f"{uid} from {peer_id[-8:]}: {e}") from None

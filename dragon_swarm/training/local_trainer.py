@@ -5,13 +5,15 @@ tokens only among those experts: the gate is renormalised over them (`alive_mask
 the trunk with AdamW and each held expert with the expert's own AdamW (the one its host uses), without a single
 network call per micro-batch. Every `training.sync_every` micro-batches it makes an **outer step**:
 
-* the trunk: the pseudo-gradient (start-of-round weights minus current), the start-of-round weights and the outer
-  momentum are all-reduced with the other trainers through the robust reducer (validation, CenteredClip, bans:
-  unchanged), compressed with `averaging.compression`; every participant then applies the same Nesterov SGD step
-  (`outer_lr`, `outer_momentum`, OpenDiLoCo's 0.7 / 0.9) from the averaged start with the averaged momentum.
-  Averaging start and momentum too costs three times the bytes of the pseudo-gradient alone (still a tiny share of
-  what remote experts move) and heals a trainer whose round failed or kept its own values for a partition: with the
-  pseudo-gradient alone its start and momentum would differ from the others' forever;
+* the trunk: the pseudo-gradient (start-of-round weights minus current) is all-reduced with the other trainers
+  through the robust reducer (validation, CenteredClip, bans: unchanged), compressed with
+  `training.outer_compression` (8-bit blockwise by default); every participant then applies the same Nesterov SGD
+  step (`outer_lr`, `outer_momentum`, OpenDiLoCo's 0.7 / 0.9). The all-reduce runs with `identical_results`: every
+  member receives the same bytes, so trainers that started the round from the same weights end it with bit-identical
+  weights and momentum, and only the pseudo-gradient has to travel (a third of averaging start, pseudo-gradient and
+  momentum). A trainer that fell out of step (its round failed or came back partial, it stepped alone while others
+  were behind) finds out at the next round's barrier, where every trainer announces a digest of its round start: one
+  whose digest is not the most common downloads the round's state from a trainer that holds it;
 * the held experts: each holder freezes a snapshot of them at the round boundary and merges it with the other
   holders' snapshots of the same round (`moe.replica_sync`: CenteredClip over weights and AdamW moments), so the
   holders of an expert reach the same state; run here, between micro-batches, so no merge lands between a forward
@@ -23,6 +25,7 @@ The model version (epoch) counts outer steps.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
@@ -53,7 +56,6 @@ from dragon_swarm.training.trainer import warmup_schedule
 
 logger = logging.getLogger(__name__)
 
-OUTER_CODEC_FALLBACK = "fp16"
 OUTER_MATCHMAKING_FACTOR = 3.0  # trainers reach a round boundary seconds apart: wait longer than a gradient round
 
 
@@ -93,60 +95,57 @@ class HeldExperts:
 
 
 class OuterOptimizer:
-    """Nesterov SGD on pseudo-gradients (DiLoCo's outer optimizer): pure tensor arithmetic, tested directly."""
+    """Nesterov SGD on pseudo-gradients (DiLoCo's outer optimizer): pure tensor arithmetic, tested directly.
+
+    Start and momentum live on the CPU in float32 and the step is computed there, one rounded operation at a time:
+    trainers on different devices that apply the same averaged pseudo-gradient to the same start get the same bits."""
 
     def __init__(self, params: list[torch.nn.Parameter], lr: float, momentum: float):
         self.params, self.lr, self.momentum = params, lr, momentum
-        self.start = [p.detach().clone() for p in params]
-        self.velocity = [torch.zeros_like(p) for p in params]
+        self.start = [self._cpu(p) for p in params]
+        self.velocity = [torch.zeros_like(s) for s in self.start]
+
+    @staticmethod
+    def _cpu(p: torch.Tensor) -> torch.Tensor:
+        return p.detach().to("cpu", torch.float32, copy=True)
 
     def pseudo_gradient(self) -> list[torch.Tensor]:
-        return [s - p.detach() for s, p in zip(self.start, self.params)]
+        return [s - self._cpu(p) for s, p in zip(self.start, self.params)]
 
     @torch.no_grad()
-    def step(self, start: list[torch.Tensor], pseudo_gradient: list[torch.Tensor]) -> None:
-        """From `start` (the averaged start of the round), one Nesterov step along `pseudo_gradient`."""
-        for p, s, v, g in zip(self.params, start, self.velocity, pseudo_gradient):
+    def step(self, pseudo_gradient: list[torch.Tensor]) -> None:
+        """One Nesterov step along `pseudo_gradient` from the round's start; the weights and the next start are its result."""
+        for p, s, v, g in zip(self.params, self.start, self.velocity, pseudo_gradient):
             v.mul_(self.momentum).add_(g)
-            p.copy_(s - self.lr * (g + self.momentum * v))
-        self.start = [p.detach().clone() for p in self.params]
+            s.sub_((g + v * self.momentum) * self.lr)
+            p.copy_(s)
 
-    def reset_start(self) -> None:
-        self.start = [p.detach().clone() for p in self.params]
+    @torch.no_grad()
+    def load(self, start: list[torch.Tensor], velocity: list[torch.Tensor]) -> None:
+        """Take a round start and momentum from elsewhere (a peer's state): the weights jump to that start."""
+        for p, s, v, new_s, new_v in zip(self.params, self.start, self.velocity, start, velocity):
+            s.copy_(new_s)
+            v.copy_(new_v)
+            p.copy_(s)
+
+    def digest(self) -> str:
+        """A short digest of the round start: trainers in step have the same one."""
+        h = hashlib.sha256()
+        for s in self.start:
+            h.update(s.numpy().tobytes())
+        return h.hexdigest()[:16]
 
 
 # a trainer that stops right after a round keeps serving its snapshots until the holders it merged with have fetched
 # them, at most this long (a holder still in the round's all-reduce on a busy machine may need a while)
 LAST_ROUND_WAIT_S = 30.0
-ROUND_CHUNKS = 32  # the round's vector is cut into this many chunks per quantity, interleaved (see RoundLayout)
-
-
-class RoundLayout:
-    """How (start, pseudo-gradient, momentum) travel in one all-reduce: each flattened, cut into `chunks` pieces,
-    interleaved piece by piece. hivemind gives each group member one contiguous partition to reduce and every
-    member bans only from the parts it reduces: with the three quantities laid end to end, only the members
-    reducing the pseudo-gradient's share would see an attacker that poisons just that. Interleaved, every
-    partition holds a share of all three (as long as the group has at most `chunks` members). Pure."""
-
-    def __init__(self, shapes: list[torch.Size], chunks: int = ROUND_CHUNKS):
-        self.shapes = shapes
-        self.sizes = [int(torch.Size(s).numel()) for s in shapes]
-        total = sum(self.sizes)
-        self.chunk_sizes = [len(c) for c in torch.arange(total).tensor_split(min(chunks, max(total, 1)))]
-
-    def empty(self) -> list[torch.Tensor]:
-        return [torch.zeros(size) for size in self.chunk_sizes for _ in range(3)]
-
-    def pack(self, start: list[torch.Tensor], pseudo: list[torch.Tensor], velocity: list[torch.Tensor]) -> list[torch.Tensor]:
-        pieces = [torch.cat([t.detach().reshape(-1) for t in q]).split(self.chunk_sizes) for q in (start, pseudo, velocity)]
-        return [piece for triple in zip(*pieces) for piece in triple]
-
-    def unpack(self, tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-        quantities = []
-        for k in range(3):
-            flat = torch.cat([t.reshape(-1) for t in tensors[k::3]])
-            quantities.append([part.reshape(shape) for part, shape in zip(flat.split(self.sizes), self.shapes)])
-        return quantities[0], quantities[1], quantities[2]
+def majority_digest(own: str, others: list[str]) -> str:
+    """The round start most trainers at a round hold (ours counted too); ties go to the smallest digest, so every
+    trainer picks the same one. Pure."""
+    counts: dict[str, int] = {}
+    for d in [own, *others]:
+        counts[d] = counts.get(d, 0) + 1
+    return min(counts, key=lambda d: (-counts[d], d))
 
 
 class LocalExpertsTrainer:
@@ -198,10 +197,11 @@ class LocalExpertsTrainer:
                     v.copy_(saved.momentum[name])
         self._lock = threading.Lock()  # the averager's state download reads the trunk from its own thread
         self.last_round_peers = 0
-        self.layout = RoundLayout([p.shape for p in self.params])
+        # set at a round's barrier when this trainer's round start is not the swarm's (see `_wait_for_others`)
+        self.out_of_step = False
         robust = RobustAveragingSettings.from_config(config.averaging, t.target_batch_size)
         self.averager = _OuterAverager(
-            self.layout.empty(),
+            [torch.zeros_like(s) for s in self.outer.start],
             dht,
             trainer=self,
             settings=robust,
@@ -211,8 +211,8 @@ class LocalExpertsTrainer:
             min_matchmaking_time=OUTER_MATCHMAKING_FACTOR * config.averaging.matchmaking_time,
             request_timeout=min(3.0, 0.9 * config.averaging.matchmaking_time),
             allreduce_timeout=config.averaging.averaging_timeout,
-            # pseudo-gradients always travel compressed (fp16 when the config averages gradients uncompressed)
-            compression=make_compression(OUTER_CODEC_FALLBACK if config.averaging.compression == "none" else config.averaging.compression),
+            compression=make_compression(t.outer_compression),
+            identical_results=True,  # the same averaged bytes on every member: the trunks stay bit-identical
             allow_state_sharing=True,
         )
 
@@ -266,26 +266,30 @@ class LocalExpertsTrainer:
             self._announce_presence(self.epoch)  # others count this trainer in their next round from now on
         except Exception as e:
             logger.debug(f"Announcing this trainer failed: {e}")
+        self._download_state(timeout, newer_only=True)
+
+    def _download_state(self, timeout: float, newer_only: bool) -> bool:
+        """Take the round start and momentum of the trainer that declares the highest priority (its epoch, plus a
+        half for a trainer in step with the swarm's majority); `newer_only`: only from a later epoch than ours."""
         loaded = self.averager.load_state_from_peers(timeout=timeout)
         if loaded is None:  # nobody to download from: this is the first trainer, or all are at its epoch
-            return
+            return False
         metadata, tensors = loaded
         epoch = int(metadata.get("epoch", 0)) if isinstance(metadata, dict) else 0
         n = len(self.params)
-        if epoch <= self.epoch or len(tensors) != 2 * n or any(t.shape != p.shape for t, p in zip(tensors, self.params * 2)):
-            return
+        too_old = epoch <= self.epoch if newer_only else epoch < self.epoch
+        if too_old or len(tensors) != 2 * n or any(t.shape != p.shape for t, p in zip(tensors, self.params * 2)):
+            return False
         if not all(bool(torch.isfinite(t).all()) for t in tensors):
             logger.warning("Refused a downloaded trunk with NaN/Inf values")
-            return
+            return False
         self.bus.publish(StateChanged(PeerState.SYNCING))
         with torch.no_grad(), self._lock:
-            for p, t in zip(self.params, tensors[:n]):
-                p.copy_(t)
-            for v, t in zip(self.outer.velocity, tensors[n:]):
-                v.copy_(t)
-            self.outer.reset_start()
+            self.outer.load([t.float() for t in tensors[:n]], [t.float() for t in tensors[n:]])
             self.epoch = epoch
+        self.averager.state_sharing_priority = float(self.epoch)
         logger.info(f"Downloaded the trunk from a peer: now at epoch {epoch}")
+        return True
 
     def train(self, max_micro_batches: int | None, stop: threading.Event, save_every: int = 10) -> None:
         while not stop.is_set() and (max_micro_batches is None or self.micro_batches < max_micro_batches):
@@ -353,16 +357,15 @@ class LocalExpertsTrainer:
         return report
 
     def outer_step(self) -> None:
-        """All-reduce (start, pseudo-gradient) of the trunk with the other trainers, apply Nesterov, merge the held
-        experts with their other holders. A failed round applies this trainer's own pseudo-gradient."""
+        """All-reduce the trunk's pseudo-gradient with the other trainers, apply Nesterov, merge the held experts with
+        their other holders. A failed round applies this trainer's own pseudo-gradient."""
         self.bus.publish(StateChanged(PeerState.AVERAGING))
         started = time.perf_counter()
-        start, pseudo = [s.clone() for s in self.outer.start], self.outer.pseudo_gradient()
-        velocity = [v.clone() for v in self.outer.velocity]
+        own = self.outer.pseudo_gradient()
         if self.contribution is not None and not isinstance(self.contribution, HonestContribution):
-            pseudo = self._tampered(pseudo)
+            own = self._tampered(own)
         with self.averager.get_tensors() as tensors:
-            for slot, value in zip(tensors, self.layout.pack(start, pseudo, velocity)):
+            for slot, value in zip(tensors, own):
                 slot.copy_(value)
         group = None
         others = self._wait_for_others(self.epoch + 1)
@@ -373,24 +376,26 @@ class LocalExpertsTrainer:
                 group = self.averager.step(timeout=self.config.averaging.averaging_timeout, allow_retries=False)
             except Exception as e:  # a failed round must not stop training
                 logger.warning(f"Outer round {self.epoch + 1}: all-reduce failed ({type(e).__name__}: {e}); stepping alone")
+        pseudo = own
         if group:
             with self.averager.get_tensors() as tensors:
-                start, pseudo, velocity = self.layout.unpack([t.clone() for t in tensors])
-        if not all(bool(torch.isfinite(t).all()) for t in start + pseudo + velocity):
-            logger.error(f"Outer round {self.epoch + 1}: non-finite average refused; keeping this trainer's own values")
-            start, pseudo = [s.clone() for s in self.outer.start], self.outer.pseudo_gradient()
-            velocity = [v.clone() for v in self.outer.velocity]
+                pseudo = [t.clone() for t in tensors]
+        if not all(bool(torch.isfinite(t).all()) for t in pseudo):
+            logger.error(f"Outer round {self.epoch + 1}: non-finite average refused; stepping with this trainer's own pseudo-gradient")
+            pseudo = own
         with self._lock:
-            for v, averaged_v in zip(self.outer.velocity, velocity):
-                v.copy_(averaged_v)
-            self.outer.step(start, pseudo)
+            self.outer.step(pseudo)
             self.epoch += 1
         self.last_round_peers = len(group) if group else 1
         received = self.averager.last_round_received_fraction if group else 1.0
+        if self.out_of_step:  # the round's barrier showed that our start was not the swarm's: take theirs
+            self.out_of_step = not self._download_state(timeout=self.config.averaging.load_state_timeout, newer_only=False)
+        # one behind the others' half: a trainer out of step never serves its state before one in step does
+        self.averager.state_sharing_priority = self.epoch + (0.0 if self.out_of_step else 0.5)
         synced = self.hosting.merge_round(self._round_tag(self.epoch)) if self.hosting is not None else 0
         # a reducer that did not answer in time leaves this trainer's own values in its part: the trunk differs
-        # there until the next round, whose averaged start brings it back
-        partial = f" ({received:.1%} of values; the rest kept this trainer's own until the next round)" if received < 1.0 else ""
+        # there, and the next round's barrier finds it out (digests) and the state download brings it back
+        partial = f" ({received:.1%} of values; the rest kept this trainer's own)" if received < 1.0 else ""
         logger.info(
             f"Outer step {self.epoch}: trunk averaged with {self.last_round_peers - 1} other trainer(s){partial}, "
             f"{synced} held expert(s) merged with their other holders, {time.perf_counter() - started:.1f} s"
@@ -428,22 +433,25 @@ class LocalExpertsTrainer:
         return loss, seconds
 
     def _wait_for_others(self, round_number: int) -> int:
-        """The round's barrier: announce that this trainer reached `round_number`, then wait (up to the averaging
-        timeout) until every other local-expert trainer that announced itself recently has reached it too, so all
-        of them enter matchmaking within a poll of each other; hivemind's matchmaking alone splits trainers that
-        arrive seconds apart. Returns how many others will be in the round (0: step alone, no matchmaking wait).
-        Entries are unsigned: a forged one costs a wait, nothing more."""
+        """The round's barrier: announce that this trainer reached `round_number` (with its round start's digest),
+        then wait (up to the averaging timeout) until every other local-expert trainer that announced itself recently
+        has reached it too, so all of them enter matchmaking within a poll of each other; hivemind's matchmaking alone
+        splits trainers that arrive seconds apart. Compares digests with the trainers at the same round: when ours is
+        not the most common, sets `out_of_step` (the outer step then downloads the swarm's state). Returns how many
+        others will be in the round (0: step alone, no matchmaking wait). Entries are unsigned: a forged one costs a
+        wait or a state download, nothing more."""
         deadline = time.monotonic() + self.config.averaging.averaging_timeout
         waited_for: set[str] = set()
+        digest = self.outer.digest()
         while True:
             try:
-                self._announce_presence(round_number)
+                self._announce_presence(round_number, digest)
                 rounds = self._announced_rounds()
             except Exception as e:
                 logger.debug(f"Trainer presence lookup failed: {e}")
                 return 1  # try the round anyway
-            behind = {peer for peer, reached in rounds.items() if 0 <= reached < round_number}
-            ready = [peer for peer, reached in rounds.items() if reached >= round_number]
+            behind = {peer for peer, (reached, _) in rounds.items() if 0 <= reached < round_number}
+            ready = [peer for peer, (reached, _) in rounds.items() if reached >= round_number]
             if not behind or time.monotonic() > deadline:
                 if behind:
                     logger.warning(
@@ -451,6 +459,15 @@ class LocalExpertsTrainer:
                     )
                 elif waited_for:
                     logger.info(f"Outer round {round_number}: waited for {len(waited_for)} trainer(s) to reach the round")
+                peers_digests = [d for reached, d in rounds.values() if reached == round_number and d]
+                swarm_digest = majority_digest(digest, peers_digests)
+                if swarm_digest != digest:
+                    agree = sum(d == swarm_digest for d in peers_digests)
+                    logger.warning(
+                        f"Outer round {round_number}: this trainer's round start differs from that of {agree} of "
+                        f"{len(peers_digests)} other trainer(s); taking the swarm's state after the round"
+                    )
+                    self.out_of_step = True
                 return len(ready)
             waited_for |= behind
             time.sleep(0.5)
@@ -459,18 +476,22 @@ class LocalExpertsTrainer:
     def _presence_key(self) -> str:
         return f"{self.config.run_prefix}_outer_trainers"
 
-    def _announce_presence(self, round_number: int) -> None:
-        """Value: the outer round this trainer has reached (-1: it left)."""
+    def _announce_presence(self, round_number: int, digest: str = "") -> None:
+        """Value: [the outer round this trainer has reached (-1: it left), the digest of that round's start]."""
         ttl = 10 * self.averager.matchmaking_kwargs["min_matchmaking_time"] + 60.0
-        self.dht.store(self._presence_key, subkey=self.peer_id, value=round_number, expiration_time=get_dht_time() + ttl)
+        self.dht.store(self._presence_key, subkey=self.peer_id, value=[round_number, digest], expiration_time=get_dht_time() + ttl)
 
-    def _announced_rounds(self) -> dict[str, int]:
+    def _announced_rounds(self) -> dict[str, tuple[int, str]]:
         found = self.dht.get(self._presence_key, latest=True)
         entries = found.value if found is not None and isinstance(found.value, dict) else {}
         now, rounds = get_dht_time(), {}
         for subkey, item in entries.items():
-            if subkey != self.peer_id and item.expiration_time > now and isinstance(item.value, int):
-                rounds[str(subkey)] = item.value
+            value = item.value
+            if subkey == self.peer_id or item.expiration_time <= now or not isinstance(value, (list, tuple)) or len(value) != 2:
+                continue
+            reached, digest = value
+            if isinstance(reached, int) and isinstance(digest, str):
+                rounds[str(subkey)] = (reached, digest)
         return rounds
 
     def _tampered(self, pseudo: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -478,9 +499,9 @@ class LocalExpertsTrainer:
         gradient (it reads and writes `.grad`)."""
         saved = [p.grad for p in self.params]
         for p, g in zip(self.params, pseudo):
-            p.grad = g.clone()
+            p.grad = g.to(p.device, copy=True)
         self.contribution.prepare(self.trunk_params, torch.tensor(0.0), self.batch_size, self.last_round_peers)
-        tampered = [p.grad.detach().clone() for p in self.params]
+        tampered = [p.grad.detach().to("cpu", torch.float32, copy=True) for p in self.params]
         for p, g in zip(self.params, saved):
             p.grad = g
         return tampered

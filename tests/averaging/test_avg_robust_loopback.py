@@ -215,3 +215,37 @@ def test_a_peer_grouped_with_a_peer_it_bans_takes_nothing_from_that_round_and_st
     # ... while it still reduced its partition for B, without C's part (mean of 0 and 1)
     _assert_partitions(run["by_reducer"]["B"], {a: 0.5, b: 1.0, c: 1.0})
     assert run["received"]["B"] == 1.0
+
+
+@pytest.mark.parametrize("codec", ["blockwise8bit", "fp16"])
+def test_identical_results_leave_every_member_with_the_same_bytes(codec):
+    # Prepare: four honest peers, a lossy codec: hivemind's deltas would leave each peer its own compression errors
+    from dragon_swarm.averaging.compression import make_compression
+
+    honest = _honest_tensors(4, spread=0.5, seed=3)
+    exact_mean = torch.stack(honest).mean(0)
+    settings = RobustAveragingSettings(aggregator="mean")
+    with _swarm([[t.clone()] for t in honest], settings, f"identical-{codec}", compression=make_compression(codec), identical_results=True) as averagers:
+        # Act
+        outcomes = _step_all(averagers)
+        results = [_tensor(a) for a in averagers]
+    # Assert: every member averaged with all four, holds exactly the same values, and they are the mean within the codec's error
+    assert all(isinstance(o, dict) and len(o) == 4 for o in outcomes), outcomes
+    for other in results[1:]:
+        assert torch.equal(results[0], other)
+    error = float((results[0] - exact_mean).abs().max()) / float(exact_mean.abs().max())
+    assert error < (0.02 if codec == "blockwise8bit" else 1e-3), error
+    assert not torch.equal(results[0], honest[0])
+
+
+def test_deltas_by_default_leave_members_apart_under_a_lossy_codec():
+    # The control for the test above: without identical_results the same round leaves the members apart
+    from dragon_swarm.averaging.compression import make_compression
+
+    honest = _honest_tensors(4, spread=0.5, seed=3)
+    settings = RobustAveragingSettings(aggregator="mean")
+    with _swarm([[t.clone()] for t in honest], settings, "deltas-8bit", compression=make_compression("blockwise8bit")) as averagers:
+        outcomes = _step_all(averagers)
+        results = [_tensor(a) for a in averagers]
+    assert all(isinstance(o, dict) and len(o) == 4 for o in outcomes), outcomes
+    assert any(not torch.equal(results[0], other) for other in results[1:])

@@ -7,8 +7,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.wan import PLAN_BYTES_PER_HOUR, derived_config, project_volunteer_bytes_per_hour, single_process_model, timed_window
+from benchmarks.wan import (
+    PLAN_BYTES_PER_HOUR,
+    derived_config,
+    project_volunteer_bytes_per_hour,
+    round_bytes_model,
+    single_process_model,
+    timed_window,
+)
 from dragon_swarm.config import load_config
+from dragon_swarm.model.hrm_smoe import count_parameters
 
 TEST_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "swarm-test.yaml"
 
@@ -29,13 +37,25 @@ def test_window_holds_whole_rounds_after_the_first_outer_step():
     assert (first["micro_batches"], last["micro_batches"]) == (1, 5)
 
 
-def test_projection_scales_by_trunk_codec_and_round_length():
-    out = project_volunteer_bytes_per_hour(1e6, TEST_CONFIG, [1.0])
-    row = out["rows"][0]
+def test_round_bytes_model_counts_the_all_reduce_and_the_expert_weights():
+    # 4 trainers: 2 * 3/4 of a 1000-value trunk at 1 byte; 10 expert values at 2 bytes to each of 2 other holders
+    assert round_bytes_model(1000, 1.0, 4, 10, 3) == pytest.approx(1500 + 40)
+    assert round_bytes_model(1000, 1.0, 1, 10, 1) == 0.0  # alone: nothing to send
+
+
+def test_projection_scales_the_measured_overhead_to_the_target_and_round_length():
+    measured = load_config(str(TEST_CONFIG))
+    counts = count_parameters(measured.model)
+    codec = {"none": 4.0, "fp16": 2.0}.get(measured.training.outer_compression, 1.0)
+    model_m = round_bytes_model(counts["trunk"], codec, 4, 8 * counts["per_expert"], 4)
+    out = project_volunteer_bytes_per_hour(3 * model_m, TEST_CONFIG, [1.0], peers=4, held_experts=8, target_held_experts=16)
+    assert out["overhead"] == pytest.approx(3.0)
     target = load_config(out["target_config"])
-    codec = {"none": 4.0, "fp16": 2.0}.get(target.averaging.compression, 1.0) / 4.0  # swarm-test: no compression
-    expected_round = 1e6 * out["trunk_ratio"] * codec
+    t_counts = count_parameters(target.model)
+    t_codec = {"none": 4.0, "fp16": 2.0}.get(target.training.outer_compression, 1.0)
+    expected_round = 3.0 * round_bytes_model(t_counts["trunk"], t_codec, 4, 16 * t_counts["per_expert"], 2)
     assert out["bytes_per_round_target"] == pytest.approx(expected_round)
+    row = out["rows"][0]
     assert row["round_s"] == target.training.sync_every
     assert row["bytes_per_hour"] == pytest.approx(expected_round * 3600 / target.training.sync_every)
     assert row["vs_plan"] == pytest.approx(row["bytes_per_hour"] / PLAN_BYTES_PER_HOUR)
