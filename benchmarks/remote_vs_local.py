@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.wan import derived_config
 from dragon_swarm.config import load_config, resolve_config_path
 from dragon_swarm.data.corpus import default_data_dir
 from dragon_swarm.data.dataset import build_token_stream
@@ -93,7 +94,9 @@ def main() -> None:
     stream, _ = build_token_stream(config.data.source, data_dir, data_dir / "cache", config.data.tokenizer, config.data.val_fraction)
     local = local_tokens_per_second(config, stream, args.steps)
     with tempfile.TemporaryDirectory(prefix="dragon-bench-") as tmp:
-        swarm = swarm_tokens_per_second(config_path, args.steps, Path(tmp))
+        # experts on another peer: remote_experts mode whatever the config's own mode
+        remote = derived_config(config_path, Path(tmp), "remote", mode="remote_experts")
+        swarm = swarm_tokens_per_second(remote, args.steps, Path(tmp))
     print(json.dumps({
         "benchmark": "remote_vs_local",
         "config": args.config,

@@ -496,7 +496,10 @@ def write_network_config(settings: RobustnessSettings, work_dir: Path) -> Path:
         raw.setdefault("verification", {})["enabled"] = False
     raw["model"]["seq_len"] = settings.seq_len
     # one global step per round of micro-batches, as in the simulation (an inflated claim only speeds epochs up)
-    raw.setdefault("training", {}).update(batch_size=settings.batch_size, target_batch_size=settings.peers * settings.batch_size)
+    # what this benchmark measures is the per-step gradient all-reduce: remote_experts mode whatever the config says
+    raw.setdefault("training", {}).update(
+        mode="remote_experts", batch_size=settings.batch_size, target_batch_size=settings.peers * settings.batch_size
+    )
     path = work_dir / "robustness.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     load_config(str(path))  # raises ConfigError if the peer would refuse it

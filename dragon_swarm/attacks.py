@@ -30,6 +30,9 @@ The attacks (``n`` peers in an all-reduce group, ``f`` of them Byzantine, ``g`` 
                     verification by recomputation (``dragon_swarm.verification``) does
 ``false_evidence``  honest gradients, but every round it recomputes for verification it reports as a lie and
                     publishes evidence against the (honest) sender: the others must refute it and ban it
+``off_start``       local-expert mode, honest in what it sends: it starts its first outer round from weights nobody
+                    else holds (as a trainer whose round failed or came back partial would), so the round-start
+                    digests at the next barrier tell it apart and it must take the swarm's state
 =================== ==================================================================================================
 
 Where the honest statistics come from: ALIE, IPM and ``constant``'s scale need the honest gradients. In the
@@ -87,6 +90,8 @@ INFLATED_WEIGHT_FACTOR = 1000.0  # inflated_weight claims this many times the ho
 OTHER_BATCH_OFFSET = 1_000_003  # other_batch trains on micro-batch step + this instead of step
 
 
+OFF_START_SHIFT = 1e-3  # `off_start`: added to every value of its first round's start
+
 class Attack(str, Enum):
     """A Byzantine behaviour, by name (the value is what ``--attack`` takes)."""
 
@@ -100,6 +105,7 @@ class Attack(str, Enum):
     NAN = "nan"
     OTHER_BATCH = "other_batch"
     FALSE_EVIDENCE = "false_evidence"
+    OFF_START = "off_start"
 
 
 def parse_attack(name: str | Attack) -> Attack:
@@ -180,6 +186,8 @@ def byzantine_gradient(
         bad = g.clone()  # the harm is in the batch it trained on
     elif attack is Attack.FALSE_EVIDENCE:
         bad = g.clone()  # the harm is in what it says of others' rounds
+    elif attack is Attack.OFF_START:
+        bad = g.clone()  # the fault is in the weights its round starts from
     else:  # pragma: no cover - every member is handled above
         raise AssertionError(f"unhandled attack {attack}")
     return bad.to(own_grad.dtype).reshape(own_grad.shape)
@@ -252,7 +260,7 @@ class ByzantineContribution:
         self.attack = parse_attack(attack)
         self.rng = torch.Generator().manual_seed(seed)  # colluding attackers share the swarm seed
         self.history: list[torch.Tensor] = []
-        honest_gradients = self.attack in (Attack.OTHER_BATCH, Attack.FALSE_EVIDENCE)
+        honest_gradients = self.attack in (Attack.OTHER_BATCH, Attack.FALSE_EVIDENCE, Attack.OFF_START)
         self.honest = HonestContribution(clip_grad_norm, worker_momentum) if honest_gradients else None
         logger.warning(f"BYZANTINE TEST MODE: this trainer runs the '{self.attack.value}' attack")
 
@@ -269,6 +277,10 @@ class ByzantineContribution:
         if self.attack is not Attack.FALSE_EVIDENCE:
             return verdict
         return dataclasses.replace(verdict, honest=False, relative_error=math.inf, reason="forged by a false_evidence attacker")
+
+    def round_start_shift(self, round_number: int) -> float:
+        """`off_start`: how far (per value) its round start is moved before the round (only the first one)."""
+        return OFF_START_SHIFT if self.attack is Attack.OFF_START and round_number == 1 else 0.0
 
     def prepare(self, named_params, loss: torch.Tensor, batch_size: int, num_peers: int) -> int | None:
         if self.honest is not None:

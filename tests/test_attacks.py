@@ -328,3 +328,14 @@ def test_expert_attack_flag_is_hidden_and_validated(tmp_path):
     assert "--expert-attack" not in build_parser().format_help()
     with pytest.raises(SystemExit):
         parse_peer_options(["--new-swarm", "--expert-attack", "nonsense"], env={})
+
+
+def test_off_start_moves_only_its_first_round_start_and_sends_honestly():
+    from dragon_swarm.attacks import OFF_START_SHIFT, ByzantineContribution
+
+    contribution = ByzantineContribution(Attack.OFF_START, seed=0)
+    assert contribution.round_start_shift(1) == OFF_START_SHIFT
+    assert contribution.round_start_shift(2) == 0.0
+    assert ByzantineContribution(Attack.SIGN_FLIP, seed=0).round_start_shift(1) == 0.0
+    own = torch.randn(3, 4)
+    assert torch.equal(attack_of(Attack.OFF_START, own=own), own)

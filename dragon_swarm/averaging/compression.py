@@ -31,7 +31,7 @@ from typing import Callable
 
 import numpy as np
 import torch
-from hivemind.compression import CompressionBase, Float16Compression, NoCompression
+from hivemind.compression import CompressionBase, CompressionInfo, Float16Compression, NoCompression
 from hivemind.compression import serialization as _hivemind_serialization
 from hivemind.compression.quantization import (
     BlockwiseQuantization,
@@ -170,7 +170,19 @@ def make_compression(name: str) -> CompressionBase:
     if name not in CODECS:
         raise ValueError(f"unknown compression {name!r}; known: {', '.join(CODECS)}")
     install_codecs()
-    return CODECS[name]()
+    codec = CODECS[name]()
+    if isinstance(codec, Blockwise8BitCodec):
+        _load_bitsandbytes(codec)
+    return codec
+
+
+def _load_bitsandbytes(codec: Blockwise8BitCodec) -> None:
+    """Import bitsandbytes and run its blockwise kernels once, here. Left to the first all-reduce, the import happens
+    in several of hivemind's executor threads at once, and a thread that finds the package half-imported fails with
+    "Could not run 'bitsandbytes::quantize_blockwise' ... from the 'CPU' backend": that member's parts never leave and
+    the whole group waits out the all-reduce timeout. A forked averager process inherits the loaded package."""
+    probe = torch.linspace(-1.0, 1.0, 64)
+    codec.extract(codec.compress(probe, CompressionInfo.from_tensor(probe)))
 
 
 def _extract_codebook_message(serialized_tensor: runtime_pb2.Tensor) -> torch.Tensor:

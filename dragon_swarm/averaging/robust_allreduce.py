@@ -393,6 +393,20 @@ class _RobustAveragerMixin:
     async def _get_reputation(self, future: MPFuture):
         future.set_result(self.reputation.snapshot())
 
+    def set_target_group_size(self, size: Optional[int], timeout: Optional[float] = 30.0) -> None:
+        """From the next matchmaking on, a group is assembled as soon as it has `size` members instead of after
+        `min_matchmaking_time` (None: always wait that long). For callers that know who will come (a barrier)."""
+        future = MPFuture()
+        self._outer_pipe.send(("_set_target_group_size", [], dict(size=size, future=future)))
+        future.result(timeout=timeout)
+
+    async def _set_target_group_size(self, size: Optional[int], future: MPFuture):
+        self.matchmaking_kwargs["target_group_size"] = size
+        matchmaking = getattr(self, "_matchmaking", None)  # built by hivemind in the averager process
+        if matchmaking is not None:
+            matchmaking.target_group_size = size
+        future.set_result(None)
+
     async def _ban_peer(self, peer_id: str, reason: str, future: MPFuture):
         self.reputation.ban(peer_id, reason)
         future.set_result(None)

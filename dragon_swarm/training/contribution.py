@@ -24,6 +24,9 @@ class GradientContribution(Protocol):
     def report_check(self, verdict: V) -> V:
         """What this trainer says of another's round it recomputed (`dragon_swarm.verification`; honest: the verdict)."""
 
+    def round_start_shift(self, round_number: int) -> float:
+        """Local-expert mode: a value added to this trainer's start of outer round `round_number` (honest: 0)."""
+
     def prepare(
         self, named_params: Sequence[tuple[str, torch.nn.Parameter]], loss: torch.Tensor, batch_size: int, num_peers: int
     ) -> int | None:
@@ -54,6 +57,9 @@ class HonestContribution:
 
     def report_check(self, verdict: V) -> V:
         return verdict
+
+    def round_start_shift(self, round_number: int) -> float:
+        return 0.0
 
     def prepare(
         self, named_params: Sequence[tuple[str, torch.nn.Parameter]], loss: torch.Tensor, batch_size: int, num_peers: int

@@ -271,13 +271,18 @@ class LocalExpertsTrainer:
     def _download_state(self, timeout: float, newer_only: bool) -> bool:
         """Take the round start and momentum of the trainer that declares the highest priority (its epoch, plus a
         half for a trainer in step with the swarm's majority); `newer_only`: only from a later epoch than ours."""
-        loaded = self.averager.load_state_from_peers(timeout=timeout)
-        if loaded is None:  # nobody to download from: this is the first trainer, or all are at its epoch
-            return False
-        metadata, tensors = loaded
-        epoch = int(metadata.get("epoch", 0)) if isinstance(metadata, dict) else 0
+        deadline = time.monotonic() + timeout
+        while True:
+            loaded = self.averager.load_state_from_peers(timeout=timeout)
+            if loaded is None:  # nobody to download from: this is the first trainer, or all are at its epoch
+                return False
+            metadata, tensors = loaded
+            epoch = int(metadata.get("epoch", 0)) if isinstance(metadata, dict) else 0
+            too_old = epoch <= self.epoch if newer_only else epoch < self.epoch
+            if not too_old or newer_only or time.monotonic() > deadline:
+                break
+            time.sleep(1.0)  # the trainers in step are still finishing this round's step: ask again
         n = len(self.params)
-        too_old = epoch <= self.epoch if newer_only else epoch < self.epoch
         if too_old or len(tensors) != 2 * n or any(t.shape != p.shape for t, p in zip(tensors, self.params * 2)):
             return False
         if not all(bool(torch.isfinite(t).all()) for t in tensors):
@@ -361,6 +366,11 @@ class LocalExpertsTrainer:
         their other holders. A failed round applies this trainer's own pseudo-gradient."""
         self.bus.publish(StateChanged(PeerState.AVERAGING))
         started = time.perf_counter()
+        shift = self.contribution.round_start_shift(self.epoch + 1) if self.contribution is not None else 0.0
+        if shift:  # TEST ONLY (`off_start`): this trainer's round start becomes one nobody else holds
+            with self._lock:
+                for s in self.outer.start:
+                    s.add_(shift)
         own = self.outer.pseudo_gradient()
         if self.contribution is not None and not isinstance(self.contribution, HonestContribution):
             own = self._tampered(own)
@@ -369,8 +379,11 @@ class LocalExpertsTrainer:
                 slot.copy_(value)
         group = None
         others = self._wait_for_others(self.epoch + 1)
-        if others:
+        if others is None or others > 0:
             try:
+                # everyone the barrier saw is on its way: the group forms as soon as they are all in, and only a
+                # trainer that does not show up costs the matchmaking time
+                self.averager.set_target_group_size(None if others is None else others + 1)
                 # a follower that gives up while its leader is still assembling the group leaves a member that never
                 # sends: everybody else then waits out the all-reduce timeout. After the barrier, waiting is cheap
                 group = self.averager.step(timeout=self.config.averaging.averaging_timeout, allow_retries=False)
@@ -389,7 +402,7 @@ class LocalExpertsTrainer:
         self.last_round_peers = len(group) if group else 1
         received = self.averager.last_round_received_fraction if group else 1.0
         if self.out_of_step:  # the round's barrier showed that our start was not the swarm's: take theirs
-            self.out_of_step = not self._download_state(timeout=self.config.averaging.load_state_timeout, newer_only=False)
+            self.out_of_step = not self._download_state(timeout=self.config.averaging.averaging_timeout, newer_only=False)
         # one behind the others' half: a trainer out of step never serves its state before one in step does
         self.averager.state_sharing_priority = self.epoch + (0.0 if self.out_of_step else 0.5)
         synced = self.hosting.merge_round(self._round_tag(self.epoch)) if self.hosting is not None else 0
@@ -432,24 +445,26 @@ class LocalExpertsTrainer:
         logger.info(f"held-out loss {loss:.3f} at model version {self.epoch} ({seconds * 1000:.0f} ms)")
         return loss, seconds
 
-    def _wait_for_others(self, round_number: int) -> int:
+    def _wait_for_others(self, round_number: int) -> int | None:
         """The round's barrier: announce that this trainer reached `round_number` (with its round start's digest),
         then wait (up to the averaging timeout) until every other local-expert trainer that announced itself recently
         has reached it too, so all of them enter matchmaking within a poll of each other; hivemind's matchmaking alone
         splits trainers that arrive seconds apart. Compares digests with the trainers at the same round: when ours is
         not the most common, sets `out_of_step` (the outer step then downloads the swarm's state). Returns how many
-        others will be in the round (0: step alone, no matchmaking wait). Entries are unsigned: a forged one costs a
-        wait or a state download, nothing more."""
+        others will be in the round (0: step alone, no matchmaking wait; None: unknown, try the round). Trainers this
+        one bans are neither waited for nor counted. Entries are unsigned: a forged one costs a wait or a state
+        download, nothing more."""
         deadline = time.monotonic() + self.config.averaging.averaging_timeout
         waited_for: set[str] = set()
         digest = self.outer.digest()
+        banned = set(self._banned())
         while True:
             try:
                 self._announce_presence(round_number, digest)
-                rounds = self._announced_rounds()
+                rounds = {peer: entry for peer, entry in self._announced_rounds().items() if peer not in banned}
             except Exception as e:
                 logger.debug(f"Trainer presence lookup failed: {e}")
-                return 1  # try the round anyway
+                return None  # try the round anyway
             behind = {peer for peer, (reached, _) in rounds.items() if 0 <= reached < round_number}
             ready = [peer for peer, (reached, _) in rounds.items() if reached >= round_number]
             if not behind or time.monotonic() > deadline:

@@ -37,11 +37,12 @@ def test_batch_size_is_peer_local_but_the_rest_is_hashed():
 
 
 def test_micro_batches_in_flight_is_peer_local_and_for_remote_experts_only():
-    base = load_config("dragon-tiny")
+    remote = {"training.mode": "remote_experts"}
+    base = load_config("dragon-tiny", remote)
     assert base.training.micro_batches_in_flight == 1
-    assert load_config("dragon-tiny", {"training.micro_batches_in_flight": 3}).run_prefix == base.run_prefix
+    assert load_config("dragon-tiny", {**remote, "training.micro_batches_in_flight": 3}).run_prefix == base.run_prefix
     with pytest.raises(ConfigError, match="micro_batches_in_flight"):
-        load_config("dragon-tiny", {"training.micro_batches_in_flight": 0})
+        load_config("dragon-tiny", {**remote, "training.micro_batches_in_flight": 0})
     with pytest.raises(ConfigError, match="is for remote_experts mode"):
         load_config("dragon-tiny", {"training.mode": "local_experts", "training.micro_batches_in_flight": 2})
 

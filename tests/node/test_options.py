@@ -77,9 +77,10 @@ def test_profile_sets_defaults_and_flags_win():
 
 
 def test_in_flight_flag_sets_the_peer_local_key():
-    options = parse("--new-swarm", "--in-flight", "3")
+    remote = str(Path(__file__).resolve().parents[1] / "configs" / "swarm-test.yaml")  # a remote_experts swarm
+    options = parse("--new-swarm", "-c", remote, "--in-flight", "3")
     assert options.config.training.micro_batches_in_flight == 3
-    assert options.config.run_prefix == parse("--new-swarm").config.run_prefix
+    assert options.config.run_prefix == parse("--new-swarm", "-c", remote).config.run_prefix
 
 
 def test_explicit_batch_size_beats_the_profiles_auto():

@@ -1,6 +1,8 @@
 """Local-expert mode on a real loopback swarm: three trainers, each holding 6 of the 8 experts (placement), train
-locally and make an outer step every 4 micro-batches (2 rounds). One scenario per module; each test asserts one
-property of what the peers did. The Byzantine variant is `test_local_experts_byzantine.py`.
+locally and make an outer step every 4 micro-batches (2 rounds). The last one starts its first round from weights
+nobody else holds (the test-only `off_start` fault, as after a failed or partial round): the round-start digests at
+the barrier must tell it, and it must take the swarm's state and be in step again. One scenario per module; each
+test asserts one property of what the peers did. The Byzantine variant is `test_local_experts_byzantine.py`.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ pytestmark = pytest.mark.swarm
 
 STEPS = 8  # 2 outer rounds of 4 micro-batches
 HONEST = 3
+OFF_START = HONEST - 1  # this trainer's first round starts elsewhere (`--attack off_start`: honest in what it sends)
 
 
 @dataclass
@@ -47,7 +50,7 @@ def scenario(module_launcher) -> Scenario:
                 "--max-steps", str(STEPS), "--stats-file", str(log_dir / f"{name}.jsonl"), *extra]  # fmt: skip
         return module_launcher.start(name, args)
 
-    trainers = [start(f"trainer{i}") for i in range(HONEST)]
+    trainers = [start(f"trainer{i}", *(["--attack", "off_start"] if i == OFF_START else [])) for i in range(HONEST)]
     exit_codes = [t.wait(timeout=400) for t in trainers]
     return Scenario(log_dir, trainers, [log_dir / f"trainer{i}.jsonl" for i in range(HONEST)], exit_codes)
 
@@ -68,6 +71,16 @@ def test_outer_rounds_average_the_trunk_with_the_others(scenario):
         rounds = re.findall(r"Outer step (\d+): trunk averaged with (\d+) other", trainer.stderr())
         assert len(rounds) == STEPS // 4
         assert all(int(others) == HONEST - 1 for _, others in rounds), rounds
+
+
+def test_a_trainer_out_of_step_is_told_by_the_digests_and_takes_the_swarm_s_state(scenario):
+    off = scenario.trainers[OFF_START].stderr()
+    assert re.search(r"Outer round 1: this trainer's round start differs from that of 2 of 2 other trainer", off), off[-3000:]
+    assert "Downloaded the trunk from a peer: now at epoch 1" in off, off[-3000:]
+    assert "Outer round 2: this trainer's round start differs" not in off  # in step again for the second round
+    for i, trainer in enumerate(scenario.trainers):
+        if i != OFF_START:
+            assert "round start differs" not in trainer.stderr(), trainer.name
 
 
 def test_every_model_version_is_kept(scenario):
