@@ -14,10 +14,11 @@ network call per micro-batch. Every `training.sync_every` micro-batches it makes
   momentum). A trainer that fell out of step (its round failed or came back partial, it stepped alone while others
   were behind) finds out at the next round's barrier, where every trainer announces a digest of its round start: one
   whose digest is not the most common downloads the round's state from a trainer that holds it;
-* the held experts: each holder freezes a snapshot of them at the round boundary and merges it with the other
-  holders' snapshots of the same round (`moe.replica_sync`: CenteredClip over weights and AdamW moments), so the
-  holders of an expert reach the same state; run here, between micro-batches, so no merge lands between a forward
-  and its backward.
+* the held experts: each holder freezes a snapshot of them at the round boundary and merges its weights with the
+  other holders' snapshots of the same round (`moe.replica_sync`: CenteredClip over float16 weights in peer-id
+  order; each holder keeps its own AdamW moments, as DiLoCo keeps inner optimizer state local), so the holders of
+  an expert reach the same weights; run here, between micro-batches, so no merge lands between a forward and its
+  backward.
 
 The held experts are still served over hivemind's expert RPC, so stock clients and remote-expert trainers use them.
 The model version (epoch) counts outer steps.
@@ -56,7 +57,9 @@ from dragon_swarm.training.trainer import warmup_schedule
 
 logger = logging.getLogger(__name__)
 
-OUTER_MATCHMAKING_FACTOR = 3.0  # trainers reach a round boundary seconds apart: wait longer than a gradient round
+# the longest an outer round's matchmaking waits (x averaging.matchmaking_time): the group forms as soon as every
+# trainer the barrier saw has joined; this bounds the wait for one that does not come
+OUTER_MATCHMAKING_FACTOR = 3.0
 
 
 class HeldExperts:
@@ -114,7 +117,7 @@ class OuterOptimizer:
 
     @torch.no_grad()
     def step(self, pseudo_gradient: list[torch.Tensor]) -> None:
-        """One Nesterov step along `pseudo_gradient` from the round's start; the weights and the next start are its result."""
+        """One Nesterov step along `pseudo_gradient` from the round's start: the weights and the next round's start."""
         for p, s, v, g in zip(self.params, self.start, self.velocity, pseudo_gradient):
             v.mul_(self.momentum).add_(g)
             s.sub_((g + v * self.momentum) * self.lr)
