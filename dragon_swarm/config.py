@@ -100,9 +100,7 @@ class TrainingSection(Schema):
     @field_validator("outer_compression")
     @classmethod
     def _known_outer_codec(cls, name: str) -> str:
-        from dragon_swarm.averaging.compression import CODECS
-
-        return _registered(name, CODECS)
+        return _known_codec_name(name)
 
 
 class AveragingSection(Schema):
@@ -143,9 +141,7 @@ class AveragingSection(Schema):
     @field_validator("compression")
     @classmethod
     def _known_codec(cls, name: str) -> str:
-        from dragon_swarm.averaging.compression import CODECS
-
-        return _registered(name, CODECS)
+        return _known_codec_name(name)
 
     @field_validator("aggregator")
     @classmethod
@@ -166,6 +162,13 @@ class VerificationSection(Schema):
     keep_versions: PositiveInt = 3  # trunk versions a trainer keeps to check rounds (and evidence) with
     trunk_tolerance: Positive = 1e-2  # a round is recomputed only if the sender's weights are this close to the checker's
     max_strikes: PositiveInt = 3  # rounds in a row a trainer averaged without a commitment or withheld its record: ban
+
+
+def _known_codec_name(name: str) -> str:
+    """`name` if it is a codec of `averaging.compression.CODECS` (imported late: that module imports hivemind)."""
+    from dragon_swarm.averaging.compression import CODECS
+
+    return _registered(name, CODECS)
 
 
 def _registered(name: str, registry: Mapping[str, Any]) -> str:

@@ -194,10 +194,7 @@ def robust_merge(own: ExpertState, others: Sequence[ExpertState], tau: float = 1
                     if name == "exp_avg_sq":
                         merged[name] = merged[name].clamp_min(0.0)  # a second moment is never negative
             optimizer["state"][index] = merged
-    result = ExpertState(own.uid, module, optimizer, own.version, own.tokens_processed)
-    merged_vector = result.parameter_vector()
-    distances = [float(torch.linalg.vector_norm(s.parameter_vector() - merged_vector)) for s in states]
-    return MergeResult(result, distances, float(torch.tensor(distances).median()))
+    return _merge_result(ExpertState(own.uid, module, optimizer, own.version, own.tokens_processed), states)
 
 
 def round_weights(state: ExpertState) -> ExpertState:
@@ -227,7 +224,11 @@ def merge_weights(states: Sequence[ExpertState], tau: float = 1.0) -> MergeResul
     keeps its own moments) and the first state's counters."""
     first = states[0]
     module = {name: _merged([s.module[name] for s in states], tau) for name in first.module}
-    result = ExpertState(first.uid, module, None, first.version, first.tokens_processed)
+    return _merge_result(ExpertState(first.uid, module, None, first.version, first.tokens_processed), states)
+
+
+def _merge_result(result: ExpertState, states: Sequence[ExpertState]) -> MergeResult:
+    """`result` with each input's parameter distance from it and their median."""
     merged_vector = result.parameter_vector()
     distances = [float(torch.linalg.vector_norm(s.parameter_vector() - merged_vector)) for s in states]
     return MergeResult(result, distances, float(torch.tensor(distances).median()))
