@@ -142,6 +142,41 @@ class OuterOptimizer:
 # a trainer that stops right after a round keeps serving its snapshots until the holders it merged with have fetched
 # them, at most this long (a holder still in the round's all-reduce on a busy machine may need a while)
 LAST_ROUND_WAIT_S = 30.0
+SPREAD_CHUNKS = 64  # the pseudo-gradient travels in this many chunks, in `SpreadLayout` order
+
+
+class SpreadLayout:
+    """The order in which the pseudo-gradient's chunks travel: hivemind gives each group member one contiguous
+    partition to reduce, and a member bans only from the parts it reduces. Laid out parameter by parameter, a member
+    could draw, say, embedding rows no trainer touched this round, where every pseudo-gradient (a sign-flipped one
+    too) is zero, and never see an attacker. Chunks in bit-reversed order make any contiguous share of the vector a
+    sample of the whole model. Pure."""
+
+    def __init__(self, shapes: list[torch.Size], chunks: int = SPREAD_CHUNKS):
+        self.shapes = shapes
+        self.sizes = [int(torch.Size(s).numel()) for s in shapes]
+        total = sum(self.sizes)
+        chunks = max(1, min(chunks, total))
+        self.chunk_sizes = [len(c) for c in torch.arange(total).tensor_split(chunks)]
+        bits = max(1, (chunks - 1).bit_length())
+        order = sorted(range(chunks), key=lambda i: int(format(i, f"0{bits}b")[::-1], 2))
+        self.order = order  # position k of the travelling list holds chunk order[k]
+
+    def empty(self) -> list[torch.Tensor]:
+        return [torch.zeros(self.chunk_sizes[i]) for i in self.order]
+
+    def pack(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        chunks = torch.cat([t.detach().reshape(-1) for t in tensors]).split(self.chunk_sizes)
+        return [chunks[i] for i in self.order]
+
+    def unpack(self, travelled: list[torch.Tensor]) -> list[torch.Tensor]:
+        chunks: list[torch.Tensor] = [torch.empty(0)] * len(self.order)
+        for position, i in enumerate(self.order):
+            chunks[i] = travelled[position].reshape(-1)
+        flat = torch.cat(chunks)
+        return [part.reshape(shape) for part, shape in zip(flat.split(self.sizes), self.shapes)]
+
+
 def majority_digest(own: str, others: list[str]) -> str:
     """The round start most trainers at a round hold (ours counted too); ties go to the smallest digest, so every
     trainer picks the same one. Pure."""
@@ -202,9 +237,10 @@ class LocalExpertsTrainer:
         self.last_round_peers = 0
         # set at a round's barrier when this trainer's round start is not the swarm's (see `_wait_for_others`)
         self.out_of_step = False
+        self.layout = SpreadLayout([s.shape for s in self.outer.start])
         robust = RobustAveragingSettings.from_config(config.averaging, t.target_batch_size)
         self.averager = _OuterAverager(
-            [torch.zeros_like(s) for s in self.outer.start],
+            self.layout.empty(),
             dht,
             trainer=self,
             settings=robust,
@@ -378,7 +414,7 @@ class LocalExpertsTrainer:
         if self.contribution is not None and not isinstance(self.contribution, HonestContribution):
             own = self._tampered(own)
         with self.averager.get_tensors() as tensors:
-            for slot, value in zip(tensors, own):
+            for slot, value in zip(tensors, self.layout.pack(own)):
                 slot.copy_(value)
         group = None
         others = self._wait_for_others(self.epoch + 1)
@@ -395,7 +431,7 @@ class LocalExpertsTrainer:
         pseudo = own
         if group:
             with self.averager.get_tensors() as tensors:
-                pseudo = [t.clone() for t in tensors]
+                pseudo = self.layout.unpack([t.clone() for t in tensors])
         if not all(bool(torch.isfinite(t).all()) for t in pseudo):
             logger.error(f"Outer round {self.epoch + 1}: non-finite average refused; stepping with this trainer's own pseudo-gradient")
             pseudo = own

@@ -54,3 +54,18 @@ def test_the_majority_digest_counts_our_own_and_breaks_ties_the_same_way_everywh
     assert majority_digest("aa", []) == "aa"
     # a 2-2 split: both halves pick the same side
     assert majority_digest("cc", ["cc", "dd", "dd"]) == majority_digest("dd", ["cc", "cc", "dd"]) == "cc"
+
+
+def test_spread_layout_round_trips_and_gives_every_share_a_sample_of_the_whole_model():
+    from dragon_swarm.training.local_trainer import SpreadLayout
+
+    shapes = [torch.Size([50, 8]), torch.Size([7]), torch.Size([3, 3, 3])]
+    layout = SpreadLayout(shapes, chunks=16)
+    tensors = [torch.randn(s) for s in shapes]
+    packed = layout.pack(tensors)
+    assert [t.numel() for t in packed] == [t.numel() for t in layout.empty()]
+    assert all(torch.equal(a, b) for a, b in zip(tensors, layout.unpack(packed)))
+    # a quarter of the travelling list (one of 4 reducers) holds chunks from every quarter of the model
+    for share in range(4):
+        held = layout.order[share * 4 : (share + 1) * 4]
+        assert sorted(i // 4 for i in held) == [0, 1, 2, 3], held
