@@ -36,7 +36,9 @@ Learning: ``val_loss``: the swarm's model after the run (the trainers' and the h
 outer step) on the config's held-out split (``training.evaluation``, ``--eval-batches`` fixed batches of 8);
 ``single_process_val_loss``: the same model (same init) trained in this process on as many tokens as all trainers
 together, micro-batch by micro-batch, with the config's inner optimizer (trunk AdamW with warm-up, each expert its own
-AdamW at ``expert_lr``, clipping as the peers do), evaluated the same way. Every derived config sets
+AdamW at ``expert_lr``, clipping as the peers do), evaluated the same way. ``global_batch_val_loss``: the same, on
+the same tokens in ``--peers`` times larger micro-batches (synchronous data-parallel training of the trainers, the
+baseline DiLoCo compares against), with ``val_loss_ratio_global_batch``. Every derived config sets
 ``training.eval_every: 0``: the peers do not evaluate during the timed window; this script evaluates afterwards.
 
 ``--project-125m``: from the measured bytes one trainer sends per outer round (``local_experts``), the bytes per
@@ -466,13 +468,20 @@ def run(
         from dragon_swarm.training.evaluation import evaluate_loss
 
         single["val_loss"] = evaluate_loss(model, eval_set)
+        # the same tokens in peers-times larger micro-batches: what synchronous data-parallel training of these
+        # trainers would compute (DiLoCo's baseline), against the stricter one-trainer-batch figure above
+        model, synced = train_single_process(cfg, train_stream, micro_batches // peers, batch * peers)
+        synced["val_loss"] = evaluate_loss(model, eval_set)
         result.update(
             val_loss=swarm.get("val_loss"),
             single_process_val_loss=single["val_loss"],
             val_loss_ratio=swarm["val_loss"] / single["val_loss"] if swarm.get("val_loss") else None,
+            global_batch_val_loss=synced["val_loss"],
+            val_loss_ratio_global_batch=swarm["val_loss"] / synced["val_loss"] if swarm.get("val_loss") else None,
             eval_sequences=sum(len(t) for t, _ in eval_set),
             swarm_model=swarm,
             single_process=single,
+            global_batch=synced,
         )
     result.update(
         per_trainer=wan["trainers"],

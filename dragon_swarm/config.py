@@ -79,6 +79,9 @@ class TrainingSection(Schema):
     sync_every: PositiveInt = 50
     outer_lr: Positive = 0.7
     outer_momentum: Annotated[float, interval(0.0, 1.0, "[)")] = 0.9
+    # local_experts: rounds over which the outer step ramps linearly from plain averaging (lr 1, momentum 0) to
+    # outer_lr and outer_momentum; full Nesterov on the first, large pseudo-gradients overshoots (0: no ramp)
+    outer_warmup_rounds: Annotated[int, Field(ge=0)] = 0
     # local_experts: the codec of the pseudo-gradient in the outer all-reduce (8-bit blockwise: ~1 byte per value;
     # every trainer ends the round with the same bytes, so the trunks stay bit-identical whatever the codec)
     outer_compression: str = "blockwise8bit"

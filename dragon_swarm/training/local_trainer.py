@@ -101,10 +101,15 @@ class OuterOptimizer:
     """Nesterov SGD on pseudo-gradients (DiLoCo's outer optimizer): pure tensor arithmetic, tested directly.
 
     Start and momentum live on the CPU in float32 and the step is computed there, one rounded operation at a time:
-    trainers on different devices that apply the same averaged pseudo-gradient to the same start get the same bits."""
+    trainers on different devices that apply the same averaged pseudo-gradient to the same start get the same bits.
 
-    def __init__(self, params: list[torch.nn.Parameter], lr: float, momentum: float):
-        self.params, self.lr, self.momentum = params, lr, momentum
+    `warmup_rounds`: the first rounds ramp from plain averaging (lr 1, no momentum: round 1) to `lr` and `momentum`
+    linearly, reached at round `warmup_rounds` + 1. Early pseudo-gradients are large and point in directions that stop
+    mattering a few rounds later; at full Nesterov (0.7 / 0.9 extrapolates 1.33x at once, up to 7x as momentum builds)
+    the first rounds overshoot and the held-out loss jumps after each of them (`benchmarks/wan.py`, README)."""
+
+    def __init__(self, params: list[torch.nn.Parameter], lr: float, momentum: float, warmup_rounds: int = 0):
+        self.params, self.lr, self.momentum, self.warmup_rounds = params, lr, momentum, warmup_rounds
         self.start = [self._cpu(p) for p in params]
         self.velocity = [torch.zeros_like(s) for s in self.start]
 
@@ -112,15 +117,22 @@ class OuterOptimizer:
     def _cpu(p: torch.Tensor) -> torch.Tensor:
         return p.detach().to("cpu", torch.float32, copy=True)
 
+    def schedule(self, round_number: int) -> tuple[float, float]:
+        """(lr, momentum) of outer round `round_number` (1 is the first): the same on every trainer of that round."""
+        ramp = min(1.0, (round_number - 1) / self.warmup_rounds) if self.warmup_rounds > 0 else 1.0
+        return 1.0 + (self.lr - 1.0) * ramp, self.momentum * ramp
+
     def pseudo_gradient(self) -> list[torch.Tensor]:
         return [s - self._cpu(p) for s, p in zip(self.start, self.params)]
 
     @torch.no_grad()
-    def step(self, pseudo_gradient: list[torch.Tensor]) -> None:
-        """One Nesterov step along `pseudo_gradient` from the round's start: the weights and the next round's start."""
+    def step(self, pseudo_gradient: list[torch.Tensor], round_number: int | None = None) -> None:
+        """One Nesterov step along `pseudo_gradient` from the round's start: the weights and the next round's start.
+        `round_number` picks the warm-up's lr and momentum (None: the full ones)."""
+        lr, momentum = self.schedule(round_number) if round_number is not None else (self.lr, self.momentum)
         for p, s, v, g in zip(self.params, self.start, self.velocity, pseudo_gradient):
-            v.mul_(self.momentum).add_(g)
-            s.sub_((g + v * self.momentum) * self.lr)
+            v.mul_(momentum).add_(g)
+            s.sub_((g + v * momentum) * lr)
             p.copy_(s)
 
     @torch.no_grad()
@@ -228,7 +240,7 @@ class LocalExpertsTrainer:
         saved = read_trainer_state(self.checkpoint_path, config.run_prefix)
         if saved is not None:
             self._restore(saved)
-        self.outer = OuterOptimizer(self.params, t.outer_lr, t.outer_momentum)
+        self.outer = OuterOptimizer(self.params, t.outer_lr, t.outer_momentum, t.outer_warmup_rounds)
         if saved is not None:
             for v, name in zip(self.outer.velocity, (n for n, _ in self.trunk_params)):
                 if name in saved.momentum and saved.momentum[name].shape == v.shape:
@@ -436,7 +448,7 @@ class LocalExpertsTrainer:
             logger.error(f"Outer round {self.epoch + 1}: non-finite average refused; stepping with this trainer's own pseudo-gradient")
             pseudo = own
         with self._lock:
-            self.outer.step(pseudo)
+            self.outer.step(pseudo, round_number=self.epoch + 1)
             self.epoch += 1
         self.last_round_peers = len(group) if group else 1
         received = self.averager.last_round_received_fraction if group else 1.0

@@ -22,6 +22,22 @@ def test_outer_step_is_nesterov_sgd_on_the_pseudo_gradient_from_the_round_start(
     assert not torch.equal(p.detach(), before)
 
 
+def test_outer_warmup_starts_as_plain_averaging_and_reaches_nesterov_after_its_rounds():
+    p = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    outer = OuterOptimizer([p], lr=0.7, momentum=0.9, warmup_rounds=4)
+    assert outer.schedule(1) == (1.0, 0.0)
+    lr, momentum = outer.schedule(3)
+    assert abs(lr - 0.85) < 1e-12 and abs(momentum - 0.45) < 1e-12
+    assert outer.schedule(5) == outer.schedule(50) == (0.7, 0.9)
+    with torch.no_grad():
+        p.sub_(torch.tensor([0.1, -0.2]))
+    outer.step(outer.pseudo_gradient(), round_number=1)
+    # round 1 is plain averaging: the weights stay where the (averaged) inner steps took them
+    assert torch.allclose(p.detach(), torch.tensor([0.9, 2.2]))
+    no_ramp = OuterOptimizer([torch.nn.Parameter(torch.zeros(1))], lr=0.7, momentum=0.9)
+    assert no_ramp.schedule(1) == (0.7, 0.9)
+
+
 def test_trainers_that_apply_the_same_average_to_the_same_start_stay_bit_identical():
     a, b = torch.nn.Parameter(torch.full((5,), 0.3)), torch.nn.Parameter(torch.full((5,), 0.3))
     oa, ob = OuterOptimizer([a], 0.7, 0.9), OuterOptimizer([b], 0.7, 0.9)
