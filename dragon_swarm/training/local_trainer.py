@@ -169,10 +169,11 @@ class SpreadLayout:
         self.sizes = [int(torch.Size(s).numel()) for s in shapes]
         total = sum(self.sizes)
         chunks = max(1, min(chunks, total))
-        self.chunk_sizes = [len(c) for c in torch.arange(total).tensor_split(chunks)]
+        base, extra = divmod(total, chunks)  # as tensor_split: the first `extra` chunks one value longer
+        self.chunk_sizes = [base + (1 if i < extra else 0) for i in range(chunks)]
         bits = max(1, (chunks - 1).bit_length())
-        order = sorted(range(chunks), key=lambda i: int(format(i, f"0{bits}b")[::-1], 2))
-        self.order = order  # position k of the travelling list holds chunk order[k]
+        # position k of the travelling list holds chunk order[k]
+        self.order = sorted(range(chunks), key=lambda i: int(format(i, f"0{bits}b")[::-1], 2))
 
     def empty(self) -> list[torch.Tensor]:
         return [torch.zeros(self.chunk_sizes[i]) for i in self.order]

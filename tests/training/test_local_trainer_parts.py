@@ -2,7 +2,7 @@
 
 import torch
 
-from dragon_swarm.training.local_trainer import OuterOptimizer, majority_digest
+from dragon_swarm.training.local_trainer import OuterOptimizer, SpreadLayout, majority_digest
 
 
 def test_outer_step_is_nesterov_sgd_on_the_pseudo_gradient_from_the_round_start():
@@ -73,8 +73,6 @@ def test_the_majority_digest_counts_our_own_and_breaks_ties_the_same_way_everywh
 
 
 def test_spread_layout_round_trips_and_gives_every_share_a_sample_of_the_whole_model():
-    from dragon_swarm.training.local_trainer import SpreadLayout
-
     shapes = [torch.Size([50, 8]), torch.Size([7]), torch.Size([3, 3, 3])]
     layout = SpreadLayout(shapes, chunks=16)
     tensors = [torch.randn(s) for s in shapes]
