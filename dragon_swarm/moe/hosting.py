@@ -19,6 +19,7 @@ import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -76,11 +77,17 @@ class ExpertHosting:
         self.own_peer_id = dht.peer_id.to_base58()
         self.template = expert_state.make_template(m.d_model, m.expert_hidden, config.training)
         self.host: ExpertHost | None = None
+        # the current generation's experts: switched at the hand-over, before the old host stops and the new one
+        # starts, so a merge or a state download never reaches a generation that is on its way out
+        self._backends: dict[str, ExpertBackend] = {}
         self.state_service = ExpertStateService(dht, f"{config.run_prefix}.experts", self.backend, self.round_snapshot)
         self._rounds: dict[str, dict[str, ExpertState]] = {}  # local-expert mode: the last outer rounds' snapshots
         self.listeners: list[Callable[[dict[str, ExpertBackend]], None]] = []
         self._retired = HostReport(0, 0, 0, 0)
         self._change_lock = threading.RLock()
+        # held by a merge (an outer round's, from its snapshots to its last applied delta; a periodic replica sync's, per
+        # expert) and by a placement change while it hands the kept experts over (`_hand_over`)
+        self.round_lock = threading.RLock()
         self._paused = False
         self._surplus: set[str] = set()  # held beyond the budget: see `ExpertHostRecord.surplus`
         self._duties: list = []
@@ -90,17 +97,14 @@ class ExpertHosting:
 
     @property
     def uids(self) -> list[str]:
-        host = self.host
-        return host.uids if host is not None else []
+        return list(self._backends)
 
     @property
     def backends(self) -> dict[str, ExpertBackend]:
-        host = self.host
-        return dict(host.backends) if host is not None else {}
+        return dict(self._backends)
 
     def backend(self, uid: str) -> ExpertBackend | None:
-        host = self.host
-        return host.backends.get(uid) if host is not None else None
+        return self._backends.get(uid)
 
     def start(self, uids: Sequence[str]) -> None:
         self.state_service.start()
@@ -128,21 +132,20 @@ class ExpertHosting:
     def _switch(self, uids: list[str]) -> None:
         m = self.config.model
         uids = [uid for uid in self.all_uids if uid in set(uids)]
-        old_host = self.host
-        kept = {uid: expert_state.capture(b) for uid, b in (old_host.backends.items() if old_host else ()) if uid in uids}
+        old_host, old_backends = self.host, dict(self._backends)
+        kept = [uid for uid in uids if uid in old_backends]
         backends = build_expert_backends(
             uids, m.d_model, m.expert_hidden, self.config.training, self.config.experts.max_batch_size, self.config.swarm.seed,
             tamper=self.tamper, own_trainer=self.own_trainer,
         )  # fmt: skip
-        new = [uid for uid in uids if uid not in kept]
+        new = [uid for uid in uids if uid not in old_backends]
         self._announce(new, "joining")
-        for uid in kept:
-            expert_state.apply(kept[uid], backends[uid])
         # in parallel: a host that trains serves a state between its micro-batches (it holds its experts' locks for
         # a whole one), so one download after another waits one micro-batch each (a CI join took 48 s for 6 experts)
         if new:
             with ThreadPoolExecutor(max_workers=min(PARALLEL_FILLS, len(new)), thread_name_prefix="expert-fill") as pool:
                 list(pool.map(lambda uid: self._fill(uid, backends[uid]), new))
+        self._hand_over(old_backends, kept, backends)
         if old_host is not None:
             old_host.shutdown(offline=[uid for uid in old_host.uids if uid not in uids])
             totals = old_host.report()
@@ -158,13 +161,26 @@ class ExpertHosting:
         try:
             host.start()
         except Exception:
-            self.host = None  # the old generation is gone: the next placement check starts over from nothing
+            self.host, self._backends = None, {}  # the old generation is gone: the next placement check starts over from nothing
             raise
         self.host = host
         if self._paused:
             host.pause()
-        for listener in self.listeners:
-            listener(dict(backends))
+
+    def _hand_over(self, old: dict[str, ExpertBackend], kept: list[str], backends: dict[str, ExpertBackend]) -> None:
+        """Move the kept experts into the new generation at one moment, after the downloads: under the old
+        backends' locks (no update lands between the copy and the switch) and the round lock (an outer round's merge
+        applies its result to the backends it started with), then point the listeners (the trainer's in-process
+        dispatch) at the new set. Copied earlier, every update made during the downloads would be lost, and a merge
+        that ended meanwhile too (a test run on a loaded machine lost a whole round of expert merges this way)."""
+        with self.round_lock, ExitStack() as held:
+            for uid in sorted(kept):
+                held.enter_context(old[uid].lock)
+            for uid in kept:
+                expert_state.apply(expert_state.capture(old[uid]), backends[uid])
+            self._backends = dict(backends)
+            for listener in self.listeners:
+                listener(dict(backends))
 
     def _fill(self, uid: str, backend: ExpertBackend) -> None:
         """The freshest state for a new replica: a live replica's, else our own checkpoint, else the seeded init."""
@@ -227,10 +243,11 @@ class ExpertHosting:
     def merge_round(self, tag: str) -> int:
         """Local-expert mode's outer step for the held experts: freeze them as round `tag` (other holders download
         exactly these), merge with the other holders' snapshots of the same round; returns the experts merged."""
-        snapshots = {uid: expert_state.capture(b) for uid, b in self.backends.items()}
-        # this round and the previous one: a holder that is a round behind still finds what it asks for
-        self._rounds = {**{t: v for t, v in list(self._rounds.items())[-1:]}, tag: snapshots}
-        return self.replica_sync.merge_round(tag, snapshots)
+        with self.round_lock:  # a placement change hands its experts over before or after, never in between
+            snapshots = {uid: expert_state.capture(b) for uid, b in self.backends.items()}
+            # this round and the previous one: a holder that is a round behind still finds what it asks for
+            self._rounds = {**{t: v for t, v in list(self._rounds.items())[-1:]}, tag: snapshots}
+            return self.replica_sync.merge_round(tag, snapshots)
 
     def wait_for_round_partners(self, tag: str, timeout: float, stop: threading.Event | None = None) -> bool:
         """Before a trainer stops after its last round: wait (up to `timeout`, or until `stop` is set) until every
@@ -274,6 +291,13 @@ class ExpertHosting:
     @property
     def paused(self) -> bool:
         return self._paused
+
+    def stop_placement(self) -> None:
+        """No takeover, standby copy or rebalancing from now on (a change in flight is finished first): for a peer
+        about to leave, whose experts must stay as its last round left them."""
+        for duty in self._duties:
+            if isinstance(duty, PlacementKeeper):
+                duty.stop()
 
     def stop_reporting(self) -> None:
         for duty in self._duties:

@@ -70,7 +70,9 @@ class ReplicaSync(PeriodicThread):
                 if r.record.peer_id != self.hosting.own_peer_id and self.banned_until.get((uid, r.record.peer_id), 0.0) <= now
             ]  # fmt: skip
             if peers:
-                self.sync_one(uid, backend, peers[:MAX_PEERS_PER_SYNC])
+                with self.hosting.round_lock:  # a placement change hands the experts over before or after this merge
+                    if self.hosting.backend(uid) is backend:
+                        self.sync_one(uid, backend, peers[:MAX_PEERS_PER_SYNC])
 
     def sync_one(self, uid: str, backend, peers: list[str], tag: str | None = None, own: ExpertState | None = None) -> bool:
         """Merge `uid` with its replicas on `peers`. With a round `tag`, every holder merges the frozen snapshots of

@@ -54,6 +54,7 @@ class PeerNode:
         self.guard = StartupGuard(options.state_dir, options.identity)
         self.dht = self.host = self.dispatcher = self.trainer = self.announcer = None
         self.started = False
+        self._announced_trainer = False  # local-expert mode: others wait for this trainer at their rounds' barriers
         self.bus.subscribe(self._on_paused, Paused)
         self.bus.subscribe(self._on_resumed, Resumed)
         if options.stats_file is not None:
@@ -133,6 +134,14 @@ class PeerNode:
         if local_mode and o.host_spec == "":
             why = "--client-mode (a peer nobody can dial hosts nothing)" if o.client_mode else "--no-host"
             raise StartupError(f"training.mode local_experts trains the experts this peer holds: drop {why}")
+        if local_mode:  # the trainers already in the swarm wait for this one at their next round's barrier from now on
+            from dragon_swarm.training.local_trainer import announce_trainer
+
+            try:
+                announce_trainer(self.dht, o.config, 0)
+                self._announced_trainer = True
+            except Exception as e:
+                logger.debug(f"Announcing this trainer failed: {e}")
         uids = startup.choose_experts(self.dht, o)
         if uids:
             # in local-expert mode the trainer merges its experts with their other holders between micro-batches
@@ -227,6 +236,13 @@ class PeerNode:
                 except Exception:
                     logger.exception(f"{type(part).__name__} did not shut down cleanly")
         self.views.shutdown()
+        if self._announced_trainer and self.trainer is None:  # it announced itself but never started training
+            from dragon_swarm.training.local_trainer import announce_trainer
+
+            try:
+                announce_trainer(self.dht, self.options.config, -1)
+            except Exception as e:
+                logger.debug(f"Withdrawing this trainer's announcement failed: {e}")
         if self.dht is not None:
             self.dht.shutdown()
         stop_descendants()  # before the rollback: children share the lock, and nothing may write after it

@@ -62,6 +62,19 @@ logger = logging.getLogger(__name__)
 OUTER_MATCHMAKING_FACTOR = 3.0
 
 
+def presence_key(config: SwarmConfig) -> str:
+    """The DHT key under which local-expert trainers announce the outer round they have reached (one subkey each)."""
+    return f"{config.run_prefix}_outer_trainers"
+
+
+def announce_trainer(dht: hivemind.DHT, config: SwarmConfig, round_number: int, digest: str = "") -> None:
+    """Value: [the outer round this trainer has reached (-1: it left), the digest of that round's start]. A trainer
+    at round r counts as behind for the others' barrier of any later round: they wait for it (up to the averaging
+    timeout), so a peer announces itself as soon as it has joined the DHT, before it loads its experts and trunk."""
+    ttl = 10 * OUTER_MATCHMAKING_FACTOR * config.averaging.matchmaking_time + 60.0
+    dht.store(presence_key(config), subkey=dht.peer_id.to_base58(), value=[round_number, digest], expiration_time=get_dht_time() + ttl)
+
+
 class HeldExperts:
     """ExpertDispatcher over the experts this peer hosts, called in-process with autograd (no RPC)."""
 
@@ -362,9 +375,25 @@ class LocalExpertsTrainer:
                 if max_micro_batches is not None and self.micro_batches >= max_micro_batches:
                     # the other holders of our experts may still be fetching this round's snapshots
                     if self.hosting is not None:
+                        self.hosting.stop_placement()  # a peer on its way out takes no expert on
                         self.hosting.wait_for_round_partners(self._round_tag(self.epoch), LAST_ROUND_WAIT_S, stop)
             if self.micro_batches % save_every == 0:
                 self.save()
+
+    def _pin_experts(self, held: ExitStack) -> dict[str, ExpertBackend]:
+        """Lock the held experts for one micro-batch (or evaluation) and pin them for its dispatch. A placement change
+        that hands the experts over while this waits for their locks leaves the old ones behind: take the new set."""
+        while True:
+            backends = self.dispatcher.backends
+            attempt = ExitStack()
+            for uid in sorted(backends):
+                attempt.enter_context(backends[uid].lock)
+            if self.dispatcher.backends is backends:
+                held.enter_context(attempt)
+                self.dispatcher.pinned = backends
+                held.callback(setattr, self.dispatcher, "pinned", None)
+                return backends
+            attempt.close()
 
     def train_micro_batch(self) -> StepReport | None:
         started = time.perf_counter()
@@ -372,11 +401,8 @@ class LocalExpertsTrainer:
         inputs, targets = self.train_stream.batch(self.config.swarm.seed, self.peer_id, self.micro_batches, self.batch_size, self.config.model.seq_len)
         inputs, targets = inputs.to(self.device), targets.to(self.device)
         self.dispatcher.used.clear()
-        backends = self.dispatcher.pinned = self.dispatcher.backends
         with ExitStack() as held:  # the host's runtime and replica sync wait while this micro-batch uses the experts
-            held.callback(setattr, self.dispatcher, "pinned", None)
-            for uid in sorted(backends):
-                held.enter_context(backends[uid].lock)
+            backends = self._pin_experts(held)
             loss, ce, aux = self.model.compute_loss(inputs, targets)
             loss.backward()
             finite = bool(torch.isfinite(loss)) and all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in self.params)
@@ -484,11 +510,8 @@ class LocalExpertsTrainer:
                 self._eval_set = eval_batches(
                     self.val_stream.tokens, m.seq_len, t.eval_batches, self.config.swarm.seed, chunk_size=EVAL_FORWARD_SEQUENCES
                 )
-            backends = self.dispatcher.pinned = self.dispatcher.backends
             with ExitStack() as held:
-                held.callback(setattr, self.dispatcher, "pinned", None)
-                for uid in sorted(backends):
-                    held.enter_context(backends[uid].lock)
+                self._pin_experts(held)
                 loss = evaluate_loss(self.model, self._eval_set, self.device)
         except Exception as e:  # evaluation is a view of training: it must never stop it
             logger.warning(f"Held-out evaluation at model version {self.epoch} failed: {type(e).__name__}: {e}")
@@ -541,12 +564,10 @@ class LocalExpertsTrainer:
 
     @property
     def _presence_key(self) -> str:
-        return f"{self.config.run_prefix}_outer_trainers"
+        return presence_key(self.config)
 
     def _announce_presence(self, round_number: int, digest: str = "") -> None:
-        """Value: [the outer round this trainer has reached (-1: it left), the digest of that round's start]."""
-        ttl = 10 * self.averager.matchmaking_kwargs["min_matchmaking_time"] + 60.0
-        self.dht.store(self._presence_key, subkey=self.peer_id, value=[round_number, digest], expiration_time=get_dht_time() + ttl)
+        announce_trainer(self.dht, self.config, round_number, digest)
 
     def _announced_rounds(self) -> dict[str, tuple[int, str]]:
         found = self.dht.get(self._presence_key, latest=True)

@@ -109,6 +109,19 @@ def test_fresh_replicas_drifting_apart_agree_thanks_to_the_floor_while_a_x100_li
     assert judge_cross_check(100 * drifted, fresh, 0.5, reference_trusted=True, input_norm=norm) is Verdict.PRIMARY_WRONG
 
 
+def test_a_replica_still_near_zero_does_not_make_a_grown_one_a_liar_while_a_x100_liar_still_is():
+    x = torch.randn(16, 8, generator=torch.Generator().manual_seed(0))
+    norm = float(x.norm())
+    grown = 0.1 * x  # one honest replica after a few steps in one direction (a CI run: 38x the other one)
+    still_fresh = 0.0026 * torch.roll(x, 1, dims=1)
+    assert scale_ratio(grown, still_fresh) > 30  # without a floor they are far apart
+    assert judge_cross_check(grown, still_fresh, 1.2, reference_trusted=True, input_norm=norm) is Verdict.AGREE
+    assert judge_cross_check(still_fresh, grown, 1.2, reference_trusted=True, input_norm=norm) is Verdict.AGREE
+    fresh = 0.003 * x
+    assert judge_cross_check(100 * fresh, 0.003 * torch.roll(x, 1, dims=1), 1.2, reference_trusted=True, input_norm=norm) is Verdict.PRIMARY_WRONG
+    assert judge_cross_check(100 * grown, still_fresh, 1.2, reference_trusted=True, input_norm=norm) is Verdict.PRIMARY_WRONG
+
+
 def test_a_x100_liar_is_told_from_a_drifted_honest_replica_by_its_norm():
     x = torch.randn(16, 8, generator=torch.Generator().manual_seed(0))
     honest = 2 * x
