@@ -73,6 +73,7 @@ DEFAULT_EVAL_BATCHES = 16  # x 8 held-out sequences: the config's eval_batches (
 PLAN_BYTES_PER_HOUR = 660e6  # the original plan's budget per volunteer
 TARGET_125M = Path(__file__).resolve().parent.parent / "configs" / "hrm-smoe-125m.yaml"
 CODEC_BYTES_PER_VALUE = {"none": 4.0, "fp16": 2.0, "uniform8bit": 1.0, "quantile8bit": 1.0, "blockwise8bit": 1.0}
+EXPERT_DELTA_BYTES_PER_VALUE = 1.0 + 4.0 / 64  # moe.round_delta: an int8 code per weight, a float32 scale per 64
 
 
 def peer_args(config: Path, initial_peers: list[str], state_dir: Path, *extra: str) -> list[str]:
@@ -366,9 +367,10 @@ def train_single_process(config, train_stream, micro_batches: int, batch_size: i
 def round_bytes_model(trunk: int, codec_bytes: float, group: int, held_expert_params: int, holders: int) -> float:
     """What one trainer sends per outer round, by the protocol: the butterfly all-reduce of the pseudo-gradient (its
     parts to the other reducers, the aggregate of its own partition back to them: 2 (n-1)/n trunk-sized vectors) and
-    the float16 weights of each held expert to every other holder. Pure."""
+    the 8-bit delta of each held expert to every other holder (`moe.round_delta`: a byte per weight and a float32
+    scale per block). Pure."""
     allreduce = 2.0 * (group - 1) / group * trunk * codec_bytes if group > 1 else 0.0
-    return allreduce + held_expert_params * 2.0 * max(holders - 1, 0)
+    return allreduce + held_expert_params * EXPERT_DELTA_BYTES_PER_VALUE * max(holders - 1, 0)
 
 
 def project_volunteer_bytes_per_hour(

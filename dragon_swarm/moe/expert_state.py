@@ -26,7 +26,6 @@ from dragon_swarm.state.checkpoint import CheckpointError, pack_module_checkpoin
 from dragon_swarm.training.optim import make_adamw
 
 MOMENT_NAMES = ("exp_avg", "exp_avg_sq")  # AdamW's per-parameter tensors; `step` is a scalar
-ROUND_WIRE_DTYPE = torch.float16  # an outer round's expert weights on the wire (`round_weights`)
 
 
 class ExpertStateError(ValueError):
@@ -195,27 +194,6 @@ def robust_merge(own: ExpertState, others: Sequence[ExpertState], tau: float = 1
                         merged[name] = merged[name].clamp_min(0.0)  # a second moment is never negative
             optimizer["state"][index] = merged
     return _merge_result(ExpertState(own.uid, module, optimizer, own.version, own.tokens_processed), states)
-
-
-def round_weights(state: ExpertState) -> ExpertState:
-    """What a holder sends the other holders for an outer round (local-expert mode): its weights alone, in float16.
-    Its AdamW moments stay its own, as DiLoCo keeps each worker's inner optimizer state local: a sixth of the bytes of
-    the full state."""
-    module = {name: t.detach().to(ROUND_WIRE_DTYPE) for name, t in state.module.items()}
-    return ExpertState(state.uid, module, None, state.version, state.tokens_processed)
-
-
-def from_round_weights(state: ExpertState, template: ExpertTemplate | ExpertBackend) -> ExpertState:
-    """The weights `round_weights` sent, in the expert's own dtype: every holder computes with the same values, its
-    own weights included (passed through `round_weights` too). Raises ExpertStateError for any other form."""
-    expected = template.module.state_dict()
-    if state.optimizer is not None:
-        raise ExpertStateError("round weights carry no optimizer state")
-    for name, tensor in state.module.items():
-        if not isinstance(tensor, torch.Tensor) or tensor.dtype != ROUND_WIRE_DTYPE or name not in expected:
-            raise ExpertStateError(f"round weights must be {ROUND_WIRE_DTYPE} tensors of this expert, not {name}")
-    module = {name: t.to(expected[name].dtype) for name, t in state.module.items()}
-    return ExpertState(state.uid, module, None, state.version, state.tokens_processed)
 
 
 def merge_weights(states: Sequence[ExpertState], tau: float = 1.0) -> MergeResult:

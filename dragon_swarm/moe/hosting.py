@@ -2,7 +2,11 @@
 
 hivemind's runtime and connection handlers serve a fixed set of experts (the handlers are forked processes with
 their own copy of the expert table), so a change of set (takeover, rebalancing) starts a new generation of
-`ExpertHost` with the new set and stops the old one; experts kept across the change carry their exact state over.
+`ExpertHost` with the new set and stops the old one; experts kept across the change carry their exact state over,
+copied at the moment of the switch (`_hand_over`), after the new experts' downloads, never during a merge.
+
+In local-expert mode the trainer calls `merge_round` between micro-batches: each held expert is frozen as the round's
+snapshot against the weights it started the round from (`moe.round_delta`) and merged with its other holders'.
 
 A new expert never starts blind: before it is announced `online` it is announced `joining` and filled with the
 freshest state there is: a robust choice among its live replicas (`moe.state_service`), else this peer's own
@@ -24,17 +28,19 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import hivemind
+import torch
 from hivemind.utils import get_dht_time
 
 from dragon_swarm.config import SwarmConfig
 from dragon_swarm.events import EventBus, HostReport
-from dragon_swarm.moe import expert_state
+from dragon_swarm.moe import expert_state, round_delta
 from dragon_swarm.moe.backend import ExpertBackend, ExpertTamper, build_expert_backends
 from dragon_swarm.moe.expert_state import ExpertState, ExpertStateError
 from dragon_swarm.moe.expert_uids import all_expert_uids
 from dragon_swarm.moe.host import ExpertHost
 from dragon_swarm.moe.registry import ExpertHostRecord, declare_hosted_experts, find_replicas
 from dragon_swarm.moe.replica_sync import PlacementKeeper, ReplicaSync
+from dragon_swarm.moe.round_delta import RoundSnapshot
 from dragon_swarm.moe.state_service import ExpertStateService
 from dragon_swarm.state.checkpoint import CheckpointError, load_module_checkpoint, save_module_checkpoint
 
@@ -81,7 +87,9 @@ class ExpertHosting:
         # starts, so a merge or a state download never reaches a generation that is on its way out
         self._backends: dict[str, ExpertBackend] = {}
         self.state_service = ExpertStateService(dht, f"{config.run_prefix}.experts", self.backend, self.round_snapshot)
-        self._rounds: dict[str, dict[str, ExpertState]] = {}  # local-expert mode: the last outer rounds' snapshots
+        self._rounds: dict[str, dict[str, RoundSnapshot]] = {}  # local-expert mode: the last outer rounds' snapshots
+        # local-expert mode: the weights each held expert started the current outer round from, and their digest
+        self._round_starts: dict[str, tuple[dict[str, torch.Tensor], str]] = {}
         self.listeners: list[Callable[[dict[str, ExpertBackend]], None]] = []
         self._retired = HostReport(0, 0, 0, 0)
         self._change_lock = threading.RLock()
@@ -179,6 +187,10 @@ class ExpertHosting:
             for uid in kept:
                 expert_state.apply(expert_state.capture(old[uid]), backends[uid])
             self._backends = dict(backends)
+            if not self.periodic_sync:  # an expert taken on starts its round here; a kept one keeps its round start
+                self._round_starts = {
+                    uid: self._round_starts[uid] if uid in kept and uid in self._round_starts else _round_start(b) for uid, b in backends.items()
+                }  # fmt: skip
             for listener in self.listeners:
                 listener(dict(backends))
 
@@ -237,17 +249,32 @@ class ExpertHosting:
         if self.checkpoint_dir is not None:
             save_module_checkpoint(self.checkpoint_dir / f"{uid}.safetensors", state.module, state.optimizer, expert_state.info(state))
 
-    def round_snapshot(self, uid: str, tag: str) -> ExpertState | None:
+    def round_snapshot(self, uid: str, tag: str) -> RoundSnapshot | None:
         return self._rounds.get(tag, {}).get(uid)
 
     def merge_round(self, tag: str) -> int:
         """Local-expert mode's outer step for the held experts: freeze them as round `tag` (other holders download
         exactly these), merge with the other holders' snapshots of the same round; returns the experts merged."""
         with self.round_lock:  # a placement change hands its experts over before or after, never in between
-            snapshots = {uid: expert_state.capture(b) for uid, b in self.backends.items()}
+            backends = self.backends
+            captured = {uid: expert_state.capture(b) for uid, b in backends.items()}
+            snapshots = {}
+            for uid, state in captured.items():
+                start, digest = self._round_starts.get(uid) or _round_start(backends[uid])
+                snapshots[uid] = round_delta.snapshot(state, start, digest)
             # this round and the previous one: a holder that is a round behind still finds what it asks for
             self._rounds = {**{t: v for t, v in list(self._rounds.items())[-1:]}, tag: snapshots}
-            return self.replica_sync.merge_round(tag, snapshots)
+            merged = self.replica_sync.merge_round(tag, captured, snapshots)
+            # the next round starts from the merge's result, the same bits on every holder that merged the same
+            # snapshots (the next delta carries whatever the backend holds beyond it); an expert not merged starts
+            # from its weights now
+            results = self.replica_sync.round_results
+            self._round_starts = {
+                uid: _round_start_of({n: t.detach().to("cpu", torch.float32, copy=True) for n, t in results[uid].items()})
+                if uid in results else _round_start(b)
+                for uid, b in backends.items()
+            }  # fmt: skip
+            return merged
 
     def wait_for_round_partners(self, tag: str, timeout: float, stop: threading.Event | None = None) -> bool:
         """Before a trainer stops after its last round: wait (up to `timeout`, or until `stop` is set) until every
@@ -311,6 +338,17 @@ class ExpertHosting:
             if self.host is not None:
                 self.host.shutdown()
             self.state_service.shutdown()
+
+
+def _round_start(backend: ExpertBackend) -> tuple[dict[str, torch.Tensor], str]:
+    """The backend's weights now (float32, on the CPU) as a round start, with their digest."""
+    with backend.lock:
+        start = {name: t.detach().to("cpu", torch.float32, copy=True) for name, t in backend.module.state_dict().items()}
+    return _round_start_of(start)
+
+
+def _round_start_of(start: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
+    return start, round_delta.start_digest(start)
 
 
 def expert_memory_bytes(config: SwarmConfig) -> int:

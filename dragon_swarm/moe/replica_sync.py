@@ -6,8 +6,8 @@ process holding its own copy of the tensors, and a host of 8-32 experts would ne
 exists anyway (joining, takeover). Each round a host fetches the state of its expert's other replicas, drops those
 too far from its own, merges the rest with CenteredClip (weights and AdamW moments, `moe.expert_state`) and applies
 the change as a delta, so updates the runtime made meanwhile are kept. Local-expert mode's outer rounds
-(`merge_round`) merge the frozen weights of the round alone, sent as float16, in peer-id order; each holder keeps its
-own AdamW moments. Every honest replica computes its own robust
+(`merge_round`) merge the frozen weights of the round alone, each sent as its 8-bit delta from the round start
+(`moe.round_delta`), in peer-id order; each holder keeps its own AdamW moments. Every honest replica computes its own robust
 result, so a Byzantine replica moves an honest one no more than it would move the trunk's all-reduce; one that is
 far from the robust result round after round is banned like a trainer (the config's `averaging:` ban policy).
 """
@@ -27,6 +27,7 @@ from dragon_swarm.background import PeriodicThread
 from dragon_swarm.moe import expert_state, placement
 from dragon_swarm.moe.expert_state import MOMENT_NAMES, ExpertState, ExpertStateError
 from dragon_swarm.moe.registry import find_replicas
+from dragon_swarm.moe.round_delta import RoundSnapshot
 
 if TYPE_CHECKING:
     from dragon_swarm.moe.hosting import ExpertHosting
@@ -55,6 +56,9 @@ class ReplicaSync(PeriodicThread):
         self.rounds = 0
         self.last_distance: dict[str, float] = {}  # uid -> relative distance to the other replicas before merging
         self.round_partners: dict[str, list[str]] = {}  # uid -> the holders whose snapshot the last round merged
+        # uid -> the weights the last round's merge computed: the same bits on every holder that merged the same
+        # snapshots (the backend holds them up to the rounding of applying them as a delta)
+        self.round_results: dict[str, dict[str, torch.Tensor]] = {}
 
     def tick(self) -> None:
         backends = self.hosting.backends
@@ -74,16 +78,19 @@ class ReplicaSync(PeriodicThread):
                     if self.hosting.backend(uid) is backend:
                         self.sync_one(uid, backend, peers[:MAX_PEERS_PER_SYNC])
 
-    def sync_one(self, uid: str, backend, peers: list[str], tag: str | None = None, own: ExpertState | None = None) -> bool:
+    def sync_one(
+        self, uid: str, backend, peers: list[str], tag: str | None = None, own: ExpertState | None = None, own_round: RoundSnapshot | None = None
+    ) -> bool:
         """Merge `uid` with its replicas on `peers`. With a round `tag`, every holder merges the frozen snapshots of
-        that round (`ExpertHosting.freeze_round`), so holders that see the same snapshots reach the same state."""
+        that round (`ExpertHosting.merge_round`; `own_round` is ours), so holders that see the same snapshots reach
+        the same state."""
         own = own if own is not None else expert_state.capture(backend)
         own_vector = own.parameter_vector()
         own_norm = max(float(torch.linalg.vector_norm(own_vector)), 1e-12)
         others, sources = [], []
         for peer in peers:
             try:
-                state = self._fetch(peer, uid, backend, tag)
+                state = self._fetch(peer, uid, backend, tag, own_round)
             except ExpertStateError as e:
                 logger.warning(f"Replica sync {uid}: {e}")
                 continue
@@ -96,21 +103,24 @@ class ReplicaSync(PeriodicThread):
             sources.append(peer)
         if tag is not None:
             self.round_partners[uid] = sources
+            self.round_results.pop(uid, None)
         if not others:
             return False
         if tag is None:
             merged = expert_state.robust_merge(own, others)
             distances = merged.distances[1:]
         else:
-            # an outer round: weights only, everyone's (ours too) as they crossed the wire, in peer-id order, so that
-            # holders who fetched the same snapshots compute the same merge
-            entries = sorted([(self.hosting.own_peer_id, expert_state.from_round_weights(expert_state.round_weights(own), backend)), *zip(sources, others)], key=lambda e: e[0])
+            # an outer round: weights only, everyone's (ours too) rebuilt from what crossed the wire, in peer-id
+            # order, so that holders who fetched the same snapshots compute the same merge
+            entries = sorted([(self.hosting.own_peer_id, own_round.state()), *zip(sources, others)], key=lambda e: e[0])
             merged = expert_state.merge_weights([state for _, state in entries])
             by_peer = dict(zip((peer for peer, _ in entries), merged.distances))
             distances = [by_peer[peer] for peer in sources]
         before = max(float(torch.linalg.vector_norm(s.parameter_vector() - own_vector)) for s in others) / own_norm
         self.last_distance[uid] = before
         apply_delta(backend, own, merged.state)
+        if tag is not None:
+            self.round_results[uid] = merged.state.module
         with self._book_lock:
             self.rounds += 1
         logger.info(
@@ -124,21 +134,22 @@ class ReplicaSync(PeriodicThread):
                     self.strikes.pop((uid, peer), None)
         return True
 
-    def _fetch(self, peer: str, uid: str, backend, tag: str | None) -> ExpertState:
+    def _fetch(self, peer: str, uid: str, backend, tag: str | None, own_round: RoundSnapshot | None = None) -> ExpertState:
         if tag is None:
             return self.hosting.state_service.fetch(peer, uid, backend, timeout=30.0)
         deadline = time.monotonic() + ROUND_SNAPSHOT_WAIT_S
         while True:  # a holder reaches the round boundary a moment after us: its snapshot may not exist yet
             try:
-                return self.hosting.state_service.fetch(peer, uid, backend, timeout=30.0, tag=tag)
+                return self.hosting.state_service.fetch(peer, uid, backend, timeout=30.0, tag=tag, own_round=own_round)
             except ExpertStateError as e:
                 if ("no snapshot" not in str(e) and "too many" not in str(e)) or time.monotonic() > deadline:
                     raise
                 time.sleep(1.0)
 
-    def merge_round(self, tag: str, snapshots: dict[str, ExpertState]) -> int:
+    def merge_round(self, tag: str, captured: dict[str, ExpertState], snapshots: dict[str, RoundSnapshot]) -> int:
         """Local-expert mode's outer step for the experts: merge each held expert's `tag` snapshot with the other
-        holders' snapshots of the same round. Returns how many experts were merged."""
+        holders' snapshots of the same round (`captured`: the states the snapshots froze, which the merge's change is
+        applied against). Returns how many experts were merged."""
         backends = self.hosting.backends
         found = find_replicas(self.hosting.dht, list(backends))
         now, jobs = time.monotonic(), []
@@ -149,13 +160,13 @@ class ReplicaSync(PeriodicThread):
             ]  # fmt: skip
             if peers and uid in snapshots:
                 jobs.append((uid, backend, peers[:MAX_PEERS_PER_SYNC]))
-        self.round_partners = {}
+        self.round_partners, self.round_results = {}, {}
         if not jobs:
             return 0
         # the experts are independent: their downloads overlap (one at a time, a round's merge took ~1 s per expert
         # at 50 ms RTT); each expert's merge touches only its own backend
         with ThreadPoolExecutor(max_workers=min(len(jobs), MAX_PARALLEL_MERGES), thread_name_prefix="merge") as pool:
-            done = pool.map(lambda job: self.sync_one(job[0], job[1], job[2], tag=tag, own=snapshots[job[0]]), jobs)
+            done = pool.map(lambda job: self.sync_one(job[0], job[1], job[2], tag=tag, own=captured[job[0]], own_round=snapshots[job[0]]), jobs)
             return sum(1 for ok in done if ok)
 
     def _strike(self, uid: str, peer: str, why: str) -> None:

@@ -18,9 +18,10 @@ from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
 from hivemind.p2p import P2PContext, PeerID, ServicerBase
 from hivemind.proto import runtime_pb2
 
-from dragon_swarm.moe import expert_state
+from dragon_swarm.moe import expert_state, round_delta
 from dragon_swarm.moe.backend import ExpertBackend
 from dragon_swarm.moe.expert_state import ExpertState, ExpertStateError, ExpertTemplate
+from dragon_swarm.moe.round_delta import RoundSnapshot
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ KEPT_ROUND_FETCHES = 256  # (expert, round) entries of who fetched a round snaps
 class ExpertStateServicer(ServicerBase):
     """Serves the state of the experts `lookup` returns (None: not hosted here)."""
 
-    def __init__(self, lookup: Callable[[str], ExpertBackend | None], snapshot: Callable[[str, str], ExpertState | None] | None = None):
+    def __init__(self, lookup: Callable[[str], ExpertBackend | None], snapshot: Callable[[str, str], RoundSnapshot | None] | None = None):
         self.lookup = lookup
         self.snapshot = snapshot  # (uid, round tag) -> a frozen state of that round, if this peer has it
         self._buckets: dict[str, tuple[float, float]] = {}  # requester -> (tokens, when counted)
@@ -51,7 +52,10 @@ class ExpertStateServicer(ServicerBase):
         if tokens < 1.0:
             yield runtime_pb2.ExpertResponse(metadata=b"error: too many state requests, retry in a second")
             return
-        uid, _, tag = request.uid.partition("@")
+        # "uid" (the live state) or "uid@tag@digest" (round `tag`'s snapshot, for a holder whose round start has
+        # that digest)
+        uid, _, rest = request.uid.partition("@")
+        tag, _, their_start = rest.partition("@")
         loop = asyncio.get_running_loop()
         if tag:
             frozen = self.snapshot(uid, tag) if self.snapshot is not None else None
@@ -60,7 +64,7 @@ class ExpertStateServicer(ServicerBase):
                 yield runtime_pb2.ExpertResponse(metadata=b"error: no snapshot of that round here (yet)")
                 return
             self._buckets[requester] = (tokens - 1.0, now)
-            data = await loop.run_in_executor(None, lambda: expert_state.to_bytes(expert_state.round_weights(frozen)))
+            data = await loop.run_in_executor(None, lambda: round_delta.to_bytes(frozen, their_start))
         else:
             self._buckets[requester] = (tokens - 1.0, now)
             backend = self.lookup(uid)
@@ -85,7 +89,7 @@ class ExpertStateService:
         dht: hivemind.DHT,
         namespace: str,
         lookup: Callable[[str], ExpertBackend | None],
-        snapshot: Callable[[str, str], ExpertState | None] | None = None,
+        snapshot: Callable[[str, str], RoundSnapshot | None] | None = None,
     ):
         self.dht, self.namespace = dht, namespace
         self.servicer = ExpertStateServicer(lookup, snapshot)
@@ -114,12 +118,21 @@ class ExpertStateService:
         self._p2p, self._serving = None, False
 
     def fetch(
-        self, peer_id: str, uid: str, template: ExpertTemplate | ExpertBackend, timeout: float, tag: str | None = None
+        self,
+        peer_id: str,
+        uid: str,
+        template: ExpertTemplate | ExpertBackend,
+        timeout: float,
+        tag: str | None = None,
+        own_round: RoundSnapshot | None = None,
     ) -> ExpertState:
-        """One host's state of `uid` (with a round `tag`: the weights of its frozen snapshot of that round, without
-        optimizer state), validated against `template` (this expert's shapes). Raises ExpertStateError."""
+        """One host's state of `uid`, validated against `template` (this expert's shapes). With a round `tag`: the
+        weights its frozen snapshot of that round stands for, without optimizer state, rebuilt against `own_round`
+        (this holder's snapshot of the round: its round start) as the sender rebuilds them. Raises ExpertStateError."""
         max_bytes = int(SIZE_SLACK * expected_state_bytes(template)) + 65536
-        request_uid = uid if tag is None else f"{uid}@{tag}"
+        if tag is not None and own_round is None:
+            raise ValueError("a round snapshot is fetched against this holder's own snapshot of the round")
+        request_uid = uid if tag is None else f"{uid}@{tag}@{own_round.digest}"
         try:
             data = RemoteExpertWorker.run_coroutine(
                 asyncio.wait_for(self._download(peer_id, request_uid, max_bytes), timeout=timeout)
@@ -128,10 +141,12 @@ class ExpertStateService:
             raise
         except Exception as e:  # timeouts, dropped streams, unreachable peers
             raise ExpertStateError(f"{uid} from {peer_id[-8:]}: {type(e).__name__}: {str(e)[:120]}") from None
-        state = expert_state.from_bytes(data, f"{uid} from {peer_id[-8:]}")
+        source = f"{uid} from {peer_id[-8:]}"
+        if tag is not None:  # an outer round's snapshot: an 8-bit delta (`moe.round_delta`)
+            state = round_delta.from_bytes(data, source, template.module.state_dict(), own_round.start, own_round.digest)
+        else:
+            state = expert_state.from_bytes(data, source)
         try:
-            if tag is not None:  # an outer round's snapshot: float16 weights alone (`expert_state.round_weights`)
-                state = expert_state.from_round_weights(state, template)
             expert_state.validate(state, template, uid)
         except ExpertStateError as e:
             raise ExpertStateError(f"{uid} from {peer_id[-8:]}: {e}") from None

@@ -15,8 +15,9 @@ network call per micro-batch. Every `training.sync_every` micro-batches it makes
   were behind) finds out at the next round's barrier, where every trainer announces a digest of its round start: one
   whose digest is not the most common downloads the round's state from a trainer that holds it;
 * the held experts: each holder freezes a snapshot of them at the round boundary and merges its weights with the
-  other holders' snapshots of the same round (`moe.replica_sync`: CenteredClip over float16 weights in peer-id
-  order; each holder keeps its own AdamW moments, as DiLoCo keeps inner optimizer state local), so the holders of
+  other holders' snapshots of the same round (`moe.replica_sync`: CenteredClip over the weights in peer-id order,
+  each sent as its 8-bit delta from the round start, `moe.round_delta`; each holder keeps its own AdamW moments, as
+  DiLoCo keeps inner optimizer state local), so the holders of
   an expert reach the same weights; run here, between micro-batches, so no merge lands between a forward and its
   backward.
 

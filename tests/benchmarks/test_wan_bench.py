@@ -37,9 +37,9 @@ def test_window_holds_whole_rounds_after_the_first_outer_step():
     assert (first["micro_batches"], last["micro_batches"]) == (1, 5)
 
 
-def test_round_bytes_model_counts_the_all_reduce_and_the_expert_weights():
-    # 4 trainers: 2 * 3/4 of a 1000-value trunk at 1 byte; 10 expert values at 2 bytes to each of 2 other holders
-    assert round_bytes_model(1000, 1.0, 4, 10, 3) == pytest.approx(1500 + 40)
+def test_round_bytes_model_counts_the_all_reduce_and_the_expert_deltas():
+    # 4 trainers: 2 * 3/4 of a 1000-value trunk at 1 byte; 64 expert values at 1 + 4/64 bytes to each of 2 other holders
+    assert round_bytes_model(1000, 1.0, 4, 64, 3) == pytest.approx(1500 + 2 * 68)
     assert round_bytes_model(1000, 1.0, 1, 10, 1) == 0.0  # alone: nothing to send
 
 

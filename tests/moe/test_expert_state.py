@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save as safetensors_save
 
 from dragon_swarm.config import load_config
-from dragon_swarm.moe import expert_state
+from dragon_swarm.moe import expert_state, round_delta
 from dragon_swarm.moe.backend import build_expert_backends
 from dragon_swarm.moe.expert_state import ExpertStateError
 from dragon_swarm.moe.replica_sync import apply_delta
@@ -126,25 +126,10 @@ def test_apply_delta_keeps_updates_made_after_the_capture():
         assert torch.allclose(tensor, expected, atol=1e-6)
 
 
-def test_round_weights_travel_as_float16_without_moments_in_a_sixth_of_the_bytes():
-    state = expert_state.capture(trained(3, seed=0))
-    wire = expert_state.to_bytes(expert_state.round_weights(state))
-    assert len(wire) < len(expert_state.to_bytes(state)) / 5
-    back = expert_state.from_round_weights(expert_state.from_bytes(wire, "peer X"), backend())
-    expert_state.validate(back, backend(), UID)
-    assert back.optimizer is None and back.version == state.version
-    for name, tensor in state.module.items():
-        assert back.module[name].dtype == tensor.dtype
-        assert torch.allclose(back.module[name], tensor, rtol=1e-3, atol=1e-4)
-    # a full state, or float32 weights, is not a round's answer
-    for not_round in (state, dataclasses.replace(state, optimizer=None)):
-        with pytest.raises(ExpertStateError):
-            expert_state.from_round_weights(not_round, backend())
-
-
 def test_holders_that_merge_the_same_round_weights_in_peer_order_get_the_same_bits():
     states = {peer: expert_state.capture(trained(3, seed=s)) for s, peer in enumerate(["peer-c", "peer-a", "peer-b"])}
-    wire = {peer: expert_state.from_round_weights(expert_state.round_weights(s), backend()) for peer, s in states.items()}
+    start = expert_state.capture(backend()).module  # all three started the round from the seeded init
+    wire = {peer: round_delta.snapshot(s, start).state() for peer, s in states.items()}
     ordered = [wire[peer] for peer in sorted(wire)]
     first, second = expert_state.merge_weights(ordered), expert_state.merge_weights(list(ordered))
     for name in first.state.module:

@@ -26,7 +26,7 @@ from hivemind.utils.multiaddr import Multiaddr
 
 from dragon_swarm.averaging.robust_allreduce import RobustDecentralizedAverager
 from dragon_swarm.config import load_config
-from dragon_swarm.moe import expert_state
+from dragon_swarm.moe import expert_state, round_delta
 from dragon_swarm.moe.backend import build_expert_backends
 from dragon_swarm.moe.host import ExpertHost
 from dragon_swarm.moe.state_service import ExpertStateService, ExpertStateServicer
@@ -235,7 +235,8 @@ def test_a_round_snapshot_is_recorded_as_fetched_only_once_sent(swarm):
     """A local-expert trainer stopping after its last round waits until the holders it merged with have fetched its
     snapshot of that round (`ExpertHosting.wait_for_round_partners`): the host must know who has it."""
     host_dht, backends, member_dht, _, _ = swarm
-    frozen = expert_state.capture(backends[UID])
+    captured = expert_state.capture(backends[UID])
+    frozen = round_delta.snapshot(captured, {name: t.clone() for name, t in captured.module.items()})
     namespace = f"{NAMESPACE}.rounds"
     host = ExpertStateService(host_dht, namespace, backends.get, snapshot=lambda uid, tag: frozen if tag == "r1" else None)
     host.start()
@@ -244,9 +245,10 @@ def test_a_round_snapshot_is_recorded_as_fetched_only_once_sent(swarm):
     template = expert_state.make_template(D, CONFIG.model.expert_hidden, CONFIG.training)
     try:
         with pytest.raises(Exception, match="no snapshot"):
-            client.fetch(host_dht.peer_id.to_base58(), UID, template, timeout=15, tag="r2")
+            client.fetch(host_dht.peer_id.to_base58(), UID, template, timeout=15, tag="r2", own_round=frozen)
         assert host.fetched_by(UID, "r2") == set() and host.fetched_by(UID, "r1") == set()
-        assert client.fetch(host_dht.peer_id.to_base58(), UID, template, timeout=30, tag="r1").version == frozen.version
+        got = client.fetch(host_dht.peer_id.to_base58(), UID, template, timeout=30, tag="r1", own_round=frozen)
+        assert got.version == frozen.version and all(torch.equal(got.module[k], v) for k, v in frozen.weights().items())
         deadline = time.monotonic() + 10  # recorded once the stream's last chunk is out, a moment after it arrives
         while not host.fetched_by(UID, "r1") and time.monotonic() < deadline:
             time.sleep(0.05)
