@@ -269,11 +269,7 @@ class ExpertHosting:
             # snapshots (the next delta carries whatever the backend holds beyond it); an expert not merged starts
             # from its weights now
             results = self.replica_sync.round_results
-            self._round_starts = {
-                uid: _round_start_of({n: t.detach().to("cpu", torch.float32, copy=True) for n, t in results[uid].items()})
-                if uid in results else _round_start(b)
-                for uid, b in backends.items()
-            }  # fmt: skip
+            self._round_starts = {uid: _round_start_of(results[uid]) if uid in results else _round_start(b) for uid, b in backends.items()}
             return merged
 
     def wait_for_round_partners(self, tag: str, timeout: float, stop: threading.Event | None = None) -> bool:
@@ -343,11 +339,12 @@ class ExpertHosting:
 def _round_start(backend: ExpertBackend) -> tuple[dict[str, torch.Tensor], str]:
     """The backend's weights now (float32, on the CPU) as a round start, with their digest."""
     with backend.lock:
-        start = {name: t.detach().to("cpu", torch.float32, copy=True) for name, t in backend.module.state_dict().items()}
-    return _round_start_of(start)
+        return _round_start_of(backend.module.state_dict())
 
 
-def _round_start_of(start: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
+def _round_start_of(weights: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
+    """A copy of `weights` (float32, on the CPU) as a round start, with its digest."""
+    start = {name: t.detach().to("cpu", torch.float32, copy=True) for name, t in weights.items()}
     return start, round_delta.start_digest(start)
 
 

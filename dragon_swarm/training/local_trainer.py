@@ -563,15 +563,11 @@ class LocalExpertsTrainer:
             waited_for |= behind
             time.sleep(0.5)
 
-    @property
-    def _presence_key(self) -> str:
-        return presence_key(self.config)
-
     def _announce_presence(self, round_number: int, digest: str = "") -> None:
         announce_trainer(self.dht, self.config, round_number, digest)
 
     def _announced_rounds(self) -> dict[str, tuple[int, str]]:
-        found = self.dht.get(self._presence_key, latest=True)
+        found = self.dht.get(presence_key(self.config), latest=True)
         entries = found.value if found is not None and isinstance(found.value, dict) else {}
         now, rounds = get_dht_time(), {}
         for subkey, item in entries.items():
