@@ -138,6 +138,23 @@ def timed_window(records: list[dict], round_len: int | None) -> tuple[dict, dict
     return first, last
 
 
+def bytes_window(records: list[dict], first: dict, last: dict, round_len: int | None) -> tuple[dict, dict]:
+    """(start, end) records between which a trainer's bytes are counted: the timed window, each end moved on to the
+    first record whose model version shows every outer round with its boundary up to there applied. A synchronous
+    round is applied at its boundary (nothing moves); an overlapped one (``training.outer_overlap``) sends its bytes
+    after the boundary and is applied some micro-batches later, so the window's last round is counted whole and the
+    round before its first is not counted in it. Pure."""
+    if not round_len:
+        return first, last
+
+    def applied(edge: dict) -> dict:
+        rounds = edge["micro_batches"] // round_len
+        later = [r for r in records if r["micro_batches"] >= edge["micro_batches"] and r.get("epoch", rounds) >= rounds]
+        return later[0] if later else records[-1]
+
+    return applied(first), applied(last)
+
+
 def _collect(procs, stats, trainer_links, samples, links, round_len) -> list[dict]:
     results = []
     for i, (proc, path, link) in enumerate(zip(procs, stats, trainer_links)):
@@ -159,7 +176,8 @@ def _collect(procs, stats, trainer_links, samples, links, round_len) -> list[dic
                 result["rounds"] = records[-1]["epoch"]
             if link is not None:
                 total = links.bytes_sent_by(link)
-                sent = _bytes_at(samples[i], last["time"]) - _bytes_at(samples[i], first["time"])
+                start, end = bytes_window(records, first, last, round_len)
+                sent = _bytes_at(samples[i], end["time"]) - _bytes_at(samples[i], start["time"])
                 result.update(
                     bytes_sent=total,
                     window_bytes_sent=round(sent),
@@ -449,6 +467,7 @@ def run(
         "delay_ms": delay_ms,
         "rtt_ms": 2 * delay_ms,
         "mbit": mbit,
+        "outer_overlap": cfg.training.outer_overlap if mode == "local_experts" else None,
         "micro_batches_in_flight": cfg.training.micro_batches_in_flight,
         "target_batch_size": cfg.training.target_batch_size,
         "tokens_per_second": tps,  # mean over trainers
@@ -515,6 +534,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--held-experts-125m", type=int, default=16,
                    help="--project-125m: experts one hrm-smoe-125m volunteer holds (each held by 2), of 128")
     p.add_argument("--sync-every", type=int, default=None, help="local_experts: training.sync_every of the swarm (default: the config's)")
+    p.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=None,
+                   help="local_experts: training.outer_overlap of the swarm (default: the config's)")
     p.add_argument("--in-flight", type=int, default=1,
                    help="remote_experts: micro-batches each trainer computes at once (training.micro_batches_in_flight)")
     p.add_argument("--target-batch", type=int, default=None,
@@ -545,6 +566,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides["target_batch_size"] = args.target_batch
     if args.sync_every is not None:
         overrides["sync_every"] = args.sync_every
+    if args.overlap is not None:
+        overrides["outer_overlap"] = args.overlap
     config = derived_config(config, work, "bench", eval_every=0, **overrides)
     result = run(
         args.mode, config, work, args.peers, args.steps, args.delay_ms, args.mbit or None, not args.no_loopback, args.timeout,

@@ -85,6 +85,10 @@ class TrainingSection(Schema):
     # local_experts: the codec of the pseudo-gradient in the outer all-reduce (8-bit blockwise: ~1 byte per value;
     # every trainer ends the round with the same bytes, so the trunks stay bit-identical whatever the codec)
     outer_compression: str = "blockwise8bit"
+    # local_experts: a round's all-reduce and expert merge run in the background while the next round trains, and
+    # apply at the next boundary (one round late); the trainer goes on from the new start plus its own progress made
+    # meanwhile, so the round starts stay bit-identical across trainers. Off: training waits for every round.
+    outer_overlap: bool = False
     # remote_experts: micro-batches computed at once, so that one's waits for expert answers overlap another's
     # compute (`training.pipeline`); 1 on one machine (nothing to wait for), 2-4 over a home link. Peer-local.
     micro_batches_in_flight: PositiveInt = 1
@@ -221,6 +225,7 @@ class SwarmConfig(Schema):
     PEER_LOCAL_KEYS: ClassVar[tuple[tuple[str, str], ...]] = (
         ("training", "batch_size"),
         ("training", "micro_batches_in_flight"),
+        ("training", "outer_overlap"),  # the round starts follow the same arithmetic either way
     )
 
     @classmethod

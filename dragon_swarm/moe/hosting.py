@@ -24,6 +24,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -48,6 +49,15 @@ logger = logging.getLogger(__name__)
 
 DOWNLOAD_TIMEOUT_S = 60.0
 PARALLEL_FILLS = 4  # new experts downloaded at once (x up to 3 hosts each: ~0.7 GB in flight for hrm-smoe-125m)
+
+
+@dataclass(frozen=True)
+class FrozenRound:
+    """The held experts as one outer round left them (`ExpertHosting.freeze_round`): the states captured (a merge's
+    change is applied against these) and the snapshots served to the other holders."""
+
+    captured: dict[str, ExpertState]
+    snapshots: dict[str, RoundSnapshot]
 
 
 class ExpertHosting:
@@ -255,6 +265,12 @@ class ExpertHosting:
     def merge_round(self, tag: str) -> int:
         """Local-expert mode's outer step for the held experts: freeze them as round `tag` (other holders download
         exactly these), merge with the other holders' snapshots of the same round; returns the experts merged."""
+        return self.merge_frozen(tag, self.freeze_round(tag))
+
+    def freeze_round(self, tag: str) -> FrozenRound:
+        """The first half of `merge_round`, at the round boundary: snapshot the held experts as round `tag` and serve
+        the snapshots. Cheap (a copy and an 8-bit delta per expert), so a trainer that overlaps the rest of the round
+        with training does this between two micro-batches and the snapshot is exactly the round's end."""
         with self.round_lock:  # a placement change hands its experts over before or after, never in between
             backends = self.backends
             captured = {uid: expert_state.capture(b) for uid, b in backends.items()}
@@ -264,12 +280,24 @@ class ExpertHosting:
                 snapshots[uid] = round_delta.snapshot(state, start, digest)
             # this round and the previous one: a holder that is a round behind still finds what it asks for
             self._rounds = {**{t: v for t, v in list(self._rounds.items())[-1:]}, tag: snapshots}
-            merged = self.replica_sync.merge_round(tag, captured, snapshots)
+            return FrozenRound(captured, snapshots)
+
+    def merge_frozen(self, tag: str, frozen: FrozenRound) -> int:
+        """The second half of `merge_round`: fetch the other holders' snapshots of round `tag` and merge. Each merge
+        moves its backend by (merged - frozen), so training done since the freeze is kept: this may run in another
+        thread while training goes on (it takes each expert's lock only to apply its merge)."""
+        with self.round_lock:
+            backends = self.backends
+            merged = self.replica_sync.merge_round(tag, frozen.captured, frozen.snapshots)
             # the next round starts from the merge's result, the same bits on every holder that merged the same
             # snapshots (the next delta carries whatever the backend holds beyond it); an expert not merged starts
-            # from its weights now
+            # from its weights when it was frozen
             results = self.replica_sync.round_results
-            self._round_starts = {uid: _round_start_of(results[uid]) if uid in results else _round_start(b) for uid, b in backends.items()}
+            self._round_starts = {
+                uid: _round_start_of(results[uid]) if uid in results
+                else _round_start_of(frozen.captured[uid].module) if uid in frozen.captured else _round_start(b)
+                for uid, b in backends.items()
+            }  # fmt: skip
             return merged
 
     def wait_for_round_partners(self, tag: str, timeout: float, stop: threading.Event | None = None) -> bool:

@@ -21,6 +21,11 @@ network call per micro-batch. Every `training.sync_every` micro-batches it makes
   an expert reach the same weights; run here, between micro-batches, so no merge lands between a forward and its
   backward.
 
+With `training.outer_overlap` the round's network part (barrier, all-reduce, expert merges) runs in the background
+while the next round trains, and is applied at the first micro-batch after it ends (Streaming DiLoCo's overlapped
+outer step): the round starts follow the same arithmetic (bit-identical across trainers); the weights move to the
+new start plus the progress made since the boundary, which goes out with the next round (`OuterOptimizer.rebase`).
+
 The held experts are still served over hivemind's expert RPC, so stock clients and remote-expert trainers use them.
 The model version (epoch) counts outer steps.
 """
@@ -31,7 +36,9 @@ import hashlib
 import logging
 import threading
 import time
-from contextlib import ExitStack
+from concurrent.futures import Future
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
@@ -49,6 +56,7 @@ from dragon_swarm.events import EventBus, PauseGate, PeerState, StateChanged, St
 from dragon_swarm.model.hrm_smoe import HRMSMoE
 from dragon_swarm.moe.backend import ExpertBackend
 from dragon_swarm.moe.expert_uids import expert_uid
+from dragon_swarm.moe.hosting import FrozenRound
 from dragon_swarm.training.checkpoint import CHECKPOINT_NAME, TrainerState, read_trainer_state, save_trainer_state_or_log
 from dragon_swarm.training.contribution import GradientContribution, HonestContribution
 from dragon_swarm.training.evaluation import EVAL_FORWARD_SEQUENCES, eval_batches, evaluate_loss
@@ -122,10 +130,13 @@ class OuterOptimizer:
     mattering a few rounds later; at full Nesterov (0.7 / 0.9 extrapolates 1.33x at once, up to 7x as momentum builds)
     the first rounds overshoot and the held-out loss jumps after each of them (`benchmarks/wan.py`, README)."""
 
-    def __init__(self, params: list[torch.nn.Parameter], lr: float, momentum: float, warmup_rounds: int = 0):
+    def __init__(self, params: list[torch.nn.Parameter], lr: float, momentum: float, warmup_rounds: int = 0, overlap: bool = False):
         self.params, self.lr, self.momentum, self.warmup_rounds = params, lr, momentum, warmup_rounds
         self.start = [self._cpu(p) for p in params]
         self.velocity = [torch.zeros_like(s) for s in self.start]
+        # where the local progress of the round in training is measured from: the round start, or with overlapped
+        # rounds the weights at the last boundary (the start plus the progress still being averaged)
+        self.base = [s.clone() for s in self.start] if overlap else self.start
 
     @staticmethod
     def _cpu(p: torch.Tensor) -> torch.Tensor:
@@ -137,25 +148,45 @@ class OuterOptimizer:
         return 1.0 + (self.lr - 1.0) * ramp, self.momentum * ramp
 
     def pseudo_gradient(self) -> list[torch.Tensor]:
-        return [s - self._cpu(p) for s, p in zip(self.start, self.params)]
+        """The local progress since `base`: what this trainer contributes to the round that ends now."""
+        return [b - self._cpu(p) for b, p in zip(self.base, self.params)]
 
     @torch.no_grad()
-    def step(self, pseudo_gradient: list[torch.Tensor], round_number: int | None = None) -> None:
-        """One Nesterov step along `pseudo_gradient` from the round's start: the weights and the next round's start.
-        `round_number` picks the warm-up's lr and momentum (None: the full ones)."""
+    def step(self, pseudo_gradient: list[torch.Tensor], round_number: int | None = None, carry: list[torch.Tensor] | None = None) -> None:
+        """One Nesterov step along `pseudo_gradient` from the round's start: the next round's start. `round_number`
+        picks the warm-up's lr and momentum (None: the full ones). The weights move to the new start, minus `carry`
+        (see `rebase`)."""
         lr, momentum = self.schedule(round_number) if round_number is not None else (self.lr, self.momentum)
-        for p, s, v, g in zip(self.params, self.start, self.velocity, pseudo_gradient):
+        for s, v, g in zip(self.start, self.velocity, pseudo_gradient):
             v.mul_(momentum).add_(g)
             s.sub_((g + v * momentum) * lr)
-            p.copy_(s)
+        self.rebase(carry)
+
+    @torch.no_grad()
+    def rebase(self, carry: list[torch.Tensor] | None = None) -> None:
+        """The weights become the round start minus `carry`, local progress that no round has carried yet
+        (overlapped rounds: what was trained while the last round averaged; None: none); it goes out with the next
+        pseudo-gradient, which counts from the start again."""
+        for i, (p, s) in enumerate(zip(self.params, self.start)):
+            p.copy_(s if carry is None else s - carry[i])
+            if self.base[i] is not s:
+                self.base[i].copy_(s)
+
+    @torch.no_grad()
+    def mark_boundary(self) -> None:
+        """Overlapped rounds: the progress so far has just gone out with a round (not applied yet); the next
+        pseudo-gradient counts from the weights now."""
+        for i, p in enumerate(self.params):
+            if self.base[i] is not self.start[i]:
+                self.base[i].copy_(p.detach())
 
     @torch.no_grad()
     def load(self, start: list[torch.Tensor], velocity: list[torch.Tensor]) -> None:
         """Take a round start and momentum from elsewhere (a peer's state): the weights jump to that start."""
-        for p, s, v, new_s, new_v in zip(self.params, self.start, self.velocity, start, velocity):
+        for s, v, new_s, new_v in zip(self.start, self.velocity, start, velocity):
             s.copy_(new_s)
             v.copy_(new_v)
-            p.copy_(s)
+        self.rebase()
 
     def digest(self) -> str:
         """A short digest of the round start: trainers in step have the same one."""
@@ -213,6 +244,64 @@ def majority_digest(own: str, others: list[str]) -> str:
     return min(counts, key=lambda d: (-counts[d], d))
 
 
+STATE_CHUNK_TIMEOUT_S = 10.0  # a trunk download gives up on a peer that sends no chunk for this long
+SHUTDOWN_ROUND_WAIT_S = 5.0  # a trainer that stops lets a round in the background end this long, then drops it
+
+
+@dataclass(frozen=True)
+class PreparedRound:
+    """What a round boundary fixed: the round's number, this trainer's pseudo-gradient, the digest of the start it
+    is measured against (announced at the barrier), the tag and snapshots of the held experts."""
+
+    round_number: int
+    own: list[torch.Tensor]
+    digest: str
+    tag: str
+    frozen: FrozenRound | None
+    started: float
+    patience: float  # seconds the barrier waits for the others beyond the averaging timeout
+
+
+@dataclass(frozen=True)
+class RoundOutcome:
+    """What a round's network part brought back: the pseudo-gradient to step with (the swarm's average, or our own
+    when the round failed), the group's size, the share of values averaged, the experts merged, its seconds."""
+
+    round_number: int
+    pseudo: list[torch.Tensor]
+    peers: int
+    received: float
+    merged: int
+    seconds: float
+
+
+class _InFlightRound:
+    """A round's network part on a daemon thread: a trainer that stops never waits for it at interpreter exit."""
+
+    def __init__(self, run, prepared: PreparedRound, micro_batches: int):
+        self.prepared, self.micro_batches = prepared, micro_batches  # the trainer's micro-batches at the boundary
+        self._future: Future = Future()
+        threading.Thread(target=self._run, args=(run, prepared), name=f"outer-round-{prepared.round_number}", daemon=True).start()
+
+    def _run(self, run, prepared: PreparedRound) -> None:
+        try:
+            self._future.set_result(run(prepared))
+        except BaseException as e:  # re-raised in the training thread by `result`
+            self._future.set_exception(e)
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def result(self) -> RoundOutcome:
+        return self._future.result()
+
+    def wait(self, timeout: float) -> None:
+        try:
+            self._future.exception(timeout=timeout)
+        except Exception:
+            pass
+
+
 class LocalExpertsTrainer:
     """Same interface as `training.trainer.Trainer` (`sync_with_swarm`, `train`, `save`, `shutdown`)."""
 
@@ -255,7 +344,8 @@ class LocalExpertsTrainer:
         saved = read_trainer_state(self.checkpoint_path, config.run_prefix)
         if saved is not None:
             self._restore(saved)
-        self.outer = OuterOptimizer(self.params, t.outer_lr, t.outer_momentum, t.outer_warmup_rounds)
+        self.overlap = t.outer_overlap
+        self.outer = OuterOptimizer(self.params, t.outer_lr, t.outer_momentum, t.outer_warmup_rounds, overlap=self.overlap)
         if saved is not None:
             for v, name in zip(self.outer.velocity, (n for n, _ in self.trunk_params)):
                 if name in saved.momentum and saved.momentum[name].shape == v.shape:
@@ -264,6 +354,10 @@ class LocalExpertsTrainer:
         self.last_round_peers = 0
         # set at a round's barrier when this trainer's round start is not the swarm's (see `_wait_for_others`)
         self.out_of_step = False
+        self._in_flight: _InFlightRound | None = None  # overlapped rounds: the round averaging in the background
+        self._closing = threading.Event()  # set by `shutdown`: a round in the background gives up
+        self._last_boundary = time.perf_counter()  # the last round boundary (or the start of training)
+        self._rounds_started = 0  # outer rounds this trainer has started since it was built
         self.layout = SpreadLayout([s.shape for s in self.outer.start])
         robust = RobustAveragingSettings.from_config(config.averaging, t.target_batch_size)
         self.averager = _OuterAverager(
@@ -298,15 +392,23 @@ class LocalExpertsTrainer:
         self.micro_batches, self.tokens, self.epoch = saved.micro_batches, saved.tokens, saved.local_epoch
         logger.info(f"Resumed local-expert trainer at micro-batch {self.micro_batches}, epoch {self.epoch}, {self.tokens:,} tokens")
 
-    def _state(self) -> TrainerState:
-        # the start of the round is what every trainer agrees on: save it, not the half-trained current weights
+    @contextmanager
+    def _weights_at_round_start(self):
+        """The trunk holds the round start (what every trainer agrees on), not the half-trained current weights,
+        until the block ends."""
         with torch.no_grad(), self._lock:
             current = [p.detach().clone() for p in self.params]
             for p, s in zip(self.params, self.outer.start):
                 p.copy_(s)
+            try:
+                yield
+            finally:
+                for p, c in zip(self.params, current):
+                    p.copy_(c)
+
+    def _state(self) -> TrainerState:
+        with self._weights_at_round_start():
             trunk = self.model.trunk_state_dict()
-            for p, c in zip(self.params, current):
-                p.copy_(c)
         momentum = {name: v for (name, _), v in zip(self.trunk_params, self.outer.velocity)}
         return TrainerState(trunk, self.inner.state_dict(), momentum, self.micro_batches, self.tokens, self.epoch)
 
@@ -334,35 +436,48 @@ class LocalExpertsTrainer:
             logger.debug(f"Announcing this trainer failed: {e}")
         self._download_state(timeout, newer_only=True)
 
-    def _download_state(self, timeout: float, newer_only: bool) -> bool:
+    def _download_state(self, timeout: float, newer_only: bool, carry: list[torch.Tensor] | None = None) -> bool:
         """Take the round start and momentum of the trainer that declares the highest priority (its epoch, plus a
-        half for a trainer in step with the swarm's majority); `newer_only`: only from a later epoch than ours."""
-        deadline = time.monotonic() + timeout
+        half for a trainer in step with the swarm's majority); `newer_only`: only from a later epoch than ours.
+        `carry`: this trainer's progress not in any round start yet (overlapped rounds), kept on top."""
+        deadline, n = time.monotonic() + timeout, len(self.params)
         while True:
             loaded = self.averager.load_state_from_peers(timeout=timeout)
-            if loaded is None:  # nobody to download from: this is the first trainer, or all are at its epoch
+            # None: nobody to download from (the first trainer, or all are at its epoch), or every download failed
+            # (a stream reset over a real link ends a download early): a joiner goes on, a trainer out of step,
+            # whose round had others in it, asks again
+            if loaded is None and newer_only:
                 return False
-            metadata, tensors = loaded
-            epoch = int(metadata.get("epoch", 0)) if isinstance(metadata, dict) else 0
-            too_old = epoch <= self.epoch if newer_only else epoch < self.epoch
-            if not too_old or newer_only or time.monotonic() > deadline:
+            why = "no peer answered" if loaded is None else None
+            if loaded is not None:
+                metadata, tensors = loaded
+                epoch = int(metadata.get("epoch", 0)) if isinstance(metadata, dict) else 0
+                if epoch <= self.epoch if newer_only else epoch < self.epoch:
+                    if newer_only:
+                        return False
+                    why = f"the best peer is at epoch {epoch}"  # still finishing this round's step
+                elif len(tensors) != 2 * n or any(t.shape != p.shape for t, p in zip(tensors, self.params * 2)):
+                    why = f"{len(tensors)} tensors that do not fit this trunk"
+                elif not all(bool(torch.isfinite(t).all()) for t in tensors):
+                    why = "NaN/Inf values"
+            if why is None:
                 break
-            time.sleep(1.0)  # the trainers in step are still finishing this round's step: ask again
-        n = len(self.params)
-        if too_old or len(tensors) != 2 * n or any(t.shape != p.shape for t, p in zip(tensors, self.params * 2)):
-            return False
-        if not all(bool(torch.isfinite(t).all()) for t in tensors):
-            logger.warning("Refused a downloaded trunk with NaN/Inf values")
-            return False
+            if time.monotonic() > deadline:
+                logger.warning(f"Could not download the swarm's trunk within {timeout:.0f} s: {why}")
+                return False
+            logger.debug(f"Trunk download: {why}; asking again")
+            time.sleep(1.0)
         self.bus.publish(StateChanged(PeerState.SYNCING))
         with torch.no_grad(), self._lock:
             self.outer.load([t.float() for t in tensors[:n]], [t.float() for t in tensors[n:]])
+            self.outer.rebase(carry)
             self.epoch = epoch
         self.averager.state_sharing_priority = float(self.epoch)
         logger.info(f"Downloaded the trunk from a peer: now at epoch {epoch}")
         return True
 
     def train(self, max_micro_batches: int | None, stop: threading.Event, save_every: int = 10) -> None:
+        self._last_boundary = time.perf_counter()
         while not stop.is_set() and (max_micro_batches is None or self.micro_batches < max_micro_batches):
             if self.gate.paused:
                 self.bus.publish(StateChanged(PeerState.IDLE))
@@ -371,9 +486,11 @@ class LocalExpertsTrainer:
                 continue
             self.bus.publish(StateChanged(PeerState.TRAINING))
             self.train_micro_batch()
+            self.apply_finished_round()
             if self.micro_batches % self.config.training.sync_every == 0:
-                self.outer_step()
-                if max_micro_batches is not None and self.micro_batches >= max_micro_batches:
+                last = max_micro_batches is not None and self.micro_batches >= max_micro_batches
+                self.outer_step(final=last)
+                if last:
                     # the other holders of our experts may still be fetching this round's snapshots
                     if self.hosting is not None:
                         self.hosting.stop_placement()  # a peer on its way out takes no expert on
@@ -440,25 +557,80 @@ class LocalExpertsTrainer:
         )
         return report
 
-    def outer_step(self) -> None:
-        """All-reduce the trunk's pseudo-gradient with the other trainers, apply Nesterov, merge the held experts with
-        their other holders. A failed round applies this trainer's own pseudo-gradient."""
+    def outer_step(self, final: bool = False) -> None:
+        """The round boundary. Synchronous rounds: all-reduce the trunk's pseudo-gradient with the other trainers,
+        apply Nesterov, merge the held experts with their other holders, then go on training. Overlapped rounds
+        (`training.outer_overlap`): start the round in the background and go on training; the training loop applies
+        it at the first micro-batch after it ends (`apply_finished_round`), a few micro-batches into the next round
+        (a round still running at the next boundary is waited for there). This trainer's first round runs to its
+        end before training goes on: trainers start (or join) seconds to minutes apart, and a round applied that
+        much later would keep them that far apart, each round. `final`: the last round runs to its end too, so the
+        trainer stops at the swarm's start. A failed round applies this trainer's own pseudo-gradient."""
         self.bus.publish(StateChanged(PeerState.AVERAGING))
+        if not self.overlap:
+            self._finish_round(self._run_round(self._prepare_round(self.outer.pseudo_gradient())))
+            return
+        if self._in_flight is not None:  # it has taken longer than a whole round
+            self.apply_finished_round(wait=True)
+        own = self.outer.pseudo_gradient()
+        with self._lock:
+            self.outer.mark_boundary()
+        prepared = self._prepare_round(own)
+        first, self._rounds_started = self._rounds_started == 0, self._rounds_started + 1
+        if final or first:
+            self._finish_round(self._run_round(prepared))
+        else:
+            self._in_flight = _InFlightRound(self._run_round, prepared, self.micro_batches)
+
+    def apply_finished_round(self, wait: bool = False) -> bool:
+        """Overlapped rounds: apply the round running in the background if it has ended (`wait`: wait for it). The
+        weights move to the new start plus the progress made since its boundary, which goes out with the next
+        round. True when a round was applied."""
+        in_flight = self._in_flight
+        if in_flight is None or not (wait or in_flight.done()):
+            return False
         started = time.perf_counter()
-        shift = self.contribution.round_start_shift(self.epoch + 1) if self.contribution is not None else 0.0
+        self._in_flight = None
+        try:
+            outcome = in_flight.result()
+        except Exception as e:  # a failed round must not stop training
+            logger.warning(f"Outer round {in_flight.prepared.round_number} failed ({type(e).__name__}: {e}); stepping alone")
+            outcome = RoundOutcome(in_flight.prepared.round_number, in_flight.prepared.own, 1, 1.0, 0, 0.0)
+        waited = time.perf_counter() - started
+        late = self.micro_batches - in_flight.micro_batches
+        self._finish_round(outcome, carry=self.outer.pseudo_gradient(), note=f" (in the background; applied {late} micro-batch(es) later, training waited {waited:.1f} s)")
+        return True
+
+    def _prepare_round(self, own: list[torch.Tensor]) -> PreparedRound:
+        """At the boundary, in the training thread: what this trainer sends (the averager's tensors) and its held
+        experts frozen as the round left them."""
+        round_number = self.epoch + 1
+        shift = self.contribution.round_start_shift(round_number) if self.contribution is not None else 0.0
         if shift:  # TEST ONLY (`off_start`): this trainer's round start becomes one nobody else holds
             with self._lock:
                 for s in self.outer.start:
                     s.add_(shift)
-        own = self.outer.pseudo_gradient()
+        sent = own
         if self.contribution is not None and not isinstance(self.contribution, HonestContribution):
-            own = self._tampered(own)
+            sent = self._tampered(own)
         with self.averager.get_tensors() as tensors:
-            for slot, value in zip(tensors, self.layout.pack(own)):
+            for slot, value in zip(tensors, self.layout.pack(sent)):
                 slot.copy_(value)
+        tag = self._round_tag(round_number)
+        frozen = self.hosting.freeze_round(tag) if self.hosting is not None else None
+        now = time.perf_counter()
+        # an overlapped round waits in the background: trainers that reach the boundary up to a round later (one
+        # that started late keeps its lag, nobody waits for it at a boundary) are worth waiting for, and the wait
+        # costs nothing until the next boundary
+        round_s, self._last_boundary = now - self._last_boundary, now
+        return PreparedRound(round_number, own, self.outer.digest(), tag, frozen, now, round_s if self.overlap else 0.0)
+
+    def _run_round(self, prepared: PreparedRound) -> RoundOutcome:
+        """The network part of a round: the barrier, the trunk's all-reduce, the held experts' merge. Touches neither
+        the weights nor the round start, so it can run while the next round trains."""
         group = None
-        others = self._wait_for_others(self.epoch + 1)
-        if others is None or others > 0:
+        others = self._wait_for_others(prepared.round_number, prepared.digest, prepared.patience)
+        if (others is None or others > 0) and not self._closing.is_set():
             try:
                 # everyone the barrier saw is on its way: the group forms as soon as they are all in, and only a
                 # trainer that does not show up costs the matchmaking time
@@ -467,30 +639,38 @@ class LocalExpertsTrainer:
                 # sends: everybody else then waits out the all-reduce timeout. After the barrier, waiting is cheap
                 group = self.averager.step(timeout=self.config.averaging.averaging_timeout, allow_retries=False)
             except Exception as e:  # a failed round must not stop training
-                logger.warning(f"Outer round {self.epoch + 1}: all-reduce failed ({type(e).__name__}: {e}); stepping alone")
-        pseudo = own
+                logger.warning(f"Outer round {prepared.round_number}: all-reduce failed ({type(e).__name__}: {e}); stepping alone")
+        pseudo = prepared.own
         if group:
             with self.averager.get_tensors() as tensors:
                 pseudo = self.layout.unpack([t.clone() for t in tensors])
         if not all(bool(torch.isfinite(t).all()) for t in pseudo):
-            logger.error(f"Outer round {self.epoch + 1}: non-finite average refused; stepping with this trainer's own pseudo-gradient")
-            pseudo = own
-        with self._lock:
-            self.outer.step(pseudo, round_number=self.epoch + 1)
-            self.epoch += 1
-        self.last_round_peers = len(group) if group else 1
+            logger.error(f"Outer round {prepared.round_number}: non-finite average refused; stepping with this trainer's own pseudo-gradient")
+            pseudo = prepared.own
         received = self.averager.last_round_received_fraction if group else 1.0
+        merged = 0
+        if self.hosting is not None and prepared.frozen is not None and not self._closing.is_set():
+            merged = self.hosting.merge_frozen(prepared.tag, prepared.frozen)
+        seconds = time.perf_counter() - prepared.started
+        return RoundOutcome(prepared.round_number, pseudo, len(group) if group else 1, received, merged, seconds)
+
+    def _finish_round(self, outcome: RoundOutcome, carry: list[torch.Tensor] | None = None, note: str = "") -> None:
+        """In the training thread: the round's Nesterov step (the new model version); the weights move to the new
+        start minus `carry`, the progress made since the round's boundary (overlapped rounds)."""
+        with self._lock:
+            self.outer.step(outcome.pseudo, round_number=outcome.round_number, carry=carry)
+            self.epoch = outcome.round_number
+        self.last_round_peers = outcome.peers
         if self.out_of_step:  # the round's barrier showed that our start was not the swarm's: take theirs
-            self.out_of_step = not self._download_state(timeout=self.config.averaging.averaging_timeout, newer_only=False)
+            self.out_of_step = not self._download_state(timeout=self.config.averaging.averaging_timeout, newer_only=False, carry=carry)
         # one behind the others' half: a trainer out of step never serves its state before one in step does
         self.averager.state_sharing_priority = self.epoch + (0.0 if self.out_of_step else 0.5)
-        synced = self.hosting.merge_round(self._round_tag(self.epoch)) if self.hosting is not None else 0
         # a reducer that did not answer in time leaves this trainer's own values in its part: the trunk differs
         # there, and the next round's barrier finds it out (digests) and the state download brings it back
-        partial = f" ({received:.1%} of values; the rest kept this trainer's own)" if received < 1.0 else ""
+        partial = f" ({outcome.received:.1%} of values; the rest kept this trainer's own)" if outcome.received < 1.0 else ""
         logger.info(
             f"Outer step {self.epoch}: trunk averaged with {self.last_round_peers - 1} other trainer(s){partial}, "
-            f"{synced} held expert(s) merged with their other holders, {time.perf_counter() - started:.1f} s"
+            f"{outcome.merged} held expert(s) merged with their other holders, {outcome.seconds:.1f} s{note}"
         )
         self.versions.maybe_keep(self.epoch, self._state)
         every = self.config.training.eval_every
@@ -513,6 +693,7 @@ class LocalExpertsTrainer:
                 )
             with ExitStack() as held:
                 self._pin_experts(held)
+                held.enter_context(self._weights_at_round_start())
                 loss = evaluate_loss(self.model, self._eval_set, self.device)
         except Exception as e:  # evaluation is a view of training: it must never stop it
             logger.warning(f"Held-out evaluation at model version {self.epoch} failed: {type(e).__name__}: {e}")
@@ -521,7 +702,7 @@ class LocalExpertsTrainer:
         logger.info(f"held-out loss {loss:.3f} at model version {self.epoch} ({seconds * 1000:.0f} ms)")
         return loss, seconds
 
-    def _wait_for_others(self, round_number: int) -> int | None:
+    def _wait_for_others(self, round_number: int, digest: str, patience: float = 0.0) -> int | None:
         """The round's barrier: announce that this trainer reached `round_number` (with its round start's digest),
         then wait (up to the averaging timeout) until every other local-expert trainer that announced itself recently
         has reached it too, so all of them enter matchmaking within a poll of each other; hivemind's matchmaking alone
@@ -530,9 +711,8 @@ class LocalExpertsTrainer:
         others will be in the round (0: step alone, no matchmaking wait; None: unknown, try the round). Trainers this
         one bans are neither waited for nor counted. Entries are unsigned: a forged one costs a wait or a state
         download, nothing more."""
-        deadline = time.monotonic() + self.config.averaging.averaging_timeout
+        deadline = time.monotonic() + self.config.averaging.averaging_timeout + patience
         waited_for: set[str] = set()
-        digest = self.outer.digest()
         banned = set(self._banned())
         while True:
             try:
@@ -561,7 +741,8 @@ class LocalExpertsTrainer:
                     self.out_of_step = True
                 return len(ready)
             waited_for |= behind
-            time.sleep(0.5)
+            if self._closing.wait(0.5):
+                return 0
 
     def _announce_presence(self, round_number: int, digest: str = "") -> None:
         announce_trainer(self.dht, self.config, round_number, digest)
@@ -598,6 +779,9 @@ class LocalExpertsTrainer:
             return ()
 
     def shutdown(self) -> None:
+        self._closing.set()
+        if self._in_flight is not None:  # its result is not applied: the checkpoint holds the last agreed start
+            self._in_flight.wait(SHUTDOWN_ROUND_WAIT_S)
         try:
             self.save()
             self._announce_presence(-1)  # nobody waits for a trainer that left
@@ -610,9 +794,15 @@ class LocalExpertsTrainer:
 class _OuterAverager(RobustDecentralizedAverager):
     """The outer round's averager; a late joiner downloads the trunk from it (`get_current_state`)."""
 
-    def __init__(self, averaged_tensors, dht, *, trainer: LocalExpertsTrainer, **kwargs):
+    def __init__(self, averaged_tensors, dht, *, trainer: LocalExpertsTrainer, start: bool = False, **kwargs):
         self._trainer = trainer
-        super().__init__(averaged_tensors, dht, **kwargs)
+        super().__init__(averaged_tensors, dht, start=False, **kwargs)
+        # hivemind reads this only for state downloads (the all-reduce's timeouts came from the constructor): without
+        # it a download allows `request_timeout` (tuned for matchmaking: 1.8 s) per chunk, and a chunk of the trunk
+        # behind a busy home uplink takes longer. Set before the averager's process forks
+        self.next_chunk_timeout = STATE_CHUNK_TIMEOUT_S
+        if start:
+            self.run_in_background(await_ready=True)
 
     def get_current_state(self):
         metadata, tensors = self._trainer.current_state()

@@ -9,6 +9,7 @@ import torch
 
 from benchmarks.wan import (
     PLAN_BYTES_PER_HOUR,
+    bytes_window,
     derived_config,
     project_volunteer_bytes_per_hour,
     round_bytes_model,
@@ -35,6 +36,22 @@ def test_window_holds_whole_rounds_after_the_first_outer_step():
     assert (first["micro_batches"], last["micro_batches"]) == (5, 21)  # 4 rounds: outer steps after 8, 12, 16, 20
     first, last = timed_window(records(6), 4)  # no whole round after the first: start at the first record
     assert (first["micro_batches"], last["micro_batches"]) == (1, 5)
+
+
+def test_bytes_window_waits_for_overlapped_rounds_to_be_applied():
+    # rounds of 4; round r's boundary is after micro-batch 4r
+    synchronous = [{"micro_batches": i, "time": float(i), "epoch": i // 4} for i in range(1, 25)]
+    by_mb = {r["micro_batches"]: r for r in synchronous}
+    start, end = bytes_window(synchronous, by_mb[5], by_mb[21], 4)
+    assert (start["micro_batches"], end["micro_batches"]) == (5, 21)  # applied at the boundary: the timed window
+    # overlapped: a round is applied 2 micro-batches after its boundary (its bytes go out in between)
+    overlapped = [{"micro_batches": i, "time": float(i), "epoch": max(0, (i - 2) // 4)} for i in range(1, 25)]
+    by_mb = {r["micro_batches"]: r for r in overlapped}
+    start, end = bytes_window(overlapped, by_mb[5], by_mb[21], 4)
+    assert (start["micro_batches"], end["micro_batches"]) == (6, 22)  # still 4 whole rounds, each counted once
+    assert bytes_window(overlapped, by_mb[5], by_mb[21], None) == (by_mb[5], by_mb[21])
+    last_round_never_applied = overlapped[:21]
+    assert bytes_window(last_round_never_applied, by_mb[5], by_mb[21], 4)[1] is last_round_never_applied[-1]
 
 
 def test_round_bytes_model_counts_the_all_reduce_and_the_expert_deltas():

@@ -1,5 +1,7 @@
 """Local-expert mode on a real loopback swarm: three trainers, each holding 6 of the 8 experts (placement), train
-locally and make an outer step every 4 micro-batches (2 rounds). The last one starts its first round from weights
+locally and make an outer step every 4 micro-batches (3 rounds), overlapped: round 2 averages in the background
+while round 3 trains and applies when it ends; round 1 (it aligns the trainers) and round 3 (the last) run to their
+end before training goes on. The last one starts its first round from weights
 nobody else holds (the test-only `off_start` fault, as after a failed or partial round): the round-start digests at
 the barrier must tell it, and it must take the swarm's state and be in step again. One scenario per module; each
 test asserts one property of what the peers did. The Byzantine variant is `test_local_experts_byzantine.py`.
@@ -22,7 +24,7 @@ from tests.swarm.paths import TEST_CONFIG
 
 pytestmark = pytest.mark.swarm
 
-STEPS = 8  # 2 outer rounds of 4 micro-batches
+STEPS = 12  # 3 outer rounds of 4 micro-batches
 HONEST = 3
 OFF_START = HONEST - 1  # this trainer's first round starts elsewhere (`--attack off_start`: honest in what it sends)
 
@@ -40,6 +42,7 @@ def scenario(module_launcher) -> Scenario:
     log_dir = module_launcher.log_dir
     raw = yaml.safe_load(TEST_CONFIG.read_text())
     raw["training"]["mode"] = "local_experts"
+    raw["training"]["outer_overlap"] = True  # the sync path runs in `test_local_experts_byzantine.py`
     config = log_dir / "local.yaml"
     config.write_text(yaml.safe_dump(raw))
     boot = module_launcher.bootstrap()
@@ -59,7 +62,9 @@ def test_trainers_finish_and_loss_falls(scenario):
     assert scenario.exit_codes == [0] * HONEST, [t.stderr()[-2000:] for t in scenario.trainers]
     for path in scenario.stats:
         records = read_stats(path)
-        assert records[-1]["micro_batches"] == STEPS and records[-1]["epoch"] == STEPS // 4 - 1  # reported before its outer step
+        # reported before its outer step; round 2 (in the background) applied a few micro-batches into round 3, or
+        # at its end when it took the whole round
+        assert records[-1]["micro_batches"] == STEPS and records[-1]["epoch"] in (STEPS // 4 - 2, STEPS // 4 - 1)
         first, last = records[0]["loss"], sum(r["loss"] for r in records[-3:]) / 3
         assert last < first - 0.2, f"{path.name}: loss {first:.3f} -> {last:.3f}"
     for trainer in scenario.trainers:  # the config evaluates every 2 model versions: after the second outer step
@@ -71,6 +76,8 @@ def test_outer_rounds_average_the_trunk_with_the_others(scenario):
         rounds = re.findall(r"Outer step (\d+): trunk averaged with (\d+) other", trainer.stderr())
         assert len(rounds) == STEPS // 4
         assert all(int(others) == HONEST - 1 for _, others in rounds), rounds
+        # the middle round averaged while the trainer went on training
+        assert re.search(r"Outer step 2: .* \(in the background; applied \d+ micro-batch", trainer.stderr()), trainer.name
 
 
 def test_a_trainer_out_of_step_is_told_by_the_digests_and_takes_the_swarm_s_state(scenario):

@@ -83,3 +83,66 @@ def test_spread_layout_round_trips_and_gives_every_share_a_sample_of_the_whole_m
     for share in range(4):
         held = layout.order[share * 4 : (share + 1) * 4]
         assert sorted(i // 4 for i in held) == [0, 1, 2, 3], held
+
+
+def _train(p: torch.nn.Parameter, step: torch.Tensor) -> None:
+    with torch.no_grad():
+        p.sub_(step)
+
+
+def test_overlapped_rounds_keep_the_starts_identical_and_each_trainer_s_progress_on_top():
+    """What `LocalExpertsTrainer` does with `outer_overlap`: at a boundary the pseudo-gradient goes out and training
+    goes on; a few micro-batches later the round's average is applied under the progress made meanwhile."""
+    a, b = torch.nn.Parameter(torch.full((6,), 0.5)), torch.nn.Parameter(torch.full((6,), 0.5))
+    oa, ob = OuterOptimizer([a], 0.7, 0.9, overlap=True), OuterOptimizer([b], 0.7, 0.9, overlap=True)
+    generator = torch.Generator().manual_seed(1)
+    carried = {"a": torch.zeros(6), "b": torch.zeros(6)}  # trained after the last round went out, before it applied
+    for _ in range(4):
+        late = {}
+        for name, p, outer in (("a", a, oa), ("b", b, ob)):
+            step = torch.randn(6, generator=generator) * 0.01
+            _train(p, step)
+            sent = outer.pseudo_gradient()  # the boundary
+            # a round's pseudo-gradient holds everything trained since the last one went out, nothing twice
+            assert torch.allclose(sent[0], carried[name] + step, atol=1e-6)
+            outer.mark_boundary()
+            late[name] = (sent, torch.randn(6, generator=generator) * 0.01)
+            _train(p, late[name][1])  # the next round trains while this one averages
+        average = [(late["a"][0][0] + late["b"][0][0]) / 2]
+        for name, p, outer in (("a", a, oa), ("b", b, ob)):
+            outer.step(average, carry=outer.pseudo_gradient())  # the round ends a few micro-batches later
+            # each trainer goes on from the swarm's start plus its own progress made since the boundary
+            assert torch.allclose(p.detach(), outer.start[0] - late[name][1], atol=1e-6) and torch.equal(outer.base[0], outer.start[0])
+            carried[name] = late[name][1]
+        assert oa.digest() == ob.digest() and torch.equal(oa.start[0], ob.start[0])
+    # the last round runs to its end: both trainers stop exactly at the same start
+    final = [(oa.pseudo_gradient()[0] + ob.pseudo_gradient()[0]) / 2]
+    oa.step(final)
+    ob.step(final)
+    assert torch.equal(a.detach(), b.detach()) and torch.equal(a.detach(), oa.start[0])
+
+
+def test_a_lone_overlapped_trainer_with_plain_averaging_trains_as_if_there_were_no_rounds():
+    p = torch.nn.Parameter(torch.zeros(4))
+    outer = OuterOptimizer([p], lr=1.0, momentum=0.0, overlap=True)
+    generator, total = torch.Generator().manual_seed(2), torch.zeros(4)
+    for late_steps in (3, 0, 1, 2):  # 0: the round was still running at the next boundary, applied there
+        step = torch.randn(4, generator=generator) * 0.1
+        total += step
+        _train(p, step)
+        sent = outer.pseudo_gradient()
+        outer.mark_boundary()
+        for _ in range(late_steps):
+            step = torch.randn(4, generator=generator) * 0.1
+            total += step
+            _train(p, step)
+        outer.step(sent, carry=outer.pseudo_gradient())  # alone: the average is its own
+        assert torch.allclose(p.detach(), -total, atol=1e-6)  # applying a round neither loses nor repeats progress
+    outer.step(outer.pseudo_gradient())
+    assert torch.allclose(outer.start[0], -total, atol=1e-6) and torch.equal(p.detach(), outer.start[0])
+
+
+def test_synchronous_rounds_measure_progress_from_the_round_start_itself():
+    p = torch.nn.Parameter(torch.ones(3))
+    outer = OuterOptimizer([p], 0.7, 0.9)
+    assert outer.base is outer.start  # one copy of the trunk, not two
