@@ -35,6 +35,7 @@ import collections
 import concurrent.futures
 import logging
 import multiprocessing as mp
+import threading
 from typing import AsyncIterator, Callable, Optional, Sequence
 
 import torch
@@ -319,6 +320,24 @@ def refused_result_reason(
     return None
 
 
+class SerialSendPipe:
+    """The host side of an averager's control pipe, with sends made one at a time. A trainer calls its averager from
+    two threads (an outer round in the background, the training loop reading bans), and a `Connection.send` of a
+    large message is more than one write: two threads' messages could interleave on the wire."""
+
+    def __init__(self, pipe):
+        self._pipe, self._lock = pipe, threading.Lock()
+
+    def send(self, message) -> None:
+        with self._lock:
+            self._pipe.send(message)
+
+    def __getattr__(self, name: str):
+        if name in ("_pipe", "_lock"):  # not set yet (a copy made without __init__): no recursion
+            raise AttributeError(name)
+        return getattr(self._pipe, name)
+
+
 class _RobustAveragerMixin:
     """What both robust averagers add to hivemind's DecentralizedAverager (see the module docstring)."""
 
@@ -527,6 +546,7 @@ class RobustDecentralizedAverager(_RobustAveragerMixin, DecentralizedAverager):
         self._init_robust(settings, reputation, signer)  # before super().__init__, which may start the process
         self._identical_results = identical_results
         super().__init__(averaged_tensors, dht, **kwargs)
+        self._outer_pipe = SerialSendPipe(self._outer_pipe)
 
 
 class RobustGradientAverager(_RobustAveragerMixin, GradientAverager):
@@ -550,6 +570,7 @@ class RobustGradientAverager(_RobustAveragerMixin, GradientAverager):
     ):
         self._init_robust(settings, reputation, signer)
         super().__init__(parameters, **kwargs)
+        self._outer_pipe = SerialSendPipe(self._outer_pipe)
 
 
 def make_grad_averager_factory(

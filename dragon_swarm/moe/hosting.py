@@ -5,8 +5,9 @@ their own copy of the expert table), so a change of set (takeover, rebalancing) 
 `ExpertHost` with the new set and stops the old one; experts kept across the change carry their exact state over,
 copied at the moment of the switch (`_hand_over`), after the new experts' downloads, never during a merge.
 
-In local-expert mode the trainer calls `merge_round` between micro-batches: each held expert is frozen as the round's
-snapshot against the weights it started the round from (`moe.round_delta`) and merged with its other holders'.
+In local-expert mode the trainer ends a round in two halves: between two micro-batches `freeze_round` freezes each held
+expert as the round's snapshot against the weights it started the round from (`moe.round_delta`); `merge_frozen`
+(possibly on another thread while training goes on) merges the snapshots with its other holders'.
 
 A new expert never starts blind: before it is announced `online` it is announced `joining` and filled with the
 freshest state there is: a robust choice among its live replicas (`moe.state_service`), else this peer's own
@@ -86,7 +87,7 @@ class ExpertHosting:
         self.device, self.bus, self.tamper, self.adaptive = device, bus if bus is not None else EventBus(), tamper, adaptive
         self.all_uids = all_expert_uids(config.expert_prefix, m.num_moe_layers, m.num_experts)
         self.budget = budget if budget is not None else len(self.all_uids)
-        # False in local-expert mode: the trainer merges replicas itself, between micro-batches (`merge_round`)
+        # False in local-expert mode: the trainer merges replicas itself at its round boundaries (`freeze_round`)
         self.periodic_sync = periodic_sync
         self.own_trainer = own_trainer  # this peer also trains: its experts judge remote updates by its own first
         self.replica_sync = ReplicaSync(self)
@@ -262,15 +263,11 @@ class ExpertHosting:
     def round_snapshot(self, uid: str, tag: str) -> RoundSnapshot | None:
         return self._rounds.get(tag, {}).get(uid)
 
-    def merge_round(self, tag: str) -> int:
-        """Local-expert mode's outer step for the held experts: freeze them as round `tag` (other holders download
-        exactly these), merge with the other holders' snapshots of the same round; returns the experts merged."""
-        return self.merge_frozen(tag, self.freeze_round(tag))
-
     def freeze_round(self, tag: str) -> FrozenRound:
-        """The first half of `merge_round`, at the round boundary: snapshot the held experts as round `tag` and serve
-        the snapshots. Cheap (a copy and an 8-bit delta per expert), so a trainer that overlaps the rest of the round
-        with training does this between two micro-batches and the snapshot is exactly the round's end."""
+        """Local-expert mode's outer step for the held experts, first half, at the round boundary: snapshot them as
+        round `tag` and serve the snapshots (other holders download exactly these). Cheap (a copy and an 8-bit delta
+        per expert), so a trainer that overlaps the rest of the round with training does this between two
+        micro-batches and the snapshot is exactly the round's end."""
         with self.round_lock:  # a placement change hands its experts over before or after, never in between
             backends = self.backends
             captured = {uid: expert_state.capture(b) for uid, b in backends.items()}
@@ -283,9 +280,10 @@ class ExpertHosting:
             return FrozenRound(captured, snapshots)
 
     def merge_frozen(self, tag: str, frozen: FrozenRound) -> int:
-        """The second half of `merge_round`: fetch the other holders' snapshots of round `tag` and merge. Each merge
-        moves its backend by (merged - frozen), so training done since the freeze is kept: this may run in another
-        thread while training goes on (it takes each expert's lock only to apply its merge)."""
+        """The second half of the outer step (`freeze_round`): fetch the other holders' snapshots of round `tag` and
+        merge; returns the experts merged. Each merge moves its backend by (merged - frozen), so training done since
+        the freeze is kept: this may run in another thread while training goes on (it takes each expert's lock only
+        to apply its merge)."""
         with self.round_lock:
             backends = self.backends
             merged = self.replica_sync.merge_round(tag, frozen.captured, frozen.snapshots)

@@ -82,7 +82,7 @@ class ReplicaSync(PeriodicThread):
         self, uid: str, backend, peers: list[str], tag: str | None = None, own: ExpertState | None = None, own_round: RoundSnapshot | None = None
     ) -> bool:
         """Merge `uid` with its replicas on `peers`. With a round `tag`, every holder merges the frozen snapshots of
-        that round (`ExpertHosting.merge_round`; `own_round` is ours), so holders that see the same snapshots reach
+        that round (`ExpertHosting.merge_frozen`; `own_round` is ours), so holders that see the same snapshots reach
         the same state."""
         own = own if own is not None else expert_state.capture(backend)
         own_vector = own.parameter_vector()

@@ -70,6 +70,25 @@ logger = logging.getLogger(__name__)
 # trainer the barrier saw has joined; this bounds the wait for one that does not come
 OUTER_MATCHMAKING_FACTOR = 3.0
 
+# overlapped rounds: a round applied more than this share of a round after its boundary means this trainer runs that
+# far ahead of the swarm (it reached the barrier first and trained on while it waited for the others); its next
+# round runs to its end, which brings it back in step. Without it trainers drift apart by differences in CPU share,
+# up to a round: in an 800-micro-batch benchmark rounds came to be applied 22-34 of 50 micro-batches late
+REALIGN_LATE_FRACTION = 0.25
+
+
+def round_runs_to_end(first: bool, final: bool, last_applied_late: int, sync_every: int) -> str | None:
+    """Why an overlapped trainer's round must run to its end before training goes on (None: it runs in the
+    background): its first round (trainers start seconds to minutes apart), the last of a bounded run (the trainer
+    stops at the swarm's start), or the previous round applied too late (`REALIGN_LATE_FRACTION`)."""
+    if first:
+        return "this trainer's first round"
+    if final:
+        return "the last round of this run"
+    if last_applied_late > REALIGN_LATE_FRACTION * sync_every:
+        return f"the previous round applied {last_applied_late} micro-batch(es) after its boundary: this trainer is ahead of the swarm"
+    return None
+
 
 def presence_key(config: SwarmConfig) -> str:
     """The DHT key under which local-expert trainers announce the outer round they have reached (one subkey each)."""
@@ -358,6 +377,7 @@ class LocalExpertsTrainer:
         self._closing = threading.Event()  # set by `shutdown`: a round in the background gives up
         self._last_boundary = time.perf_counter()  # the last round boundary (or the start of training)
         self._rounds_started = 0  # outer rounds this trainer has started since it was built
+        self._last_applied_late = 0  # micro-batches between the last overlapped round's boundary and its application
         self.layout = SpreadLayout([s.shape for s in self.outer.start])
         robust = RobustAveragingSettings.from_config(config.averaging, t.target_batch_size)
         self.averager = _OuterAverager(
@@ -477,7 +497,7 @@ class LocalExpertsTrainer:
         return True
 
     def train(self, max_micro_batches: int | None, stop: threading.Event, save_every: int = 10) -> None:
-        self._last_boundary = time.perf_counter()
+        self._last_boundary = time.perf_counter()  # the first round's length leaves out a state download before it
         while not stop.is_set() and (max_micro_batches is None or self.micro_batches < max_micro_batches):
             if self.gate.paused:
                 self.bus.publish(StateChanged(PeerState.IDLE))
@@ -562,25 +582,29 @@ class LocalExpertsTrainer:
         apply Nesterov, merge the held experts with their other holders, then go on training. Overlapped rounds
         (`training.outer_overlap`): start the round in the background and go on training; the training loop applies
         it at the first micro-batch after it ends (`apply_finished_round`), a few micro-batches into the next round
-        (a round still running at the next boundary is waited for there). This trainer's first round runs to its
-        end before training goes on: trainers start (or join) seconds to minutes apart, and a round applied that
-        much later would keep them that far apart, each round. `final`: the last round runs to its end too, so the
-        trainer stops at the swarm's start. A failed round applies this trainer's own pseudo-gradient."""
-        self.bus.publish(StateChanged(PeerState.AVERAGING))
+        (a round still running at the next boundary is waited for there). Some overlapped rounds run to their end
+        before training goes on (`round_runs_to_end`): this trainer's first, the last of a bounded run, and one after
+        a round applied late. A failed round applies this trainer's own pseudo-gradient."""
         if not self.overlap:
+            self.bus.publish(StateChanged(PeerState.AVERAGING))
             self._finish_round(self._run_round(self._prepare_round(self.outer.pseudo_gradient())))
             return
         if self._in_flight is not None:  # it has taken longer than a whole round
+            self.bus.publish(StateChanged(PeerState.AVERAGING))
             self.apply_finished_round(wait=True)
+        reason = round_runs_to_end(self._rounds_started == 0, final, self._last_applied_late, self.config.training.sync_every)
         own = self.outer.pseudo_gradient()
         with self._lock:
             self.outer.mark_boundary()
         prepared = self._prepare_round(own)
-        first, self._rounds_started = self._rounds_started == 0, self._rounds_started + 1
-        if final or first:
-            self._finish_round(self._run_round(prepared))
-        else:
+        self._rounds_started += 1
+        if reason is None:
             self._in_flight = _InFlightRound(self._run_round, prepared, self.micro_batches)
+            return
+        self.bus.publish(StateChanged(PeerState.AVERAGING))
+        logger.info(f"Outer round {prepared.round_number} runs to its end before training goes on: {reason}")
+        self._last_applied_late = 0
+        self._finish_round(self._run_round(prepared))
 
     def apply_finished_round(self, wait: bool = False) -> bool:
         """Overlapped rounds: apply the round running in the background if it has ended (`wait`: wait for it). The
@@ -597,7 +621,7 @@ class LocalExpertsTrainer:
             logger.warning(f"Outer round {in_flight.prepared.round_number} failed ({type(e).__name__}: {e}); stepping alone")
             outcome = RoundOutcome(in_flight.prepared.round_number, in_flight.prepared.own, 1, 1.0, 0, 0.0)
         waited = time.perf_counter() - started
-        late = self.micro_batches - in_flight.micro_batches
+        late = self._last_applied_late = self.micro_batches - in_flight.micro_batches
         self._finish_round(outcome, carry=self.outer.pseudo_gradient(), note=f" (in the background; applied {late} micro-batch(es) later, training waited {waited:.1f} s)")
         return True
 

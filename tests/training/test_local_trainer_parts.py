@@ -1,8 +1,10 @@
 """The pure parts of local-expert mode: the outer Nesterov step, its round-start digest and the barrier's majority."""
 
+import math
+
 import torch
 
-from dragon_swarm.training.local_trainer import OuterOptimizer, SpreadLayout, majority_digest
+from dragon_swarm.training.local_trainer import REALIGN_LATE_FRACTION, OuterOptimizer, SpreadLayout, majority_digest, round_runs_to_end
 
 
 def test_outer_step_is_nesterov_sgd_on_the_pseudo_gradient_from_the_round_start():
@@ -146,3 +148,50 @@ def test_synchronous_rounds_measure_progress_from_the_round_start_itself():
     p = torch.nn.Parameter(torch.ones(3))
     outer = OuterOptimizer([p], 0.7, 0.9)
     assert outer.base is outer.start  # one copy of the trunk, not two
+
+
+def test_which_overlapped_rounds_run_to_their_end():
+    assert round_runs_to_end(first=True, final=False, last_applied_late=0, sync_every=50)
+    assert round_runs_to_end(first=False, final=True, last_applied_late=0, sync_every=50)
+    late = int(REALIGN_LATE_FRACTION * 50)
+    assert round_runs_to_end(first=False, final=False, last_applied_late=late, sync_every=50) is None
+    reason = round_runs_to_end(first=False, final=False, last_applied_late=late + 1, sync_every=50)
+    assert reason is not None and f"{late + 1} micro-batch" in reason
+
+
+def _applied_late(seconds_per_micro_batch: list[float], rounds: int, sync_every: int, realign: bool) -> list[list[int]]:
+    """The timeline `LocalExpertsTrainer.outer_step` makes of overlapped trainers that train at different speeds: a
+    round ends (`network_s`) after the last trainer reached its boundary; a trainer that went on training applies
+    it at its next micro-batch, and waits at its next boundary for a round still running. Each trainer's
+    micro-batches between a round's boundary and its application, per round."""
+    network_s = 2.0
+    at_boundary = [sync_every * s for s in seconds_per_micro_batch]
+    last_late = [0] * len(at_boundary)
+    history: list[list[int]] = []
+    for number in range(rounds):
+        ends = max(at_boundary) + network_s
+        lates = []
+        for i, s in enumerate(seconds_per_micro_batch):
+            to_end = round_runs_to_end(number == 0, False, last_late[i] if realign else 0, sync_every)
+            if to_end:
+                late, resume = 0, ends
+            else:
+                late, resume = min(math.ceil((ends - at_boundary[i]) / s), sync_every), at_boundary[i]
+            at_boundary[i] = max(resume + sync_every * s, ends)
+            lates.append(late)
+            last_late[i] = late
+        history.append(lates)
+    return history
+
+
+def test_a_trainer_ahead_of_the_swarm_comes_back_in_step():
+    """Four trainers, one 10% faster than the others: without a synchronous round now and then the fast one's lead
+    (how late it applies each round) grows by 5 micro-batches a round until a round is waited for at the next
+    boundary; with it the lead stays near `REALIGN_LATE_FRACTION` of a round."""
+    speeds = [0.9, 1.0, 1.0, 1.0]
+    drifting = _applied_late(speeds, rounds=16, sync_every=50, realign=False)
+    realigned = _applied_late(speeds, rounds=16, sync_every=50, realign=True)
+    assert max(r[0] for r in drifting[-4:]) >= 40  # the fast trainer trains a whole round ahead of the others
+    assert max(r[0] for r in realigned) <= REALIGN_LATE_FRACTION * 50 + 8
+    assert sum(late == 0 for late, *_ in realigned[1:]) >= 3  # it did wait at some boundaries
+    assert max(max(r[1:]) for r in realigned) <= 2  # the slowest trainers apply at their next micro-batch or so
