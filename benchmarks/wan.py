@@ -45,7 +45,9 @@ baseline DiLoCo compares against), with ``val_loss_ratio_global_batch``. Every d
 hour one ``hrm-smoe-125m`` volunteer would send (the measured overhead over the protocol's own bytes,
 ``round_bytes_model``, carried over to the 125m trunk, its ``training.outer_compression`` and
 ``--held-experts-125m`` experts held by 2 volunteers each), for micro-batch times given by ``--mb-seconds``, against
-the original plan's 660 MB/hour.
+the original plan's 660 MB/hour. The hosts' expert announcements are paid per second, not per round
+(``ANNOUNCE_BYTES_PER_EXPERT`` every ``experts.update_period``): they are taken out of the measured round before
+the overhead is computed and added back per hour of the target.
 """
 
 from __future__ import annotations
@@ -74,6 +76,10 @@ PLAN_BYTES_PER_HOUR = 660e6  # the original plan's budget per volunteer
 TARGET_125M = Path(__file__).resolve().parent.parent / "configs" / "hrm-smoe-125m.yaml"
 CODEC_BYTES_PER_VALUE = {"none": 4.0, "fp16": 2.0, "uniform8bit": 1.0, "quantile8bit": 1.0, "blockwise8bit": 1.0}
 EXPERT_DELTA_BYTES_PER_VALUE = 1.0 + 4.0 / 64  # moe.round_delta: an int8 code per weight, a float32 scale per 64
+# what one announcement of one held expert (our signed replica record and hivemind's stock record, each stored on
+# the DHT's 5 nearest nodes) costs its host: `python -m benchmarks.registry_traffic --nodes 5 --experts 8
+# --update-period 5 --seconds 30` measured 134,836 bytes per announcement of 8 experts
+ANNOUNCE_BYTES_PER_EXPERT = 16_855.0
 
 
 def peer_args(config: Path, initial_peers: list[str], state_dir: Path, *extra: str) -> list[str]:
@@ -394,13 +400,17 @@ def round_bytes_model(trunk: int, codec_bytes: float, group: int, held_expert_pa
 def project_volunteer_bytes_per_hour(
     bytes_per_round: float, measured_config: Path, mb_seconds: list[float], *, peers: int, held_experts: float,
     target_config: Path = TARGET_125M, target_held_experts: int = 16, target_holders: int = 2,
+    round_s: float | None = None, announce_bytes_per_expert: float = ANNOUNCE_BYTES_PER_EXPERT,
 ) -> dict:  # fmt: skip
     """Bytes per hour one local-expert volunteer of ``target_config`` sends, from the bytes one trainer of
-    ``measured_config`` sent per outer round: the measured bytes over `round_bytes_model` of the measured swarm
-    (``peers`` trainers, each holding ``held_experts`` experts, every expert held by all of them) give the overhead
-    (libp2p framing, DHT, matchmaking, retries), which multiplies `round_bytes_model` of the target (the same group,
-    ``target_held_experts`` held by ``target_holders`` each). A round lasts ``sync_every`` micro-batches of
-    ``mb_seconds`` each (the outer step's own time is left out: it adds to the round and so lowers the rate)."""
+    ``measured_config`` sent per outer round. The hosts' expert announcements are paid per second: with the measured
+    round's length ``round_s``, ``held_experts`` announced every ``experts.update_period`` are taken out of the
+    measured bytes, and the target's ``target_held_experts`` are added back per hour. What is left of the measured
+    round over `round_bytes_model` of the measured swarm (``peers`` trainers, each holding ``held_experts`` experts,
+    every expert held by all of them) gives the overhead (libp2p framing, DHT, matchmaking, retries), which
+    multiplies `round_bytes_model` of the target (the same group, ``target_held_experts`` held by
+    ``target_holders`` each). A target round lasts ``sync_every`` micro-batches of ``mb_seconds`` each (the outer
+    step's own time is left out: it adds to the round and so lowers the rate)."""
     from dragon_swarm.config import load_config
     from dragon_swarm.model.hrm_smoe import count_parameters
 
@@ -410,16 +420,20 @@ def project_volunteer_bytes_per_hour(
     codec_t = CODEC_BYTES_PER_VALUE.get(target.training.outer_compression, 4.0)
     model_m = round_bytes_model(count_m["trunk"], codec_m, peers, round(held_experts * count_m["per_expert"]), peers)
     model_t = round_bytes_model(count_t["trunk"], codec_t, peers, target_held_experts * count_t["per_expert"], target_holders)
-    overhead = bytes_per_round / model_m if model_m else 1.0
+    announce_m = announce_bytes_per_expert * held_experts * round_s / measured.experts.update_period if round_s else 0.0
+    announce_t_per_s = announce_bytes_per_expert * target_held_experts / target.experts.update_period
+    overhead = max(bytes_per_round - announce_m, 0.0) / model_m if model_m else 1.0
     per_round = overhead * model_t
     rows = []
     for s in mb_seconds:
-        round_s = target.training.sync_every * s
-        per_hour = per_round * 3600.0 / round_s
-        rows.append({"micro_batch_s": s, "round_s": round_s, "bytes_per_hour": per_hour, "mb_per_hour": per_hour / 1e6, "vs_plan": per_hour / PLAN_BYTES_PER_HOUR})
+        round_s_t = target.training.sync_every * s
+        per_hour = per_round * 3600.0 / round_s_t + announce_t_per_s * 3600.0
+        rows.append({"micro_batch_s": s, "round_s": round_s_t, "bytes_per_hour": per_hour, "mb_per_hour": per_hour / 1e6, "vs_plan": per_hour / PLAN_BYTES_PER_HOUR})
     return {
         "target_config": str(target_config),
         "measured_bytes_per_round": bytes_per_round,
+        "measured_round_s": round_s,
+        "announce_bytes_per_round_measured": announce_m,
         "modelled_bytes_per_round_measured": model_m,
         "overhead": overhead,
         "trunk_params_target": count_t["trunk"],
@@ -428,6 +442,7 @@ def project_volunteer_bytes_per_hour(
         "holders_target": target_holders,
         "group_target": peers,
         "bytes_per_round_target": per_round,
+        "announce_mb_per_hour_target": announce_t_per_s * 3600.0 / 1e6,
         "sync_every_target": target.training.sync_every,
         "plan_mb_per_hour": PLAN_BYTES_PER_HOUR / 1e6,
         "rows": rows,
@@ -577,9 +592,10 @@ def main(argv: list[str] | None = None) -> int:
         if result.get("bytes_per_round"):
             try:
                 held = _mean(result["per_trainer"], "experts_held") or 0.0
+                round_s = [t["window_s"] / t["window_rounds"] for t in result["per_trainer"] if t.get("window_rounds")]
                 result["project_125m"] = project_volunteer_bytes_per_hour(
                     result["bytes_per_round"], config, args.mb_seconds, peers=args.peers, held_experts=held,
-                    target_held_experts=args.held_experts_125m,
+                    target_held_experts=args.held_experts_125m, round_s=sum(round_s) / len(round_s) if round_s else None,
                 )  # fmt: skip
             except Exception as e:  # a config that does not load must not lose the measurements
                 result["project_125m"] = {"error": f"{type(e).__name__}: {e}"}

@@ -1,5 +1,6 @@
 """Expert state over the network: a host answers "send me expert X" with X's weights, AdamW moments and update count,
-streamed as safetensors bytes; a peer downloads from one or several hosts and keeps a validated, robust choice.
+streamed as safetensors bytes after a first message with their count (a cut stream is named as such and asked for
+again); a peer downloads from one or several hosts and keeps a validated, robust choice.
 
 The servicer runs in the peer's own process (not in the forked connection handlers), so it reads the weights the
 runtime is training right now. One servicer per peer, for whatever experts the peer hosts at the moment.
@@ -30,6 +31,13 @@ SIZE_SLACK = 1.5  # allowed bytes over the expected size: safetensors header, op
 REQUEST_BURST = 32  # state requests one peer may make at once (a sync round asks for each shared expert)...
 REQUESTS_PER_S = 4.0  # ...and per second after that: state downloads are big, this is plenty for sync and standby
 KEPT_ROUND_FETCHES = 256  # (expert, round) entries of who fetched a round snapshot, newest kept
+SIZE_HEADER = b"bytes: "  # the first message of an answer: how many bytes follow (hivemind ends a reset stream as if
+# it had ended cleanly, so without it a cut answer reaches the parser as a shorter one)
+TRUNCATED_RETRIES = 1  # a download cut short is asked for again, once, within its timeout
+
+
+class TruncatedDownload(ExpertStateError):
+    """The answer's stream ended before the bytes it announced had arrived (a reset link)."""
 
 
 class ExpertStateServicer(ServicerBase):
@@ -73,6 +81,7 @@ class ExpertStateServicer(ServicerBase):
                 return
             data = await loop.run_in_executor(None, lambda: expert_state.to_bytes(expert_state.capture(backend)))
         self.served += 1
+        yield runtime_pb2.ExpertResponse(metadata=SIZE_HEADER + str(len(data)).encode())
         for start in range(0, len(data), CHUNK_BYTES):
             yield runtime_pb2.ExpertResponse(tensors=[], metadata=data[start : start + CHUNK_BYTES])
         if tag:  # sent in full: a holder stopping after its last round may go once its partners have it
@@ -133,14 +142,21 @@ class ExpertStateService:
         if tag is not None and own_round is None:
             raise ValueError("a round snapshot is fetched against this holder's own snapshot of the round")
         request_uid = uid if tag is None else f"{uid}@{tag}@{own_round.digest}"
-        try:
-            data = RemoteExpertWorker.run_coroutine(
-                asyncio.wait_for(self._download(peer_id, request_uid, max_bytes), timeout=timeout)
-            )
-        except ExpertStateError:
-            raise
-        except Exception as e:  # timeouts, dropped streams, unreachable peers
-            raise ExpertStateError(f"{uid} from {peer_id[-8:]}: {type(e).__name__}: {str(e)[:120]}") from None
+        deadline = time.monotonic() + timeout
+        for attempt in range(TRUNCATED_RETRIES + 1):
+            try:
+                data = RemoteExpertWorker.run_coroutine(
+                    asyncio.wait_for(self._download(peer_id, request_uid, max_bytes), timeout=max(deadline - time.monotonic(), 0.1))
+                )
+                break
+            except TruncatedDownload as e:
+                if attempt == TRUNCATED_RETRIES or time.monotonic() >= deadline:
+                    raise
+                logger.info(f"Expert state download cut short ({e}); asking again")
+            except ExpertStateError:
+                raise
+            except Exception as e:  # timeouts, dropped streams, unreachable peers
+                raise ExpertStateError(f"{uid} from {peer_id[-8:]}: {type(e).__name__}: {str(e)[:120]}") from None
         source = f"{uid} from {peer_id[-8:]}"
         if tag is not None:  # an outer round's snapshot: an 8-bit delta (`moe.round_delta`)
             state = round_delta.from_bytes(data, source, template.module.state_dict(), own_round.start, own_round.digest)
@@ -154,16 +170,25 @@ class ExpertStateService:
 
     async def _download(self, peer_id: str, uid: str, max_bytes: int) -> bytes:
         stub = ExpertStateServicer.get_stub(self._p2p, PeerID.from_base58(peer_id), namespace=self.namespace)
-        chunks, size = [], 0
+        chunks, size, announced = [], 0, None
         async for response in await stub.rpc_download_expert(runtime_pb2.ExpertUID(uid=uid)):
             if response.metadata.startswith(b"error: "):
                 raise ExpertStateError(f"{uid} from {peer_id[-8:]}: {response.metadata[7:200].decode(errors='replace')}")
+            if announced is None:
+                announced = _announced_size(response.metadata)
+                if announced is None:
+                    raise ExpertStateError(f"{uid} from {peer_id[-8:]}: the answer does not start with its size")
+                if announced > max_bytes:
+                    raise ExpertStateError(f"{uid} from {peer_id[-8:]}: {announced:,} bytes announced, more than {max_bytes:,}: refused")
+                continue
             size += len(response.metadata)
-            if size > max_bytes:
-                raise ExpertStateError(f"{uid} from {peer_id[-8:]}: more than {max_bytes:,} bytes, refused")
+            if size > announced:
+                raise ExpertStateError(f"{uid} from {peer_id[-8:]}: more bytes than the {announced:,} announced, refused")
             chunks.append(response.metadata)
-        if not chunks:
+        if announced is None or size == 0:
             raise ExpertStateError(f"{uid} from {peer_id[-8:]}: empty answer")
+        if size < announced:
+            raise TruncatedDownload(f"{uid} from {peer_id[-8:]}: the stream ended after {size:,} of {announced:,} bytes")
         return b"".join(chunks)
 
     def fetch_robust(
@@ -196,6 +221,14 @@ class ExpertStateService:
             return None
         chosen = expert_state.robust_choice(states, reference)
         return chosen, sources[states.index(chosen)], problems
+
+
+def _announced_size(header: bytes) -> int | None:
+    """The byte count of an answer's first message (`SIZE_HEADER` + decimal digits); None when it is not one."""
+    digits = header[len(SIZE_HEADER) :]
+    if not header.startswith(SIZE_HEADER) or not digits.isdigit() or len(digits) > 12:
+        return None
+    return int(digits)
 
 
 def expected_state_bytes(template: ExpertTemplate | ExpertBackend) -> int:

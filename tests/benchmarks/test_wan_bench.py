@@ -65,7 +65,9 @@ def test_projection_scales_the_measured_overhead_to_the_target_and_round_length(
     counts = count_parameters(measured.model)
     codec = {"none": 4.0, "fp16": 2.0}.get(measured.training.outer_compression, 1.0)
     model_m = round_bytes_model(counts["trunk"], codec, 4, 8 * counts["per_expert"], 4)
-    out = project_volunteer_bytes_per_hour(3 * model_m, TEST_CONFIG, [1.0], peers=4, held_experts=8, target_held_experts=16)
+    out = project_volunteer_bytes_per_hour(
+        3 * model_m, TEST_CONFIG, [1.0], peers=4, held_experts=8, target_held_experts=16, announce_bytes_per_expert=0.0
+    )
     assert out["overhead"] == pytest.approx(3.0)
     target = load_config(out["target_config"])
     t_counts = count_parameters(target.model)
@@ -76,6 +78,27 @@ def test_projection_scales_the_measured_overhead_to_the_target_and_round_length(
     assert row["round_s"] == target.training.sync_every
     assert row["bytes_per_hour"] == pytest.approx(expected_round * 3600 / target.training.sync_every)
     assert row["vs_plan"] == pytest.approx(row["bytes_per_hour"] / PLAN_BYTES_PER_HOUR)
+
+
+def test_projection_counts_expert_announcements_per_second_not_per_round():
+    measured = load_config(str(TEST_CONFIG))
+    counts = count_parameters(measured.model)
+    codec = {"none": 4.0, "fp16": 2.0}.get(measured.training.outer_compression, 1.0)
+    model_m = round_bytes_model(counts["trunk"], codec, 4, 8 * counts["per_expert"], 4)
+    # a 100 s round: 8 experts announced every update_period, on top of twice the protocol's bytes
+    announce = 1000.0 * 8 * 100.0 / measured.experts.update_period
+    out = project_volunteer_bytes_per_hour(
+        2 * model_m + announce, TEST_CONFIG, [1.0, 4.0], peers=4, held_experts=8, target_held_experts=16,
+        round_s=100.0, announce_bytes_per_expert=1000.0,
+    )  # fmt: skip
+    assert out["overhead"] == pytest.approx(2.0) and out["announce_bytes_per_round_measured"] == pytest.approx(announce)
+    target = load_config(out["target_config"])
+    per_hour_announcing = 1000.0 * 16 / target.experts.update_period * 3600
+    assert out["announce_mb_per_hour_target"] == pytest.approx(per_hour_announcing / 1e6)
+    fast, slow = out["rows"]
+    # 4x slower micro-batches: a quarter of the rounds' bytes per hour, the same announcements
+    assert fast["bytes_per_hour"] - per_hour_announcing == pytest.approx(4 * (slow["bytes_per_hour"] - per_hour_announcing))
+    assert fast["bytes_per_hour"] == pytest.approx(out["bytes_per_round_target"] * 3600 / target.training.sync_every + per_hour_announcing)
 
 
 def test_derived_config_overrides_training(tmp_path):

@@ -12,17 +12,19 @@ from __future__ import annotations
 import asyncio
 import random
 import struct
+from typing import AsyncIterator
 
 import pytest
 import torch
 from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
 from hivemind.moe.server.connection_handler import ConnectionHandler
-from hivemind.p2p import PeerID
+from hivemind.p2p import P2PContext, PeerID
 from hivemind.p2p.p2p_daemon_bindings.utils import P2PHandlerError
+from hivemind.proto import runtime_pb2
 
 from dragon_swarm.averaging.robust_allreduce import RobustDecentralizedAverager
 from dragon_swarm.config import load_config
-from dragon_swarm.moe import expert_state
+from dragon_swarm.moe import expert_state, state_service
 from dragon_swarm.moe.backend import build_expert_backends
 from dragon_swarm.moe.host import ExpertHost
 from dragon_swarm.moe.state_service import ExpertStateService, ExpertStateServicer
@@ -186,3 +188,42 @@ def test_every_rpc_survives_garbage_and_keeps_serving_honest_peers(swarm):
     for averager in averagers:
         with averager.get_tensors() as tensors:
             assert torch.allclose(tensors[0], torch.full((1000,), 2.0))
+
+
+def _cutting_servicer(backends, cut_answers: int):
+    """A state servicer whose first `cut_answers` answers stop halfway, as hivemind hands a client a stream reset
+    mid-answer: a clean end after fewer bytes than were announced. Same class name, so the stock stub reaches it."""
+
+    class ExpertStateServicer(state_service.ExpertStateServicer):
+        answers = 0
+
+        async def rpc_download_expert(self, request: runtime_pb2.ExpertUID, context: P2PContext) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+            messages = [m async for m in super().rpc_download_expert(request, context)]
+            data = b"".join(m.metadata for m in messages[1:])
+            type(self).answers += 1
+            yield messages[0]  # the size header, honest
+            yield runtime_pb2.ExpertResponse(metadata=data[: len(data) // 2] if self.answers <= cut_answers else data)
+
+    return ExpertStateServicer(backends.get)
+
+
+def test_a_state_answer_cut_short_is_named_and_asked_for_again(swarm):
+    host_dht, _, backends, _, _, fuzzer_dht, _ = swarm
+    host_p2p = RemoteExpertWorker.run_coroutine(host_dht.replicate_p2p())
+    template = expert_state.make_template(D, CONFIG.model.expert_hidden, CONFIG.training)
+    for cut, namespace in ((1, "cut_once.experts"), (5, "cut_always.experts")):
+        servicer = _cutting_servicer(backends, cut)
+        RemoteExpertWorker.run_coroutine(servicer.add_p2p_handlers(host_p2p, namespace=namespace))
+        client = ExpertStateService(fuzzer_dht, namespace, lambda uid: None)
+        client.start(serve=False)
+        try:
+            if cut == 1:  # cut once: the second answer is whole, and the state is the host's
+                state = client.fetch(host_dht.peer_id.to_base58(), UID, template, timeout=30)
+                assert type(servicer).answers == 2 and state.version == backends[UID].version
+            else:  # cut every time: the error says what happened, after one more try
+                with pytest.raises(state_service.TruncatedDownload, match="ended after"):
+                    client.fetch(host_dht.peer_id.to_base58(), UID, template, timeout=30)
+                assert type(servicer).answers == 1 + state_service.TRUNCATED_RETRIES
+        finally:
+            client.shutdown()
+            RemoteExpertWorker.run_coroutine(servicer.remove_p2p_handlers(host_p2p, namespace=namespace))
