@@ -33,11 +33,23 @@ REQUESTS_PER_S = 4.0  # ...and per second after that: state downloads are big, t
 KEPT_ROUND_FETCHES = 256  # (expert, round) entries of who fetched a round snapshot, newest kept
 SIZE_HEADER = b"bytes: "  # the first message of an answer: how many bytes follow (hivemind ends a reset stream as if
 # it had ended cleanly, so without it a cut answer reaches the parser as a shorter one)
-TRUNCATED_RETRIES = 1  # a download cut short is asked for again, once, within its timeout
+DOWNLOAD_RETRIES = 1  # a download cut short, or never answered, is asked for again, once, within its timeout
+# a request whose first message (the size header, sent once the answer is encoded: well under a second) has not come
+# in this long is taken as lost and sent again; seen once in CI: a holder up and answering others never answered
+# four round-snapshot requests of one peer, which waited out its whole 30 s timeout and merged without it
+FIRST_ANSWER_TIMEOUT_S = 10.0
 
 
-class TruncatedDownload(ExpertStateError):
+class RetryableDownload(ExpertStateError):
+    """A download that failed on the way, not by the holder's answer: worth asking again."""
+
+
+class TruncatedDownload(RetryableDownload):
     """The answer's stream ended before the bytes it announced had arrived (a reset link)."""
+
+
+class UnansweredRequest(RetryableDownload):
+    """No first message within `FIRST_ANSWER_TIMEOUT_S` (a request or its answer lost on the way)."""
 
 
 class ExpertStateServicer(ServicerBase):
@@ -143,16 +155,16 @@ class ExpertStateService:
             raise ValueError("a round snapshot is fetched against this holder's own snapshot of the round")
         request_uid = uid if tag is None else f"{uid}@{tag}@{own_round.digest}"
         deadline = time.monotonic() + timeout
-        for attempt in range(TRUNCATED_RETRIES + 1):
+        for attempt in range(DOWNLOAD_RETRIES + 1):
             try:
                 data = RemoteExpertWorker.run_coroutine(
                     asyncio.wait_for(self._download(peer_id, request_uid, max_bytes), timeout=max(deadline - time.monotonic(), 0.1))
                 )
                 break
-            except TruncatedDownload as e:
-                if attempt == TRUNCATED_RETRIES or time.monotonic() >= deadline:
+            except RetryableDownload as e:
+                if attempt == DOWNLOAD_RETRIES or time.monotonic() >= deadline:
                     raise
-                logger.info(f"Expert state download cut short ({e}); asking again")
+                logger.info(f"Expert state download failed on the way ({e}); asking again")
             except ExpertStateError:
                 raise
             except Exception as e:  # timeouts, dropped streams, unreachable peers
@@ -171,7 +183,24 @@ class ExpertStateService:
     async def _download(self, peer_id: str, uid: str, max_bytes: int) -> bytes:
         stub = ExpertStateServicer.get_stub(self._p2p, PeerID.from_base58(peer_id), namespace=self.namespace)
         chunks, size, announced = [], 0, None
-        async for response in await stub.rpc_download_expert(runtime_pb2.ExpertUID(uid=uid)):
+
+        async def first_message():
+            stream = (await stub.rpc_download_expert(runtime_pb2.ExpertUID(uid=uid))).__aiter__()
+            return stream, await stream.__anext__()
+
+        try:
+            stream, first = await asyncio.wait_for(first_message(), timeout=FIRST_ANSWER_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise UnansweredRequest(f"{uid} from {peer_id[-8:]}: no answer within {FIRST_ANSWER_TIMEOUT_S:.0f} s") from None
+        except StopAsyncIteration:
+            raise ExpertStateError(f"{uid} from {peer_id[-8:]}: empty answer") from None
+
+        async def messages():
+            yield first
+            async for message in stream:
+                yield message
+
+        async for response in messages():
             if response.metadata.startswith(b"error: "):
                 raise ExpertStateError(f"{uid} from {peer_id[-8:]}: {response.metadata[7:200].decode(errors='replace')}")
             if announced is None:

@@ -223,7 +223,36 @@ def test_a_state_answer_cut_short_is_named_and_asked_for_again(swarm):
             else:  # cut every time: the error says what happened, after one more try
                 with pytest.raises(state_service.TruncatedDownload, match="ended after"):
                     client.fetch(host_dht.peer_id.to_base58(), UID, template, timeout=30)
-                assert type(servicer).answers == 1 + state_service.TRUNCATED_RETRIES
+                assert type(servicer).answers == 1 + state_service.DOWNLOAD_RETRIES
         finally:
             client.shutdown()
             RemoteExpertWorker.run_coroutine(servicer.remove_p2p_handlers(host_p2p, namespace=namespace))
+
+
+def test_a_state_request_left_unanswered_is_sent_again(swarm, monkeypatch):
+    host_dht, _, backends, _, _, fuzzer_dht, _ = swarm
+    monkeypatch.setattr(state_service, "FIRST_ANSWER_TIMEOUT_S", 1.0)
+
+    class ExpertStateServicer(state_service.ExpertStateServicer):
+        requests = 0
+
+        async def rpc_download_expert(self, request: runtime_pb2.ExpertUID, context: P2PContext) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+            type(self).requests += 1
+            if self.requests == 1:  # the first request is never answered (lost), until the client has given up
+                await asyncio.sleep(5.0)
+                return
+            async for message in super().rpc_download_expert(request, context):
+                yield message
+
+    host_p2p = RemoteExpertWorker.run_coroutine(host_dht.replicate_p2p())
+    servicer = ExpertStateServicer(backends.get)
+    RemoteExpertWorker.run_coroutine(servicer.add_p2p_handlers(host_p2p, namespace="unanswered.experts"))
+    client = ExpertStateService(fuzzer_dht, "unanswered.experts", lambda uid: None)
+    client.start(serve=False)
+    try:
+        template = expert_state.make_template(D, CONFIG.model.expert_hidden, CONFIG.training)
+        state = client.fetch(host_dht.peer_id.to_base58(), UID, template, timeout=30)
+        assert ExpertStateServicer.requests == 2 and state.version == backends[UID].version
+    finally:
+        client.shutdown()
+        RemoteExpertWorker.run_coroutine(servicer.remove_p2p_handlers(host_p2p, namespace="unanswered.experts"))
