@@ -182,7 +182,7 @@ class ExpertStateService:
 
     async def _download(self, peer_id: str, uid: str, max_bytes: int) -> bytes:
         stub = ExpertStateServicer.get_stub(self._p2p, PeerID.from_base58(peer_id), namespace=self.namespace)
-        chunks, size, announced = [], 0, None
+        source = f"{uid} from {peer_id[-8:]}"
 
         async def first_message():
             stream = (await stub.rpc_download_expert(runtime_pb2.ExpertUID(uid=uid))).__aiter__()
@@ -191,33 +191,28 @@ class ExpertStateService:
         try:
             stream, first = await asyncio.wait_for(first_message(), timeout=FIRST_ANSWER_TIMEOUT_S)
         except asyncio.TimeoutError:
-            raise UnansweredRequest(f"{uid} from {peer_id[-8:]}: no answer within {FIRST_ANSWER_TIMEOUT_S:.0f} s") from None
+            raise UnansweredRequest(f"{source}: no answer within {FIRST_ANSWER_TIMEOUT_S:.0f} s") from None
         except StopAsyncIteration:
-            raise ExpertStateError(f"{uid} from {peer_id[-8:]}: empty answer") from None
-
-        async def messages():
-            yield first
-            async for message in stream:
-                yield message
-
-        async for response in messages():
+            raise ExpertStateError(f"{source}: empty answer") from None
+        if first.metadata.startswith(b"error: "):
+            raise ExpertStateError(f"{source}: {first.metadata[7:200].decode(errors='replace')}")
+        announced = _announced_size(first.metadata)
+        if announced is None:
+            raise ExpertStateError(f"{source}: the answer does not start with its size")
+        if announced == 0:
+            raise ExpertStateError(f"{source}: empty answer")
+        if announced > max_bytes:
+            raise ExpertStateError(f"{source}: {announced:,} bytes announced, more than {max_bytes:,}: refused")
+        chunks, size = [], 0
+        async for response in stream:
             if response.metadata.startswith(b"error: "):
-                raise ExpertStateError(f"{uid} from {peer_id[-8:]}: {response.metadata[7:200].decode(errors='replace')}")
-            if announced is None:
-                announced = _announced_size(response.metadata)
-                if announced is None:
-                    raise ExpertStateError(f"{uid} from {peer_id[-8:]}: the answer does not start with its size")
-                if announced > max_bytes:
-                    raise ExpertStateError(f"{uid} from {peer_id[-8:]}: {announced:,} bytes announced, more than {max_bytes:,}: refused")
-                continue
+                raise ExpertStateError(f"{source}: {response.metadata[7:200].decode(errors='replace')}")
             size += len(response.metadata)
             if size > announced:
-                raise ExpertStateError(f"{uid} from {peer_id[-8:]}: more bytes than the {announced:,} announced, refused")
+                raise ExpertStateError(f"{source}: more bytes than the {announced:,} announced, refused")
             chunks.append(response.metadata)
-        if announced is None or size == 0:
-            raise ExpertStateError(f"{uid} from {peer_id[-8:]}: empty answer")
         if size < announced:
-            raise TruncatedDownload(f"{uid} from {peer_id[-8:]}: the stream ended after {size:,} of {announced:,} bytes")
+            raise TruncatedDownload(f"{source}: the stream ended after {size:,} of {announced:,} bytes")
         return b"".join(chunks)
 
     def fetch_robust(

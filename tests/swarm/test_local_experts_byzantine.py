@@ -17,6 +17,7 @@ pytestmark = [pytest.mark.swarm, pytest.mark.slow]
 
 STEPS = 16  # 4 outer rounds: bans take 3 (averaging.ban_rounds)
 HONEST = 3
+BAN_ROUNDS = yaml.safe_load(TEST_CONFIG.read_text())["averaging"]["ban_rounds"]
 
 
 @pytest.fixture(scope="module")
@@ -40,12 +41,23 @@ def swarm(module_launcher):
     return log_dir, honest, attacker, codes
 
 
+def full_rounds(stderr: str) -> int:
+    """Outer rounds in which this trainer averaged its trunk with all 3 others (the attacker among them)."""
+    return len(re.findall(rf"Outer step \d+: trunk averaged with {HONEST} other trainer", stderr))
+
+
 def test_the_sign_flipper_is_banned_by_the_honest_trainers(swarm):
     _, honest, attacker, codes = swarm
     assert codes == [0] * HONEST, [t.stderr()[-2000:] for t in honest]
     attacker_id = re.search(r"peer id (Qm\w+)", attacker.stderr()).group(1)
     banned_by = [t.name for t in honest if re.search(rf"banned {attacker_id} for \d+ s", t.stderr())]
-    assert len(banned_by) >= 2, f"banned by {banned_by}"
+    rounds_with_attacker = {t.name: full_rounds(t.stderr()) for t in honest}
+    assert banned_by, f"nobody banned the attacker; rounds each trainer averaged with it: {rounds_with_attacker}"
+    # a trainer that missed a round (seen in CI: a slow start or a group that formed without it) has seen the attacker
+    # fewer than ban_rounds times when the others ban it, and from then on the attacker is not in their groups: only
+    # a trainer that averaged with it in ban_rounds rounds owes a ban
+    owed = [name for name, rounds in rounds_with_attacker.items() if rounds >= BAN_ROUNDS]
+    assert set(owed) <= set(banned_by), f"banned by {banned_by}; rounds each averaged with the attacker: {rounds_with_attacker}"
 
 
 def test_the_honest_trainers_keep_learning(swarm):
