@@ -29,6 +29,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nodes", type=int, default=5, help="DHT nodes, the bootstrap included")
     parser.add_argument("--experts", type=int, default=8, help="experts each host announces")
+    parser.add_argument("--rows", type=int, default=1, help="MoE layers the experts spread over (dragon-tiny: 2, hrm-smoe-125m: 8)")
     parser.add_argument("--update-period", type=float, default=5.0, help="seconds between announcements")
     parser.add_argument("--expiration", type=float, default=20.0, help="seconds an announcement lives")
     parser.add_argument("--seconds", type=float, default=30.0, help="length of each phase")
@@ -43,7 +44,7 @@ def main() -> None:
         time.sleep(5.0)  # routing tables fill
         hosts = dhts[1:]
         total = max(args.experts, len(hosts) * args.experts // 2)
-        uids = [f"expert.0.{i}" for i in range(total)]
+        uids = [f"expert.{i % args.rows}.{i // args.rows}" for i in range(total)]
         held = {dht: [uids[(k * args.experts // 2 + j) % total] for j in range(args.experts)] for k, dht in enumerate(hosts)}
 
         def records(dht) -> dict[str, ExpertHostRecord]:
@@ -84,7 +85,7 @@ def main() -> None:
             }
 
         result = {
-            "nodes": args.nodes, "experts_per_host": args.experts, "update_period_s": args.update_period,
+            "nodes": args.nodes, "experts_per_host": args.experts, "rows": args.rows, "update_period_s": args.update_period,
             "idle": phase(None, args.update_period),
             "announce_both": phase(both, args.update_period),
             "announce_signed_records_only": phase(signed_only, args.update_period),

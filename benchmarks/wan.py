@@ -77,8 +77,10 @@ TARGET_125M = Path(__file__).resolve().parent.parent / "configs" / "hrm-smoe-125
 CODEC_BYTES_PER_VALUE = {"none": 4.0, "fp16": 2.0, "uniform8bit": 1.0, "quantile8bit": 1.0, "blockwise8bit": 1.0}
 EXPERT_DELTA_BYTES_PER_VALUE = 1.0 + 4.0 / 64  # moe.round_delta: an int8 code per weight, a float32 scale per 64
 # what one announcement of one held expert (our signed replica record and hivemind's stock record, each stored on
-# the DHT's 5 nearest nodes) costs its host: `python -m benchmarks.registry_traffic --nodes 5 --experts 8
-# --update-period 5 --seconds 30` measured 134,836 bytes per announcement of 8 experts
+# the DHT's 5 nearest nodes) costs its host: `python -m benchmarks.registry_traffic --nodes 5 --experts 8 --rows 1
+# --update-period 5 --seconds 30` measured 134,836 bytes per announcement of 8 experts. The same per expert whether
+# they share a MoE layer or not: the signed and stock phases of `--experts 8 --rows 2` (dragon-tiny's layout) sum to
+# 17,420 bytes per expert, of `--experts 16 --rows 8` (hrm-smoe-125m's: 8 layers) to 17,378
 ANNOUNCE_BYTES_PER_EXPERT = 16_855.0
 
 
