@@ -18,6 +18,7 @@ pytestmark = pytest.mark.swarm
 SIZE = 4096  # one tensor ...
 PART_SIZE_BYTES = 4096  # ... in 1024-value float32 parts, so that every peer of four reduces one part
 STEP_TIMEOUT = 30.0
+ROUND_ATTEMPTS = 3
 
 
 @contextlib.contextmanager
@@ -175,11 +176,20 @@ def _round_where_a_bans_c(a_settings: RobustAveragingSettings, prefix: str) -> d
     together: which peer leads cannot be chosen in a test); B trusts C. One round; what each peer got back."""
     size = 3 * 1024
     tensors = [[torch.zeros(size)], [torch.ones(size)], [torch.full((size,), 2.0)]]
+    starts = [[t.clone() for t in held] for held in tensors]  # the averagers average `tensors` in place
     settings = [a_settings, RobustAveragingSettings(aggregator="mean"), RobustAveragingSettings(aggregator="mean")]
     with _swarm(tensors, settings, prefix=prefix) as averagers:
         ids = [str(averager.peer_id) for averager in averagers]
         averagers[0].ban_peer(ids[2], "test")
-        outcomes = _step_all(averagers)
+        # the round under test is one where all three are in one group; on a loaded machine (seen once in CI) a peer
+        # can miss the group, and the others' round is then another one: the tensors go back and the round is redone
+        for _ in range(ROUND_ATTEMPTS):
+            outcomes = _step_all(averagers)
+            if all(isinstance(outcome, dict) and len(outcome) == 3 for outcome in outcomes):
+                break
+            for averager, start in zip(averagers, starts):
+                with averager.get_tensors() as held:
+                    held[0].copy_(start[0])
         assert all(isinstance(outcome, dict) and len(outcome) == 3 for outcome in outcomes), outcomes  # one group
         order = [str(peer_id) for peer_id in outcomes[0]]  # partitions in group order
         by_reducer = {
