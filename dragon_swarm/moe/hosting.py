@@ -237,7 +237,8 @@ class ExpertHosting:
 
     def _online_hosts(self, uid: str) -> list[str]:
         try:
-            found = find_replicas(self.dht, [uid])[uid]
+            # latest: this peer has just announced itself `joining`, and may keep the key itself (see find_replicas)
+            found = find_replicas(self.dht, [uid], latest=True)[uid]
         except Exception as e:
             logger.warning(f"{uid}: looking up its replicas failed: {e}")
             return []

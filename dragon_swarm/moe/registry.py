@@ -84,12 +84,20 @@ def declare_hosted_experts(
     return result
 
 
-def find_replicas(dht: hivemind.DHT, uids: Sequence[str], only_online: bool = True) -> dict[str, list[Replica]]:
-    """All live, well-formed host records for each uid. Malformed or forged entries are dropped."""
+def find_replicas(
+    dht: hivemind.DHT, uids: Sequence[str], only_online: bool = True, latest: bool = False
+) -> dict[str, list[Replica]]:
+    """All live, well-formed host records for each uid. Malformed or forged entries are dropped.
+
+    `latest=True` asks every node that holds a uid's key and merges what they hold. A DHT node that has just stored
+    its own record for a uid may be one of the nodes that keep that key; a plain read is then answered from its own
+    storage, which holds only its own record until the other hosts refresh theirs (one `update_period`): a new
+    replica must ask with `latest=True` or it sees nobody to download from.
+    """
     uids = list(uids)
     if not uids:
         return {}
-    found = HOST_RECORDS.fetch_many(dht, [hosts_key(uid) for uid in uids])
+    found = HOST_RECORDS.fetch_many(dht, [hosts_key(uid) for uid in uids], latest=latest)
     replicas: dict[str, list[Replica]] = {}
     for uid in uids:
         replicas[uid] = sorted(

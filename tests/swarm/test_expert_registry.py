@@ -17,8 +17,10 @@ from hivemind.p2p import PeerID
 
 from dragon_swarm.config import load_config
 from dragon_swarm.model import HRMSMoE
+from dragon_swarm.moe import expert_state
 from dragon_swarm.moe.backend import build_expert_backends
 from dragon_swarm.moe.host import ExpertHost
+from dragon_swarm.moe.hosting import ExpertHosting
 from dragon_swarm.moe.registry import find_replicas
 from dragon_swarm.moe.router import RemoteExpertDispatcher, relative_difference
 from dragon_swarm.node.startup import choose_experts
@@ -96,6 +98,41 @@ def test_auto_placement_takes_the_least_replicated_experts_the_registry_shows(sw
     # layer 1 has no host, 0.2 and 0.3 one, 0.0 and 0.1 two: the four unserved plus one of the singly served
     assert set(everything[4:]) <= set(chosen)
     assert len(chosen) == 5 and len(set(chosen) & {uids[2], uids[3]}) == 1 and not set(chosen) & {uids[0], uids[1]}
+
+
+def test_a_new_replica_downloads_the_live_copies_although_it_keeps_their_keys_itself(tmp_path):
+    """A new replica announces itself `joining`, then looks for live copies to download. Its own record may land in
+    its own DHT storage (it is one of the nodes nearest to the key, or not yet sent the key's older entries), and a
+    plain read is answered from there: it would see no other host and start from the seeded init. That happens for
+    about half of the keys here, so each of two joiners takes four experts."""
+    uids = [f"{CONFIG.expert_prefix}.1.{i}" for i in range(4)]
+    stack = []
+    try:
+        client = start_dht()
+        stack.append(client.shutdown)
+
+        def hosting(uids: list[str], name: str) -> ExpertHosting:
+            dht = start_dht(initial_peers=visible_maddrs(client))
+            stack.append(dht.shutdown)
+            h = ExpertHosting(dht, CONFIG, checkpoint_dir=tmp_path / name, throughput=100.0, periodic_sync=False)
+            stack.append(h.shutdown)
+            h.start(uids)
+            return h
+
+        seed = hosting(uids, "seed")
+        live = {}
+        for uid, backend in seed.backends.items():
+            with backend.lock, torch.no_grad():
+                for p in backend.module.parameters():
+                    p.add_(torch.randn_like(p))  # trained weights: far from the seeded init a blind start would have
+            live[uid] = expert_state.capture(backend).parameter_vector()
+        for i in range(2):
+            joiner = hosting(uids, f"joiner{i}")
+            blind = [uid for uid in uids if not torch.equal(expert_state.capture(joiner.backends[uid]).parameter_vector(), live[uid])]
+            assert not blind, f"joiner {i} did not download {blind}"
+    finally:
+        for shutdown in reversed(stack):
+            shutdown()
 
 
 def test_stock_hivemind_client_finds_and_calls_every_expert(swarm):
