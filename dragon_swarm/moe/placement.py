@@ -75,6 +75,16 @@ def standby(all_uids: Sequence[str], hosts: Hosts, candidates: Sequence[str], ow
     return chosen
 
 
+def standby_downloads(chosen: Sequence[str], versions: Mapping[str, int], copied: Mapping[str, int]) -> tuple[list[str], dict[str, int]]:
+    """Which of the `chosen` standby copies (`standby`) to download now, given each expert's announced version and
+    the version of the copy this peer holds (`copied`), and which copies to remember for the next check.
+
+    A copy is remembered only while its expert stays singly hosted: with other replicas, replica sync may merge
+    them, which changes the weights and not the version, so a copy from before is stale at the same version."""
+    kept = {uid: version for uid, version in copied.items() if uid in set(chosen)}
+    return [uid for uid in chosen if kept.get(uid) != versions[uid]], kept
+
+
 def firm_hosts(hosts: Hosts, surplus: Mapping[str, set[str]]) -> dict[str, dict[str, float]]:
     """`hosts` without the replicas their hosts hold beyond their budget (announced `surplus`): those hosts drop
     them as soon as another host serves them, so for rebalancing such an expert needs a host. Without this, a peer

@@ -238,10 +238,11 @@ class PlacementKeeper(PeriodicThread):
             self.takeovers += len(take)
             self._quiet_ticks = 0
             return
-        for uid in placement.standby(h.all_uids, hosts, candidates, me, current):
-            (record,) = [r.record for r in live[uid]]
-            if self.standby_versions.get(uid) != record.version:  # nothing new since the last copy: no download
-                self._refresh_standby(uid, record.peer_id)
+        chosen = placement.standby(h.all_uids, hosts, candidates, me, current)
+        only_host = {uid: live[uid][0].record for uid in chosen}
+        due, self.standby_versions = placement.standby_downloads(chosen, {uid: r.version for uid, r in only_host.items()}, self.standby_versions)
+        for uid in due:
+            self._refresh_standby(uid, only_host[uid].peer_id)
         if self._quiet_ticks < REBALANCE_COOLDOWN:
             return
         firm = placement.firm_hosts(hosts, {uid: {r.record.peer_id for r in reps if r.record.surplus} for uid, reps in live.items()})

@@ -85,6 +85,19 @@ def test_standby_copies_go_to_the_successor_of_singly_hosted_experts():
     assert standby(UIDS, hosts, ["QmB"], "QmA", [UIDS[0]]) == []  # its own host keeps no standby
 
 
+def test_a_standby_copy_is_downloaded_again_when_its_expert_was_shared_in_between():
+    from dragon_swarm.moe.placement import standby_downloads
+
+    due, copied = standby_downloads([UIDS[0], UIDS[1]], {UIDS[0]: 5, UIDS[1]: 2}, {})
+    assert due == [UIDS[0], UIDS[1]] and copied == {}  # the caller records what it downloaded
+    copied = {UIDS[0]: 5, UIDS[1]: 2}
+    assert standby_downloads([UIDS[0], UIDS[1]], {UIDS[0]: 5, UIDS[1]: 3}, copied) == ([UIDS[1]], copied)  # trained since
+    # UIDS[0] gains a second host (replica sync may merge the two), then loses it again at the same version
+    due, copied = standby_downloads([UIDS[1]], {UIDS[1]: 2}, copied)
+    assert due == [] and copied == {UIDS[1]: 2}
+    assert standby_downloads([UIDS[0], UIDS[1]], {UIDS[0]: 5, UIDS[1]: 2}, copied)[0] == [UIDS[0]]
+
+
 def test_rebalance_moves_to_the_least_served_and_never_orphans_an_expert():
     uids = UIDS[:4]
     # A hosts e0, e1 that B and C also host; e3 has nobody: moving raises the minimum replication from 0 to 1
