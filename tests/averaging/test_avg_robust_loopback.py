@@ -170,6 +170,10 @@ def test_banned_peer_is_refused_in_matchmaking():
         assert averagers[0].get_reputation()["banned"].keys() == {banned_id}
 
 
+def _one_group_of_three(outcomes: list) -> bool:
+    return all(isinstance(outcome, dict) and len(outcome) == 3 for outcome in outcomes)
+
+
 def _round_where_a_bans_c(a_settings: RobustAveragingSettings, prefix: str) -> dict:
     """Three peers A, B, C holding 0, 1 and 2 (one 1024-value partition each, plain mean, values small enough to
     pass the result check); A bans C but lets it into groups (as if a leader that does not ban C had put them
@@ -185,12 +189,12 @@ def _round_where_a_bans_c(a_settings: RobustAveragingSettings, prefix: str) -> d
         # can miss the group, and the others' round is then another one: the tensors go back and the round is redone
         for _ in range(ROUND_ATTEMPTS):
             outcomes = _step_all(averagers)
-            if all(isinstance(outcome, dict) and len(outcome) == 3 for outcome in outcomes):
+            if _one_group_of_three(outcomes):
                 break
             for averager, start in zip(averagers, starts):
                 with averager.get_tensors() as held:
                     held[0].copy_(start[0])
-        assert all(isinstance(outcome, dict) and len(outcome) == 3 for outcome in outcomes), outcomes  # one group
+        assert _one_group_of_three(outcomes), outcomes
         order = [str(peer_id) for peer_id in outcomes[0]]  # partitions in group order
         by_reducer = {
             name: {reducer: _tensor(averager)[index * 1024 : (index + 1) * 1024] for index, reducer in enumerate(order)}

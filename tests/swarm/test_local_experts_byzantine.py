@@ -11,13 +11,14 @@ import pytest
 import yaml
 
 from benchmarks.local_peers import read_stats
+from dragon_swarm.config import load_config
 from tests.swarm.paths import TEST_CONFIG
 
 pytestmark = [pytest.mark.swarm, pytest.mark.slow]
 
 STEPS = 16  # 4 outer rounds: bans take 3 (averaging.ban_rounds)
 HONEST = 3
-BAN_ROUNDS = yaml.safe_load(TEST_CONFIG.read_text())["averaging"]["ban_rounds"]
+BAN_ROUNDS = load_config(str(TEST_CONFIG)).averaging.ban_rounds
 
 
 @pytest.fixture(scope="module")
