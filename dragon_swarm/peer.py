@@ -23,12 +23,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(options.log_level)
 
     from dragon_swarm.node.peer_node import PeerNode
+    from dragon_swarm.node.inherited_sockets import install_inherited_socket_drop
     from dragon_swarm.node.parent_death import install_parent_death_signal
     from dragon_swarm.node.processes import become_subreaper
     from dragon_swarm.node.startup import StartupError
 
     become_subreaper()  # orphaned grandchildren (p2pd) stay ours to stop
     install_parent_death_signal()  # before the first fork: forked children die with the peer, even on SIGKILL
+    install_inherited_socket_drop()  # a child forked while the peer serves must not hold its streams open
     stop = StopSignal()
     stop.install()
     node = PeerNode(options, stop.event, contribution=_injected_contribution(options), expert_tamper=_injected_expert_tamper(options))

@@ -23,6 +23,7 @@ from dragon_swarm.events import EventBus, HostReport
 from dragon_swarm.moe.backend import ExpertBackend, move_optimizer_state_to_parameters, save_expert
 from dragon_swarm.moe.handler import ValidatingConnectionHandler
 from dragon_swarm.moe.registry import ExpertHostRecord, declare_hosted_experts
+from dragon_swarm.node.inherited_sockets import install_inherited_socket_drop
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +115,8 @@ class ExpertHost:
             save_expert(self.checkpoint_dir / f"{uid}.safetensors", backend)
 
     def start(self) -> None:
+        # a new generation forks while this peer serves state downloads: the children must not keep those streams open
+        install_inherited_socket_drop()
         # handlers are forked processes: fork them before the runtime starts threads, as hivemind's Server does
         for handler in self.handlers:
             handler.run_in_background(await_ready=True, timeout=60)

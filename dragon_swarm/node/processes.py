@@ -14,6 +14,9 @@ What runs under a peer (hivemind 1.1.12; a trainer+host of dragon-test: 23 proce
   whatever hivemind's own shutdown did not stop ran on (and p2pd with a live DHT process) -> `stop_descendants`
   at exit, `exit_now` for the second signal.
 * A peer killed outright (SIGKILL, OOM) runs no exit code at all -> `parent_death.install_parent_death_signal`.
+* A child forked while the peer serves (a placement change forks new handlers and task pools) would hold copies of
+  the peer's open streams, which then end for the caller only when that child exits ->
+  `inherited_sockets.install_inherited_socket_drop`.
 * p2pd is the DHT process's child. If that process dies first, p2pd is orphaned and re-parented to init, out of
   the peer's tree. (This p2pd was seen to exit by itself within half a second once its DHT process died, but
   nothing guarantees it.) `become_subreaper()` re-parents such orphans to the peer, where `descendant_pids()`
