@@ -63,6 +63,7 @@ __all__ = [
     "RobustDecentralizedAverager",
     "RobustGradientAverager",
     "make_grad_averager_factory",
+    "silent_peer_timeouts",
 ]
 
 logger = logging.getLogger(__name__)
@@ -103,9 +104,12 @@ class RobustAllReduceRunner(AllReduceRunner):
         require_signed_parts: bool = False,
         accuse: Callable[[Accusation], None] | None = None,
         identical_results: bool = False,
+        silent_member_timeouts: tuple[float, float] | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        # (first part from each sender, first answer from each reducer): see silent_peer_timeouts
+        self.silent_member_timeouts = silent_member_timeouts
         self.reputation, self.result_distance_limit = reputation, result_distance_limit
         self.identical_results = identical_results
         self._answers: dict[tuple[int, int], runtime_pb2.Tensor] = {}  # (part, codec) -> the aggregate, serialized once
@@ -250,7 +254,10 @@ class RobustAllReduceRunner(AllReduceRunner):
         caller drains the runner (our averagers' ``_run_allreduce_inplace_`` does; hivemind's stops early)."""
         async for delta in self._iterate_own_outputs():
             yield delta
-        timeout = (self.sender_timeout or 0.0) + (self.reducer_timeout or 0.0) or 30.0
+        if self.silent_member_timeouts is not None:
+            timeout = sum(self.silent_member_timeouts)
+        else:
+            timeout = (self.sender_timeout or 0.0) + (self.reducer_timeout or 0.0) or 30.0
         try:
             await asyncio.wait_for(self.tensor_part_reducer.finished.wait(), timeout)
         except asyncio.TimeoutError:
@@ -285,6 +292,30 @@ class RobustAllReduceRunner(AllReduceRunner):
         """What to register instead of a reducer's answer: our own values (as a zero delta if deltas are returned)."""
         return torch.zeros_like(own) if self.tensor_part_container.return_deltas else own
 
+    async def _handle_missing_senders(self):
+        """hivemind's, with the start deadline of ``silent_member_timeouts`` (hivemind's ``sender_timeout`` would
+        also bound every later part, see :func:`silent_peer_timeouts`)."""
+        if self.silent_member_timeouts is None:
+            return await super()._handle_missing_senders()
+        deadline = self.silent_member_timeouts[0]
+        try:
+            await asyncio.wait_for(self.all_senders_started.wait(), deadline)
+        except asyncio.TimeoutError:
+            silent = [peer for peer in self.sender_peer_ids if peer not in self.active_senders and peer not in self.banned_senders]
+            if silent:
+                logger.warning(
+                    f"{self}: {len(silent)} group member(s) sent nothing within {deadline:.1f} s "
+                    f"({', '.join(str(peer)[-8:] for peer in silent)}): reducing our partition without them"
+                )
+            for peer in silent:
+                await self._ban_sender(peer)  # this round only: hivemind's exclusion, not a reputation ban
+
+    def _get_peer_stub(self, peer: PeerID):
+        stub = super()._get_peer_stub(peer)
+        if self.silent_member_timeouts is None:
+            return stub
+        return _FirstAnswerDeadline(stub, self.silent_member_timeouts[1], f"{self}: reducer {str(peer)[-8:]}")
+
     async def _communicate_with_peer(self, peer_id: PeerID):
         if peer_id != self.peer_id:
             return await super()._communicate_with_peer(peer_id)
@@ -298,6 +329,55 @@ class RobustAllReduceRunner(AllReduceRunner):
                 raise
             logger.warning(f"{self}: keeping local values for this peer's own partition: {e}")
             self.tensor_part_container.register_failed_reducer(self.ordered_peer_ids.index(self.peer_id))
+
+
+SILENT_SENDER_SHARE = 1 / 3  # of the all-reduce's time: what a group member may take to send its first part
+
+
+def silent_peer_timeouts(allreduce_timeout: float) -> tuple[float, float]:
+    """``silent_member_timeouts`` for an all-reduce allowed ``allreduce_timeout`` seconds: (seconds a sender may take
+    to start sending, seconds a reducer may take to send its first answer). Pure.
+
+    Without them a group member that sends nothing stalls every reducer on its first part until the whole
+    all-reduce times out, and the round fails for everybody: hivemind's matchmaking can put a peer in a group whose
+    own side gave up ("could not find a group"; seen once in 64 rounds of a 50 ms WAN benchmark, all four trainers
+    stepped alone). With them each reducer averages without a sender that has not started after the first, and a
+    caller keeps its own values for the partition of a reducer that has not answered after the second. A reducer
+    answers its first part only once every sender has sent it or been dropped, hence twice the sender's time.
+
+    Only the first message has a deadline: a member that has started is waited for as before (until
+    ``allreduce_timeout``), however slow it is between parts on a loaded machine or a congested link. hivemind's
+    ``sender_timeout``/``reducer_timeout`` would bound every message and drop such a member mid-round, leaving the
+    members of an ``identical_results`` round apart (each then downloads the swarm's state)."""
+    if not allreduce_timeout > 0:
+        raise ValueError(f"allreduce_timeout must be positive, got {allreduce_timeout}")
+    sender = SILENT_SENDER_SHARE * allreduce_timeout
+    return sender, 2 * sender
+
+
+class _FirstAnswerDeadline:
+    """A peer's averaging stub whose ``rpc_aggregate_part`` answers fail with TimeoutError if the first one does
+    not come within ``timeout`` seconds (hivemind's runner then keeps our own values for that partition)."""
+
+    def __init__(self, stub, timeout: float, who: str):
+        self._stub, self._timeout, self._who = stub, timeout, who
+
+    async def rpc_aggregate_part(self, requests):
+        return _first_within(await self._stub.rpc_aggregate_part(requests), self._timeout, self._who)
+
+
+async def _first_within(answers, timeout: float, who: str):
+    iterator = answers.__aiter__()
+    try:
+        first = await asyncio.wait_for(iterator.__anext__(), timeout)
+    except StopAsyncIteration:
+        return
+    except asyncio.TimeoutError:
+        logger.warning(f"{who} sent no answer within {timeout:.1f} s: keeping our own values for its partition")
+        raise
+    yield first
+    async for answer in iterator:
+        yield answer
 
 
 def refused_result_reason(
@@ -351,6 +431,7 @@ class _RobustAveragerMixin:
             raise TypeError(f"settings must be RobustAveragingSettings, got {type(settings).__name__}")
         self._signer = signer  # seals the parts this peer sends (`averaging.part_signatures`); None: unsigned
         self._identical_results = False  # RobustDecentralizedAverager(identical_results=True) turns it on
+        self._silent_member_timeouts: Optional[tuple[float, float]] = None  # see silent_peer_timeouts
         self._new_accusations: list[Accusation] = []  # averager process: proofs our reducer kept, not yet taken
         self.robust_settings = settings
         self.reputation = reputation if reputation is not None else settings.make_reputation_book()
@@ -487,6 +568,7 @@ class _RobustAveragerMixin:
             require_signed_parts=self.robust_settings.signed_parts,
             accuse=self._new_accusations.append,
             identical_results=self._identical_results,
+            silent_member_timeouts=self._silent_member_timeouts,
             p2p=self._p2p,
             servicer_type=type(self),
             prefix=self.prefix,
@@ -529,6 +611,8 @@ class RobustDecentralizedAverager(_RobustAveragerMixin, DecentralizedAverager):
     :param signer: seals this peer's parts (needed when ``settings.signed_parts``: the other peers demand seals)
     :param identical_results: every member ends a round with bit-identical averaged tensors (each reducer sends its
       aggregate, not the difference from the sender's part; see the module docstring); ``averaging_alpha`` is ignored
+    :param silent_member_timeouts: (a sender's, a reducer's) seconds to send its first message before the others
+      average without it (:func:`silent_peer_timeouts`); None: wait for it until ``allreduce_timeout``
     :param kwargs: as for DecentralizedAverager (``start=True`` forks the averager process here)
     """
 
@@ -541,10 +625,14 @@ class RobustDecentralizedAverager(_RobustAveragerMixin, DecentralizedAverager):
         reputation: Optional[ReputationBook] = None,
         signer: Optional[PartSigner] = None,
         identical_results: bool = False,
+        silent_member_timeouts: Optional[tuple[float, float]] = None,
         **kwargs,
     ):
         self._init_robust(settings, reputation, signer)  # before super().__init__, which may start the process
         self._identical_results = identical_results
+        if silent_member_timeouts is not None and not 0 < silent_member_timeouts[0] < silent_member_timeouts[1]:
+            raise ValueError(f"silent_member_timeouts must be (sender, reducer) with 0 < sender < reducer, got {silent_member_timeouts}")
+        self._silent_member_timeouts = silent_member_timeouts
         super().__init__(averaged_tensors, dht, **kwargs)
         self._outer_pipe = SerialSendPipe(self._outer_pipe)
 

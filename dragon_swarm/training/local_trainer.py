@@ -49,7 +49,7 @@ import torch
 
 from dragon_swarm.averaging.ban_store import BANS_FILE, bans_from_snapshot, load_bans, save_bans, seed_book
 from dragon_swarm.averaging.compression import make_compression
-from dragon_swarm.averaging.robust_allreduce import RobustDecentralizedAverager
+from dragon_swarm.averaging.robust_allreduce import RobustDecentralizedAverager, silent_peer_timeouts
 from dragon_swarm.averaging.settings import RobustAveragingSettings
 from dragon_swarm.config import SwarmConfig
 from dragon_swarm.events import EventBus, PauseGate, PeerState, StateChanged, StepReport
@@ -391,6 +391,9 @@ class LocalExpertsTrainer:
             min_matchmaking_time=OUTER_MATCHMAKING_FACTOR * config.averaging.matchmaking_time,
             request_timeout=min(3.0, 0.9 * config.averaging.matchmaking_time),
             allreduce_timeout=config.averaging.averaging_timeout,
+            # a member that never sends (matchmaking put it in a group its own side gave up on) is dropped, not waited
+            # for until the round fails for all
+            silent_member_timeouts=silent_peer_timeouts(config.averaging.averaging_timeout),
             compression=make_compression(t.outer_compression),
             identical_results=True,  # the same averaged bytes on every member: the trunks stay bit-identical
             allow_state_sharing=True,
@@ -821,7 +824,7 @@ class _OuterAverager(RobustDecentralizedAverager):
     def __init__(self, averaged_tensors, dht, *, trainer: LocalExpertsTrainer, start: bool = False, **kwargs):
         self._trainer = trainer
         super().__init__(averaged_tensors, dht, start=False, **kwargs)
-        # hivemind reads this only for state downloads (the all-reduce's timeouts came from the constructor): without
+        # hivemind reads this only for state downloads (the all-reduce's timeouts come from the constructor): without
         # it a download allows `request_timeout` (tuned for matchmaking: 1.8 s) per chunk, and a chunk of the trunk
         # behind a busy home uplink takes longer. Set before the averager's process forks
         self.next_chunk_timeout = STATE_CHUNK_TIMEOUT_S
