@@ -21,3 +21,11 @@ def start_loopback_dhts(count: int, into: list[hivemind.DHT], identities: Sequen
     for path in paths[1:count]:
         into.append(hivemind.DHT(host_maddrs=LOOPBACK, initial_peers=initial_peers, identity_path=path, start=True))
     return into
+
+
+def shut_down(averagers: Sequence, dhts: Sequence[hivemind.DHT]) -> None:
+    """Stop averagers first (they use the DHTs), then the DHTs: every test's finally-block."""
+    for averager in averagers:
+        averager.shutdown()
+    for dht in dhts:
+        dht.shutdown()

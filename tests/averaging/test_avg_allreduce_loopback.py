@@ -7,7 +7,7 @@ import torch
 from hivemind.averaging import DecentralizedAverager
 
 from dragon_swarm.averaging.compression import install_codecs, make_compression
-from tests.averaging.loopback import start_loopback_dhts
+from tests.averaging.loopback import shut_down, start_loopback_dhts
 
 NUM_PEERS = 3
 # the big tensor spans several 5000-value parts (part_size_bytes=5000 at 1 byte per value), none a multiple
@@ -48,10 +48,7 @@ def averagers():
             )
         yield started
     finally:
-        for averager in started:
-            averager.shutdown()
-        for dht in dhts:
-            dht.shutdown()
+        shut_down(started, dhts)
 
 
 def test_three_averagers_reach_the_mean_with_blockwise8bit(averagers):

@@ -11,7 +11,7 @@ import torch
 
 from dragon_swarm.averaging.compression import install_codecs
 from dragon_swarm.averaging.robust_allreduce import RobustAveragingSettings, RobustDecentralizedAverager
-from tests.averaging.loopback import start_loopback_dhts
+from tests.averaging.loopback import shut_down, start_loopback_dhts
 
 pytestmark = pytest.mark.swarm
 
@@ -47,10 +47,7 @@ def _swarm(tensors_by_peer, settings, prefix, **averager_kwargs):
             )
         yield averagers
     finally:
-        for averager in averagers:
-            averager.shutdown()
-        for dht in dhts:
-            dht.shutdown()
+        shut_down(averagers, dhts)
 
 
 def _honest_tensors(num_peers, spread=0.1, seed=0):

@@ -18,7 +18,7 @@ from dragon_swarm.averaging.robust_allreduce import (
     RobustDecentralizedAverager,
     silent_peer_timeouts,
 )
-from tests.averaging.loopback import start_loopback_dhts
+from tests.averaging.loopback import shut_down, start_loopback_dhts
 
 pytestmark = pytest.mark.swarm
 
@@ -62,10 +62,7 @@ def _three_peers_the_last_silent(tensors_by_peer):
             averager.run_in_background(await_ready=True)
         yield averagers
     finally:
-        for averager in averagers:
-            averager.shutdown()
-        for dht in dhts:
-            dht.shutdown()
+        shut_down(averagers, dhts)
 
 
 def _tensor(averager) -> torch.Tensor:
